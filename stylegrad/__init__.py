@@ -1,0 +1,36 @@
+"""stylegrad: custom Stable Diffusion styles from a handful of images, without retraining.
+
+Public API::
+
+    style = embed_images(["my_pictures/"], clip_model="openai/clip-vit-large-patch14")   # images -> Style
+    save_style(style, "mine.safetensors");  style = load_style("watercolor.pt")
+    enc = AestheticEncoder.from_pipeline(pipe)                                          # any diffusers pipeline
+    prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
+    image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
+"""
+
+__version__ = "0.1.0"
+
+from .encoder import AestheticEncoder  # noqa: E402
+from .errors import StylegradError  # noqa: E402
+from .images import embed_images, find_images  # noqa: E402
+from .options import StyleOptions  # noqa: E402
+from .tuning import personalize  # noqa: E402
+from .style import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
+from .tower import TextTower, detect_family  # noqa: E402
+
+__all__ = [
+    "AestheticEncoder",
+    "Style",
+    "StyleOptions",
+    "StylegradError",
+    "TextTower",
+    "detect_family",
+    "embed_images",
+    "find_images",
+    "inspect_file",
+    "load_style",
+    "mix_styles",
+    "personalize",
+    "save_style",
+]

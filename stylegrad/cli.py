@@ -1,0 +1,235 @@
+"""The ``stylegrad`` command: a thin layer over the library. Results go to stdout, progress and warnings to
+stderr; a user error is one ``Error: ...`` line and exit code 1 (STYLEGRAD_DEBUG=1 shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import StylegradError
+from .options import StyleOptions
+
+H = StyleOptions.help
+
+
+def _add_style_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("style (aesthetic gradients)")
+    g.add_argument("--style", metavar="FILE", help="aesthetic embedding (.safetensors or .pt); omit for no style")
+    g.add_argument("--style-steps", type=int, default=10, metavar="N", help=H("steps") + " (default 10)")
+    g.add_argument("--style-lr", type=float, default=1e-4, metavar="LR", help=H("lr") + " (default 1e-4)")
+    g.add_argument("--style-weight", type=float, default=1.0, metavar="W", help=H("weight") + " (default 1)")
+    g.add_argument("--style-slerp", action="store_true", help=H("slerp"))
+    g.add_argument("--style-text", metavar="TEXT", help=H("text"))
+    g.add_argument("--style-text-angle", type=float, default=0.1, metavar="A", help=H("text_angle") + " (0.1)")
+    g.add_argument("--style-text-negative", action="store_true", help=H("text_negative"))
+    g.add_argument("--style-regularization", type=float, default=0.0, metavar="L", help=H("regularization"))
+    g.add_argument("--style-target-similarity", type=float, metavar="C", help=H("target_similarity"))
+    g.add_argument("--style-negative", action="store_true", help=H("personalize_negative"))
+
+
+def _style_options(a: argparse.Namespace) -> StyleOptions:
+    return StyleOptions(
+        steps=a.style_steps, lr=a.style_lr, weight=a.style_weight, slerp=a.style_slerp, text=a.style_text,
+        text_angle=a.style_text_angle, text_negative=a.style_text_negative, regularization=a.style_regularization,
+        target_similarity=a.style_target_similarity, personalize_negative=a.style_negative,
+    )
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from .images import embed_images
+    from .style import save_style
+    from .tower import FAMILIES
+
+    clip = a.clip_model or FAMILIES[a.family].clip_model
+    out = Path(a.output)
+    fmt = a.format or ("pt" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+    style = embed_images(a.inputs, clip, batch_size=a.batch_size, recursive=a.recursive, mean=a.mean,
+                         device=a.device, name=a.name or out.stem)
+    save_style(style, out, fmt)
+    print(f"{out}: style from {style.metadata['num_images']} images, width {style.width}, {clip}")
+
+
+def _parse_weighted(spec: str) -> tuple[str, float]:
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def cmd_mix(a: argparse.Namespace) -> None:
+    from .style import load_style, mix_styles, save_style
+
+    parts = [(load_style(path), w) for path, w in map(_parse_weighted, a.styles)]
+    out = Path(a.output)
+    fmt = a.format or ("pt" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+    style = mix_styles(parts, use_slerp=a.slerp, name=out.stem)
+    save_style(style, out, fmt)
+    print(f"{out}: {style.metadata['method']}")
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from .style import describe_width, inspect_file
+
+    infos = [inspect_file(f) for f in a.files]
+    if a.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    for info in infos:
+        print(f"{info.path}")
+        print(f"  kind:   {info.kind}{'' if info.usable else ' (not usable as a style)'}")
+        print(f"  what:   {info.detail}")
+        if info.shape is not None:
+            print(f"  tensor: shape {tuple(info.shape)}, {info.dtype}")
+        if info.width is not None:
+            print(f"  width:  {describe_width(info.width)}")
+        if info.norm is not None:
+            print(f"  norm:   {info.norm:.4g}")
+        for k, v in sorted(info.metadata.items()):
+            print(f"  {k}: {v}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from .encoder import AestheticEncoder
+    from .generate import Settings, compare, generate, load_init_image, load_pipeline
+    from .style import load_style
+
+    options = _style_options(a)
+    style = load_style(a.style) if a.style else None
+    if a.compare and style is None:
+        raise StylegradError("--compare needs --style")
+    for name in ("steps", "n"):
+        if getattr(a, name) < 1:
+            raise StylegradError(f"--{name} must be >= 1")
+    if not 0.0 < a.strength <= 1.0:
+        raise StylegradError(f"--strength must be in (0, 1], got {a.strength}")
+    for name in ("width", "height"):
+        v = getattr(a, name)
+        if v is not None and (v < 8 or v % 8):
+            raise StylegradError(f"--{name} must be a positive multiple of 8, got {v}")
+    init = load_init_image(a.init_image, a.width, a.height)
+    pipe = load_pipeline(a.model, a.device, a.sampler)
+    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    encoder = AestheticEncoder.from_pipeline(pipe, a.clip_model)
+    settings = Settings(a.prompt, a.negative, a.steps, a.cfg, a.width, a.height, a.seed, a.strength)
+    out = Path(a.out)
+    if a.compare:
+        sweep = [int(x) for x in a.compare_steps.split(",") if x.strip()]
+        path = compare(pipe, encoder, settings, style, options, sweep, out, a.n, init, a.clip_skip)
+        print(path)
+        return
+    for path in generate(pipe, encoder, settings, style, options, out, a.n, a.model, init, a.clip_skip):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylegrad",
+        description="Custom Stable Diffusion styles from a handful of images, without retraining "
+        "(aesthetic gradients, Gallego 2022).",
+        epilog="Example: stylegrad embed my_pictures/ -o mine.safetensors && "
+        "stylegrad generate 'a lighthouse at dusk' --style mine.safetensors --compare",
+    )
+    parser.add_argument("--version", action="version", version=f"stylegrad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="make a style file from images",
+                       description="Average the CLIP image embeddings of images into a style file.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders of images")
+    p.add_argument("-o", "--output", required=True, metavar="STYLE", help="output file (.safetensors or .pt)")
+    p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP model (default: the family's CLIP)")
+    p.add_argument("--family", choices=["sd1", "sd2"], default="sd1",
+                   help="model family the style is for: sd1 = openai/clip-vit-large-patch14 (default), "
+                   "sd2 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
+    p.add_argument("--recursive", action="store_true", help="also read images in sub-folders")
+    p.add_argument("--mean", choices=["normalized", "raw"], default="normalized",
+                   help="normalized (default, the paper): unit-length mean; raw: plain mean as the reference "
+                   "script and the A1111 extension write. Same direction, so the same images.")
+    p.add_argument("--format", choices=["safetensors", "pt"],
+                   help="safetensors with metadata (default), or pt: a bare (1, D) tensor for the reference repo "
+                   "and the A1111 extension (default from the output suffix)")
+    p.add_argument("--name", help="style name stored in the file (default: output file name)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("mix", help="mix styles into one", description="Normalised weighted mean of styles.")
+    p.add_argument("styles", nargs="+", metavar="STYLE[:WEIGHT]", help="style files with optional weights")
+    p.add_argument("-o", "--output", required=True, metavar="STYLE", help="output file")
+    p.add_argument("--slerp", action="store_true", help="spherical interpolation (exactly two styles)")
+    p.add_argument("--format", choices=["safetensors", "pt"], help="output format (default from suffix)")
+    p.set_defaults(func=cmd_mix)
+
+    p = sub.add_parser("info", help="say what a file is", description="Kind, width, dtype, norm and metadata "
+                       "of style files, and what any other file is.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate images with a style",
+                       description="Generate images with a diffusers Stable Diffusion pipeline, styled by an "
+                       "aesthetic embedding.")
+    p.add_argument("prompt", metavar="PROMPT")
+    _add_style_options(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", metavar="ID_OR_PATH",
+                   help="diffusers model: hub id or local folder (default: %(default)s)")
+    g.add_argument("--clip-model", metavar="ID_OR_PATH",
+                   help="CLIP model whose projection defines the style space (default: the family's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--width", type=int, help="image width (default: the model's)")
+    g.add_argument("--height", type=int, help="image height (default: the model's)")
+    g.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--sampler", help="scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, unipc, lms "
+                   "(default: the model's)")
+    g.add_argument("--clip-skip", type=int, help="use the hidden states this many layers before the last")
+    g.add_argument("--init-image", metavar="IMG", help="start from this image (img2img)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img strength (default 0.75)")
+    g.add_argument("--device", help="cpu, cuda, ... (default: cuda if available); fp16 on CUDA, fp32 otherwise")
+    g.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
+    g.add_argument("--compare", action="store_true",
+                   help="write one labelled grid: no style, then the style at each of --compare-steps")
+    g.add_argument("--compare-steps", default="5,10,20", metavar="LIST", help="steps sweep (default 5,10,20)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("STYLEGRAD_DEBUG", "") not in ("", "0")
+    if not debug:
+        warnings.showwarning = _show_warning
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    try:
+        args.func(args)
+    except StylegradError as e:
+        if debug:
+            raise
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

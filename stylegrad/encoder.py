@@ -1,0 +1,132 @@
+"""From (prompt, style) to ``prompt_embeds``: the one seam with diffusers. Works with any pipeline that takes
+``prompt_embeds`` / ``negative_prompt_embeds``; the pipeline's own text encoder is read, never changed."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers import CLIPTextModelWithProjection
+
+from .errors import StylegradError
+from .options import StyleOptions
+from .tuning import first_eos, personalize
+from .style import Style
+from .targets import blend, style_target
+from .tower import TextTower, tower_for
+
+
+def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
+    """As diffusers does: pad to the tokenizer's max length (77), truncate longer prompts. (B, S)"""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+class AestheticEncoder:
+    """Prompt embeddings personalised towards a style, cached per (prompt, negative, style, options).
+
+    >>> enc = AestheticEncoder.from_pipeline(pipe)
+    >>> pe, ne = enc.encode("a lighthouse at dusk", load_style("watercolor.pt"))
+    >>> image = pipe(prompt_embeds=pe, negative_prompt_embeds=ne).images[0]
+    """
+
+    def __init__(self, text_encoder, tokenizer, clip_model: str | CLIPTextModelWithProjection | None = None,
+                 cache_size: int = 64, tower: TextTower | None = None):
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.tower = tower or tower_for(text_encoder, tokenizer, clip_model)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.last_similarities: list[list[float]] = []
+
+    @classmethod
+    def from_pipeline(cls, pipe, clip_model: str | CLIPTextModelWithProjection | None = None, **kwargs):
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            raise StylegradError("the pipeline has no CLIP text encoder and tokenizer to personalise")
+        return cls(pipe.text_encoder, pipe.tokenizer, clip_model, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.device
+
+    def text_embedding(self, text: str) -> torch.Tensor:
+        """CLIP text embedding (P,) of ``text`` with the original weights."""
+        ids = tokenize(self.tokenizer, [text], self.device)
+        with torch.no_grad():
+            out = self.tower.run(self.tower.base, ids)
+            eos = torch.tensor([first_eos(ids[0], self.tower.eos_token_id)], device=self.device)
+            return self.tower.text_embed(out, eos)[0].float()
+
+    def plain(self, texts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """What the pipeline would compute itself. (B, S, H)"""
+        ids = tokenize(self.tokenizer, texts, self.device)
+        with torch.no_grad():
+            out = self.tower.run(self.tower.base, ids, self.tower.needs_hidden(clip_skip))
+            return self.tower.condition(self.tower.base, out, clip_skip)
+
+    def encode(
+        self,
+        prompt: str | list[str],
+        style: Style | None,
+        options: StyleOptions | None = None,
+        negative_prompt: str | list[str] | None = None,
+        clip_skip: int | None = None,
+        callback=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, negative_prompt_embeds), each (B, S, H) in the encoder's dtype and device."""
+        options = options or StyleOptions()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise StylegradError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if style is not None:
+            style.check_width(self.tower.width)
+        self.last_similarities = []
+        pos, neg = [], []
+        for p, n in zip(prompts, negatives):
+            key = (p, n, style.digest if style is not None else None, options.key(), clip_skip)
+            if key not in self._cache:
+                self._store(key, self._encode_one(p, n, style, options, clip_skip, callback))
+            self._cache.move_to_end(key)
+            pe, ne = self._cache[key]
+            pos.append(pe)
+            neg.append(ne)
+        dtype = self.text_encoder.dtype
+        return torch.cat(pos).to(dtype), torch.cat(neg).to(dtype)
+
+    def _store(self, key, value):
+        if self.cache_size > 0:
+            self._cache[key] = value
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:  # no cache: keep only until returned
+            self._cache.clear()
+            self._cache[key] = value
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _encode_one(self, prompt, negative, style, options, clip_skip, callback):
+        if style is None or not options.active:
+            z = self.plain([prompt, negative], clip_skip)
+            return z[:1], z[1:]
+        text = self.text_embedding(options.text) if options.text else None
+        target = style_target(style.direction.to(self.device), text, options.text_angle, options.text_negative)
+        out = []
+        for text_, tune in ((prompt, True), (negative, options.personalize_negative)):
+            if not tune:
+                out.append(self.plain([text_], clip_skip))
+                continue
+            ids = tokenize(self.tokenizer, [text_], self.device)
+            result = personalize(
+                self.tower, ids, target, steps=options.steps, lr=options.lr, betas=options.betas,
+                eps=options.eps, regularization=options.regularization,
+                target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
+            )
+            self.last_similarities.append(result.similarities)
+            z = result.hidden
+            if options.weight != 1.0:  # the original states are only needed to blend
+                z = blend(self.plain([text_], clip_skip).float(), z, options.weight, options.slerp)
+            out.append(z.to(self.tower.dtype))
+        return out[0], out[1]

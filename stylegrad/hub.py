@@ -1,0 +1,34 @@
+"""Loading from the Hugging Face Hub or a local folder, with one-line errors when a model is not available."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import StylegradError
+
+
+def from_pretrained(cls, name_or_path: str, what: str = "model", **kwargs):
+    """``cls.from_pretrained`` that turns 'not downloaded / not found' into a StylegradError naming the id."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        name_or_path = str(path)
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise StylegradError(f"{what} folder not found: {name_or_path}")
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise StylegradError(_explain(name_or_path, what, e)) from e
+
+
+def _explain(name: str, what: str, error: Exception) -> str:
+    if Path(name).exists():
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{what} at {name} could not be loaded: {first[:200]}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    how = (
+        f"download it once with network access (`hf download {name}`), or pass a local folder"
+        if offline
+        else f"check the id, your network and access rights (`hf download {name}`), or pass a local folder"
+    )
+    return f"{what} '{name}' is not available{' offline' if offline else ''}: {how}"

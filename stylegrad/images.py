@@ -1,0 +1,154 @@
+"""Images -> style: the mean CLIP image embedding of a folder of pictures.
+
+Streams: a worker thread decodes and preprocesses the next batch while the model runs on this one, and only a
+running sum is kept, so 10,000 images take the memory of two batches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import StylegradError
+from .style import Style
+from .tower import SD1
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MEANS = {
+    "normalized": "L2-normalised mean of the CLIP image embeddings (the paper)",
+    "raw": "raw mean of the CLIP image embeddings (the reference script and the AUTOMATIC1111 extension)",
+}
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some inputs were not readable images; they were left out of the mean."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Files named directly, plus files with an image suffix inside named folders (sorted, no duplicates)."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            entries = p.rglob("*") if recursive else p.iterdir()
+            found += sorted(f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise StylegradError(f"no such file or folder: {p}")
+    return list(dict.fromkeys(found))
+
+
+def load_image_encoder(clip_model: str, device: torch.device | str | None = None):
+    """(CLIPVisionModelWithProjection, its image processor) from a hub id or folder."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from .hub import from_pretrained
+
+    try:  # transformers 5 without torchvision: the PIL processor, same preprocessing
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Processor
+    device = torch.device(device) if device else default_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = from_pretrained(CLIPVisionModelWithProjection, clip_model, what="CLIP model", torch_dtype=dtype)
+    processor = from_pretrained(Processor, clip_model, what="CLIP image processor")
+    return model.to(device).eval(), processor
+
+
+def _decode(paths: list[Path], processor) -> tuple[list[Path], torch.Tensor | None, list[tuple[Path, str]]]:
+    images, ok, skipped = [], [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+            ok.append(p)
+        except Exception as e:  # PIL raises many types for unreadable or truncated files
+            skipped.append((p, type(e).__name__))
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+    return ok, pixels, skipped
+
+
+def embed_images(
+    inputs: Iterable[str | os.PathLike],
+    clip_model: str = SD1.clip_model,
+    *,
+    batch_size: int = 16,
+    recursive: bool = False,
+    mean: str = "normalized",
+    device: torch.device | str | None = None,
+    encoder=None,
+    progress: bool = True,
+    name: str = "style",
+) -> Style:
+    """A style from images: the mean of their CLIP image embeddings (projection space).
+
+    ``mean="normalized"`` stores the unit-length mean (the paper), ``"raw"`` the plain mean (the reference
+    script, A1111). Both point the same way and every use site normalises, so they generate the same images;
+    the unit file is scale-free, so mixing weights mean what they say. ``encoder`` is an optional
+    (model, processor) pair to reuse.
+    """
+    if mean not in MEANS:
+        raise StylegradError(f"unknown --mean '{mean}' (choose from {', '.join(MEANS)})")
+    if batch_size < 1:
+        raise StylegradError(f"--batch-size must be >= 1, got {batch_size}")
+    paths = find_images(inputs, recursive)
+    if not paths:
+        raise StylegradError("no image files found in the given paths")
+    model, processor = encoder or load_image_encoder(clip_model, device)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    total: torch.Tensor | None = None  # running sum (P,) in float64
+    count = 0
+    skipped: list[tuple[Path, str]] = []
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    bar = tqdm(total=len(paths), desc="embedding images", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(_decode, c, processor) for c in chunks[:2])
+        next_chunk = 2
+        while pending:
+            ok, pixels, bad = pending.popleft().result()
+            if next_chunk < len(chunks):  # keep one batch decoding while the model runs
+                pending.append(pool.submit(_decode, chunks[next_chunk], processor))
+                next_chunk += 1
+            skipped += bad
+            if pixels is not None:
+                with torch.no_grad():
+                    feats = model(pixel_values=pixels.to(device, dtype)).image_embeds.double()  # (B, P)
+                total = feats.sum(0) if total is None else total + feats.sum(0)
+                count += len(ok)
+            bar.update(len(ok) + len(bad))
+    bar.close()
+
+    if skipped:
+        listed = ", ".join(f"{p.name} ({why})" for p, why in skipped[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        warnings.warn(
+            SkippedImagesWarning(f"skipped {len(skipped)} file(s) that are not readable images: {listed}{more}")
+        )
+    if count == 0:
+        raise StylegradError(f"none of the {len(paths)} files is a readable image")
+    vector = (total / count).float()
+    if mean == "normalized":
+        vector = vector / vector.norm()
+    metadata = {
+        "encoder": clip_model if isinstance(clip_model, str) else str(clip_model),
+        "num_images": str(count),
+        "method": MEANS[mean],
+        "stylegrad_version": __version__,
+    }
+    return Style(vector, metadata, name)

@@ -1,0 +1,62 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPTextModelWithProjection  # noqa: E402
+from transformers.utils import logging as tlog  # noqa: E402
+
+tlog.set_verbosity_error()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """Real data from ../shared; CI (STYLEGRAD_REQUIRE_SHARED=1, set by .ci/run) fails instead of skipping."""
+    if not SHARED.is_dir():
+        if os.environ.get("STYLEGRAD_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{SHARED} is missing but CI requires it")
+        pytest.skip(f"real-data fixtures not found at {SHARED} (they sit beside the repo in CI only)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def clip():
+    from tiny import tiny_clip
+
+    return tiny_clip(0)
+
+
+def text_with_projection(clip) -> CLIPTextModelWithProjection:
+    model = CLIPTextModelWithProjection(clip.config.text_config).eval()
+    model.text_model.load_state_dict(clip.text_model.state_dict())
+    model.text_projection.load_state_dict(clip.text_projection.state_dict())
+    return model
+
+
+@pytest.fixture(scope="session")
+def clip_text(clip):
+    return text_with_projection(clip)
+
+
+@pytest.fixture()
+def pipe(clip):
+    from tiny import tiny_pipeline
+
+    return tiny_pipeline(clip)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny CLIP and SD pipeline saved as folders, as a user's local models would be."""
+    from tiny import save_world
+
+    return save_world(tmp_path_factory.mktemp("world"))

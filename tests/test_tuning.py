@@ -1,0 +1,239 @@
+"""The method: exact to a naive reference loop, leaves the pipeline untouched, frees its memory, caches."""
+
+import copy
+import gc
+
+import pytest
+import torch
+from conftest import text_with_projection
+from tiny import PROJ, tiny_clip, tiny_pipeline
+
+from stylegrad import AestheticEncoder, Style, StyleOptions, StylegradError
+from stylegrad.targets import blend, style_target
+from stylegrad.vectors import normalize
+
+# Float32 runs of the same maths on different tensor shapes (E tokens vs 77) differ by rounding only.
+REFERENCE_ATOL = 1e-5
+PROMPT = "a red house by the sea"
+
+
+def reference_loop(clip_text, input_ids, style, steps, lr, clip_skip=None, layers=None):
+    """The paper's code, plainly: a fresh copy of the CLIP text model, Adam over the text transformer,
+    loss -cos(projection(pooled EOS state), style) on the full 77-token prompt."""
+    model = copy.deepcopy(clip_text)
+    model.requires_grad_(True)
+    optimizer = torch.optim.Adam(model.text_model.parameters(), lr=lr)
+    s = normalize(style)[None]
+    for _ in range(steps):
+        e = model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
+        loss = -(normalize(e) @ s.T).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        out = model.text_model(input_ids=input_ids, output_hidden_states=True)
+        layers = layers or model.config.num_hidden_layers
+        if clip_skip is None and layers == model.config.num_hidden_layers:
+            return out.last_hidden_state
+        return model.text_model.final_layer_norm(out.hidden_states[layers - (clip_skip or 0)])
+
+
+def ids_of(pipe, text):
+    return pipe.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+@pytest.fixture()
+def style():
+    return Style(torch.randn(PROJ, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3), clip_skip=clip_skip)
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3, clip_skip)
+    assert (pe - ref).abs().max() < REFERENCE_ATOL
+    assert (pe - enc.plain([PROMPT], clip_skip)).abs().max() > 100 * REFERENCE_ATOL  # the style did act
+
+
+def test_matches_reference_loop_sd2_layout(style):
+    """SD2: the pipeline's encoder has one layer fewer than the CLIP text tower the loss needs."""
+    clip = tiny_clip(1, layers=3)
+    pipe = tiny_pipeline(clip, text_layers=2)
+    clip_text = text_with_projection(clip)
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    assert enc.tower.cond_layers == 2 and enc.tower.total_layers == 3
+    z0, _ = enc.encode(PROMPT, style, StyleOptions(steps=0))
+    assert torch.equal(z0, pipe.encode_prompt(PROMPT, "cpu", 1, False)[0])  # UNet gets what the pipeline gives
+    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=6, lr=3e-3))
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 6, 3e-3, layers=2)
+    assert (pe - ref).abs().max() < REFERENCE_ATOL
+
+
+def test_zero_steps_is_plain_diffusers_encoding(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    pe, ne = enc.encode(PROMPT, style, StyleOptions(steps=0), negative_prompt="blurry")
+    ref_pe, ref_ne = pipe.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt="blurry")
+    assert torch.equal(pe, ref_pe) and torch.equal(ne, ref_ne)
+    pe_none, _ = enc.encode(PROMPT, None)
+    assert torch.equal(pe_none, ref_pe)
+
+
+def test_similarity_rises_with_steps(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    finals = []
+    for steps in (0, 2, 5, 10):
+        enc.encode(PROMPT, style, StyleOptions(steps=steps, lr=1e-3))
+        finals.append(enc.last_similarities[0][-1] if steps else None)
+    sims = enc.last_similarities[0]
+    assert len(sims) == 11 and all(b > a for a, b in zip(sims, sims[1:]))
+    assert finals[1] < finals[2] < finals[3]
+
+
+def test_pipeline_is_bit_identical_after_many_calls(pipe, clip_text, style):
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    grads = [p.grad for p in pipe.text_encoder.parameters()]
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    variants = [StyleOptions(steps=3, lr=1e-2), StyleOptions(steps=2, weight=0.5, slerp=True),
+                StyleOptions(steps=2, text="stripes", text_negative=True), StyleOptions(steps=2, regularization=1.0),
+                StyleOptions(steps=2, personalize_negative=True), StyleOptions(steps=4, target_similarity=0.5)]
+    for i in range(12):
+        enc.encode(f"{PROMPT} {i}", style, variants[i % len(variants)], negative_prompt="ugly")
+    after = pipe.text_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.grad for p in pipe.text_encoder.parameters()] == grads
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu" and not obj.is_meta:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def test_memory_returns_to_baseline_over_50_prompts(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
+    enc.encode("warm up", style, StyleOptions(steps=1))
+    enc.clear_cache()
+    baseline = _live_tensor_bytes()
+    for i in range(50):
+        enc.encode(f"prompt number {i}", style, StyleOptions(steps=2))
+        enc.clear_cache()
+        assert _live_tensor_bytes() == baseline, f"prompt {i} left tensors behind"
+
+
+def test_does_not_copy_the_model(style):
+    """The reference copies the whole CLIP (here dominated by a 49,408-row token table); we tune only the rows
+    the prompt uses, so the live extra memory during tuning is far below one copy of the text model."""
+    clip = tiny_clip(2, vocab_size=49408)
+    pipe = tiny_pipeline(clip)
+    enc = AestheticEncoder.from_pipeline(pipe, text_with_projection(clip), cache_size=0)
+    text_bytes = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
+    baseline = _live_tensor_bytes()
+    peaks = []
+    enc.encode(PROMPT, style, StyleOptions(steps=3), callback=lambda step, sim: peaks.append(_live_tensor_bytes()))
+    extra = max(peaks) - baseline
+    assert 0 < extra < 0.25 * text_bytes
+
+
+def test_cache_personalises_once(pipe, clip_text, style, monkeypatch):
+    import stylegrad.encoder as encoder_module
+
+    calls = []
+    real = encoder_module.personalize
+    monkeypatch.setattr(encoder_module, "personalize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    first = enc.encode(PROMPT, style, StyleOptions(steps=2))
+    for _ in range(3):
+        again = enc.encode(PROMPT, style, StyleOptions(steps=2))
+    assert len(calls) == 1 and torch.equal(first[0], again[0])
+    enc.encode(PROMPT, style, StyleOptions(steps=3))  # another option -> another entry
+    enc.encode(PROMPT, style, StyleOptions(steps=2), negative_prompt="x")  # another negative
+    enc.encode(PROMPT, Style(-style.vector), StyleOptions(steps=2))  # another style
+    assert len(calls) == 4
+    enc.encode([PROMPT, PROMPT], style, StyleOptions(steps=2))  # a batch of the same prompt
+    assert len(calls) == 4
+
+
+def test_weight_and_slerp_blend(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    z0 = enc.plain([PROMPT])
+    z1, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2))
+    half, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, weight=0.5))
+    assert torch.allclose(half, 0.5 * z0 + 0.5 * z1, atol=1e-6)
+    zero, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, weight=0.0))
+    assert torch.equal(zero, z0)
+    s, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, weight=0.5, slerp=True))
+    assert torch.allclose(s, blend(z0, z1, 0.5, True))
+    # slerp runs per token along the feature axis: on unit vectors each token lands at half its own angle ...
+    a, b = normalize(z0), normalize(z1)
+    cos = lambda x, y: torch.cosine_similarity(x, y, dim=-1)  # noqa: E731
+    total = torch.acos(cos(a, b).clamp(-1, 1))  # (1, 77): one angle per token
+    assert torch.allclose(torch.acos(cos(a, blend(a, b, 0.5, True)).clamp(-1, 1)), total / 2, atol=1e-3)
+    # ... and a token's result depends on that token only (the A1111 extension mixes along the token axis)
+    b2 = b.clone()
+    b2[0, 5] = -b2[0, 5]
+    changed = (blend(a, b2, 0.5, True) - blend(a, b, 0.5, True)).abs().amax(-1)[0]
+    assert changed[5] > 0 and changed[torch.arange(77) != 5].max() == 0
+    assert torch.allclose(blend(z0, z1, 1.0, True), z1)
+
+
+def test_text_direction_targets():
+    s, t = torch.randn(PROJ), torch.randn(PROJ)
+    assert torch.allclose(style_target(s), normalize(s))
+    assert torch.allclose(style_target(s, t, angle=0.0), normalize(s), atol=1e-6)
+    assert torch.allclose(style_target(s, t, angle=1.0), normalize(t), atol=1e-5)
+    neg = style_target(s, t, angle=1.0, negative=True)
+    assert torch.allclose(neg, normalize(normalize(s) - normalize(t)), atol=1e-5)
+    mid = style_target(s, 7.0 * t, angle=0.5)  # scale of the text embedding does not matter
+    assert torch.allclose(mid, normalize(normalize(s) + normalize(t)), atol=1e-5)
+
+
+def test_text_option_moves_the_target(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    a, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2))
+    b, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, text="stripes", text_angle=0.5))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_regularizer_keeps_states_closer(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    z0 = enc.plain([PROMPT])
+    free, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=1e-2))
+    held, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=1e-2, regularization=50.0))
+    assert (held - z0).norm() < 0.8 * (free - z0).norm()
+
+
+def test_target_similarity_stops_early(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    enc.encode(PROMPT, style, StyleOptions(steps=30, lr=1e-3))
+    sims = enc.last_similarities[0]
+    goal = (sims[0] + sims[-1]) / 2
+    enc.encode(PROMPT, style, StyleOptions(steps=30, lr=1e-3, target_similarity=goal))
+    stopped = enc.last_similarities[0]
+    assert len(stopped) < len(sims) and stopped[-1] >= goal and all(s < goal for s in stopped[:-2])
+
+
+def test_personalize_negative_option(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    _, plain_neg = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2), negative_prompt="ugly")
+    _, tuned_neg = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, personalize_negative=True),
+                              negative_prompt="ugly")
+    assert torch.equal(plain_neg, enc.plain(["ugly"]))
+    assert (tuned_neg - plain_neg).abs().max() > 1e-4
+
+
+def test_width_mismatch_and_bad_options(pipe, clip_text):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    with pytest.raises(StylegradError, match=r"768-wide .*24-wide"):
+        enc.encode(PROMPT, Style(torch.randn(768)), StyleOptions())
+    for bad in (dict(steps=-1), dict(lr=0.0), dict(text_angle=2.0), dict(weight=2.0, slerp=True),
+                dict(target_similarity=1.5), dict(regularization=-1.0)):
+        with pytest.raises(StylegradError, match="style option"):
+            StyleOptions(**bad)
