@@ -157,3 +157,31 @@ def test_console_script_has_help_and_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "not available offline" in proc.stderr
+
+
+def test_embed_streams_with_at_most_two_batches_in_flight(world, tmp_path, monkeypatch):
+    """Bounded memory for big folders: decoding runs at most one batch ahead of the model, and only a sum is kept."""
+    import stylegrad.images as images
+
+    clip_dir, _ = world
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    decoded, in_flight = [], []
+    real_decode = images._decode
+
+    def counting_decode(paths, processor):
+        out = real_decode(paths, processor)
+        decoded.append(len(paths))
+        return out
+
+    monkeypatch.setattr(images, "_decode", counting_decode)
+    model, processor = images.load_image_encoder(str(clip_dir), "cpu")
+    consumed = []
+    model.register_forward_pre_hook(lambda m, a, k: in_flight.append(len(decoded) - len(consumed)) or
+                                    consumed.append(1), with_kwargs=True)
+    style = images.embed_images([folder], str(clip_dir), encoder=(model, processor), batch_size=4, progress=False)
+    assert style.metadata["num_images"] == "40" and len(consumed) == 10
+    assert max(in_flight) <= 2
