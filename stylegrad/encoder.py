@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -17,10 +18,14 @@ from .tower import TextTower, tower_for
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
-    """As diffusers does: pad to the tokenizer's max length (77), truncate longer prompts. (B, S)"""
-    return tokenizer(
+    """As diffusers does: pad to the tokenizer's max length (77), truncate longer prompts (with a warning). (B, S)"""
+    ids = tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
+    ).input_ids
+    for text in texts:
+        if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
+            warnings.warn(f"prompt longer than {tokenizer.model_max_length} tokens was truncated: {text[:60]!r}...")
+    return ids.to(device)
 
 
 class AestheticEncoder:

@@ -1,7 +1,7 @@
 """Images -> style: the mean CLIP image embedding of a folder of pictures.
 
-Streams: a worker thread decodes and preprocesses the next batch while the model runs on this one, and only a
-running sum is kept, so 10,000 images take the memory of two batches.
+Streams: a worker thread decodes and preprocesses up to two batches ahead while the model runs on this one, and
+only a running sum is kept, so 10,000 images take the memory of three batches.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def embed_images(
         next_chunk = 2
         while pending:
             ok, pixels, bad = pending.popleft().result()
-            if next_chunk < len(chunks):  # keep one batch decoding while the model runs
+            if next_chunk < len(chunks):  # keep two batches queued for decoding while the model runs
                 pending.append(pool.submit(_decode, chunks[next_chunk], processor))
                 next_chunk += 1
             skipped += bad

@@ -237,3 +237,11 @@ def test_width_mismatch_and_bad_options(pipe, clip_text):
                 dict(target_similarity=1.5), dict(regularization=-1.0)):
         with pytest.raises(StylegradError, match="style option"):
             StyleOptions(**bad)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, clip_text, style):
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    long = "stripes " * 20  # one token per character here: far over 77
+    with pytest.warns(UserWarning, match="truncated"):
+        pe, _ = enc.encode(long, style, StyleOptions(steps=1))
+    assert pe.shape == (1, 77, pipe.text_encoder.config.hidden_size)
