@@ -40,6 +40,11 @@ def _style_options(a: argparse.Namespace) -> StyleOptions:
     )
 
 
+def _output_format(requested: str | None, out: Path) -> str:
+    """--format wins; otherwise the output suffix decides (.pt/.pth/.bin -> pt)."""
+    return requested or ("pt" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+
+
 def cmd_embed(a: argparse.Namespace) -> None:
     from .images import embed_images
     from .style import save_style
@@ -47,7 +52,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
 
     clip = a.clip_model or FAMILIES[a.family].clip_model
     out = Path(a.output)
-    fmt = a.format or ("pt" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+    fmt = _output_format(a.format, out)
     style = embed_images(a.inputs, clip, batch_size=a.batch_size, recursive=a.recursive, mean=a.mean,
                          device=a.device, name=a.name or out.stem)
     save_style(style, out, fmt)
@@ -69,7 +74,7 @@ def cmd_mix(a: argparse.Namespace) -> None:
 
     parts = [(load_style(path), w) for path, w in map(_parse_weighted, a.styles)]
     out = Path(a.output)
-    fmt = a.format or ("pt" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+    fmt = _output_format(a.format, out)
     style = mix_styles(parts, use_slerp=a.slerp, name=out.stem)
     save_style(style, out, fmt)
     print(f"{out}: {style.metadata['method']}")

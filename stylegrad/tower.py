@@ -77,8 +77,8 @@ class TextTower:
             )
         self.cond_layers = cfg_enc.num_hidden_layers
         self.eos_token_id = eos_token_id
-        self.projection = clip.text_projection.weight.detach()  # (P, H)
         self.device = encoder.device
+        self.projection = clip.text_projection.weight.detach().to(self.device)  # (P, H)
 
         base = dict(encoder.named_parameters())
         for name, tensor in clip.text_model.named_parameters():
@@ -86,7 +86,6 @@ class TextTower:
             if layer is not None and layer >= self.cond_layers:  # layers beyond the pipeline's
                 base[name] = tensor.detach().to(device=self.device, dtype=encoder.dtype)
         self.base: dict[str, torch.Tensor] = {k: v.detach() for k, v in base.items()}
-        self.projection = self.projection.to(self.device)
 
         config = CLIPTextConfig.from_dict(cfg_enc.to_dict())
         config.num_hidden_layers = cfg_clip.num_hidden_layers
@@ -148,5 +147,4 @@ def tower_for(encoder: CLIPTextModel, tokenizer, clip_model: str | CLIPTextModel
     """Build the tower for a pipeline's text encoder; ``clip_model`` defaults to the family's CLIP."""
     if clip_model is None or isinstance(clip_model, str):
         clip_model = load_clip_text(clip_model or detect_family(encoder).clip_model, encoder.device)
-    tower = TextTower(encoder, clip_model, tokenizer.eos_token_id)
-    return tower
+    return TextTower(encoder, clip_model, tokenizer.eos_token_id)
