@@ -7,6 +7,7 @@ Public API::
     enc = AestheticEncoder.from_pipeline(pipe)                                          # any diffusers pipeline
     prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
     image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
+    aesthetic_score(load_predictor("laion-l14"), image_embeds); clip_score(...); style_similarity(...)
 """
 
 __version__ = "0.1.0"
@@ -14,13 +15,21 @@ __version__ = "0.1.0"
 from .encoder import AestheticEncoder  # noqa: E402
 from .errors import StylegradError  # noqa: E402
 from .images import embed_images, find_images  # noqa: E402
+from .metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity  # noqa: E402
 from .options import StyleOptions  # noqa: E402
+from .predictors import AestheticPredictor, load_predictor  # noqa: E402
 from .tuning import personalize  # noqa: E402
 from .style import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
 from .tower import TextTower, detect_family  # noqa: E402
 
 __all__ = [
     "AestheticEncoder",
+    "AestheticPredictor",
+    "ClipEmbedder",
+    "aesthetic_score",
+    "clip_score",
+    "load_predictor",
+    "style_similarity",
     "Style",
     "StyleOptions",
     "StylegradError",

@@ -101,6 +101,16 @@ def cmd_info(a: argparse.Namespace) -> None:
             print(f"  {k}: {v}")
 
 
+def _check_generation(a: argparse.Namespace) -> None:
+    """Checks shared by the commands that run a pipeline, before any model is loaded."""
+    if a.steps < 1:
+        raise StylegradError("--steps must be >= 1")
+    for name in ("width", "height"):
+        v = getattr(a, name)
+        if v is not None and (v < 8 or v % 8):
+            raise StylegradError(f"--{name} must be a positive multiple of 8, got {v}")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from .encoder import AestheticEncoder
     from .generate import Settings, compare, generate, load_init_image, load_pipeline
@@ -110,15 +120,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
     style = load_style(a.style) if a.style else None
     if a.compare and style is None:
         raise StylegradError("--compare needs --style")
-    for name in ("steps", "n"):
-        if getattr(a, name) < 1:
-            raise StylegradError(f"--{name} must be >= 1")
+    _check_generation(a)
+    if a.n < 1:
+        raise StylegradError("--n must be >= 1")
     if not 0.0 < a.strength <= 1.0:
         raise StylegradError(f"--strength must be in (0, 1], got {a.strength}")
-    for name in ("width", "height"):
-        v = getattr(a, name)
-        if v is not None and (v < 8 or v % 8):
-            raise StylegradError(f"--{name} must be a positive multiple of 8, got {v}")
     init = load_init_image(a.init_image, a.width, a.height)
     pipe = load_pipeline(a.model, a.device, a.sampler)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
@@ -132,6 +138,84 @@ def cmd_generate(a: argparse.Namespace) -> None:
         return
     for path in generate(pipe, encoder, settings, style, options, out, a.n, a.model, init, a.clip_skip):
         print(path)
+
+
+def cmd_score(a: argparse.Namespace) -> None:
+    from .images import IMAGE_SUFFIXES
+    from .metrics import ClipEmbedder, aesthetic_score
+    from .predictors import load_predictor
+    from .style import load_style
+
+    predictor = load_predictor(a.predictor)
+    images = [f for f in a.files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    results = {}
+    for f in a.files:
+        if f not in images:  # a style is already a CLIP image embedding: score it directly
+            style = load_style(f)
+            predictor.check_width(style.width)
+            results[f] = ("style", float(aesthetic_score(predictor, style.vector[None])[0]))
+    if images:
+        from PIL import Image
+
+        embedder = ClipEmbedder(a.clip_model or predictor.clip_model or "openai/clip-vit-large-patch14",
+                                a.device or "cpu")
+        predictor.check_width(embedder.width)
+        pics = []
+        for f in images:
+            try:
+                with Image.open(f) as im:
+                    pics.append(im.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise StylegradError(f"cannot read image {f}: {e}") from e
+        for f, v in zip(images, aesthetic_score(predictor, embedder.images(pics))):
+            results[f] = ("image", float(v))
+    rows = [{"file": f, "kind": results[f][0], "score": results[f][1]} for f in a.files]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['score']:7.3f}  {r['kind']:5}  {r['file']}")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from .encoder import AestheticEncoder
+    from .evaluate import evaluate, read_prompts, seeds_from
+    from .generate import Settings, load_pipeline
+    from .metrics import ClipEmbedder
+    from .predictors import load_predictor
+    from .style import load_style
+
+    _check_generation(a)
+    prompts = read_prompts(a.prompts)
+    styles = {}
+    for path in a.style:
+        style = load_style(path)
+        name, i = style.name, 2
+        while name in styles:
+            name, i = f"{style.name}-{i}", i + 1
+        styles[name] = style
+    try:
+        steps = [int(x) for x in a.style_steps.split(",") if x.strip()]
+    except ValueError as e:
+        raise StylegradError(f"--style-steps takes a comma-separated list of whole numbers, got {a.style_steps!r}") from e
+    seeds = seeds_from(a.seed, a.seeds)
+    predictor = load_predictor(a.predictor)
+    pipe = load_pipeline(a.model, a.device, a.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = AestheticEncoder.from_pipeline(pipe, a.clip_model)
+    from .tower import detect_family
+
+    clip = a.clip_model or detect_family(pipe.text_encoder).clip_model
+    embedder = ClipEmbedder(clip, pipe.device)
+    settings = Settings("", a.negative, a.steps, a.cfg, a.width, a.height)
+    options = StyleOptions(lr=a.style_lr)
+    out = Path(a.out)
+    summary = evaluate(pipe, encoder, embedder, predictor, prompts, styles, steps, seeds, settings, options, out)
+    for name, by_steps in summary.items():
+        for k, m in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
+            print(f"{name:20} steps {int(k):3}  aesthetic {m['aesthetic']['mean']:.3f}  "
+                  f"clip {m['clip_score']['mean']:.2f}  style {m['style_similarity']['mean']:.3f}")
+    print(out / "report.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one labelled grid: no style, then the style at each of --compare-steps")
     g.add_argument("--compare-steps", default="5,10,20", metavar="LIST", help="steps sweep (default 5,10,20)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="aesthetic score of images and style files",
+                       description="Score images (through the CLIP image encoder) and style files (directly: a "
+                       "style is already a CLIP image embedding) with a published aesthetic predictor.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="images and/or style files")
+    p.add_argument("--predictor", default="laion-l14", metavar="NAME_OR_PATH",
+                   help="laion-l14 (default, the LAION aesthetic score), sac-l14, sac-b16, sac-b32, or a .pth path")
+    p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP for images (default: the predictor's)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--json", action="store_true", help='print [{"file", "kind", "score"}, ...]')
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="measure styles: the paper's experiment on your prompts",
+                       description="Generate prompt x style x steps x seed, score every image (aesthetic score, "
+                       "CLIP score, style similarity) and write results.csv, summary.json, plots, grids and "
+                       "report.html into --out. Restarting with the same arguments resumes.")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: stylegrad's shipped set)")
+    p.add_argument("--style", action="append", required=True, metavar="FILE", help="style file; repeat for more")
+    p.add_argument("--style-steps", default="0,5,10,20", metavar="LIST", help="steps to compare (default 0,5,10,20)")
+    p.add_argument("--style-lr", type=float, default=1e-4, metavar="LR", help=H("lr") + " (default 1e-4)")
+    p.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per prompt (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", metavar="ID_OR_PATH",
+                   help="diffusers model (default: %(default)s)")
+    p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP for the style space and the scores "
+                   "(default: the model family's)")
+    p.add_argument("--predictor", default="laion-l14", metavar="NAME_OR_PATH", help="aesthetic predictor "
+                   "(default laion-l14)")
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
+    p.add_argument("--sampler", help="scheduler (see generate --help)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
