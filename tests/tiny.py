@@ -16,33 +16,14 @@ from transformers import (
     CLIPVisionConfig,
 )
 
+from stylegrad.world.tokenizer import char_tokenizer
+
 HIDDEN = 32
 PROJ = 24
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + n))
-            n += 1
-    return chars
-
-
 def tiny_tokenizer() -> CLIPTokenizer:
-    """Character-level CLIP BPE (a few merges); <|endoftext|> is the largest id, as in the real vocab."""
-    chars = _bytes_to_unicode()
-    merges = [("t", "h"), ("th", "e</w>"), ("r", "e"), ("re", "d</w>")]
-    tokens = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "re", "red</w>"]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    tok.model_max_length = 77
-    return tok
+    return char_tokenizer()
 
 
 def tiny_clip(seed: int = 0, layers: int = 2, vocab_size: int | None = None) -> CLIPModel:

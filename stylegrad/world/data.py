@@ -1,0 +1,110 @@
+"""Procedural scenes: a coloured shape on a background, drawn in one of several visual styles, with a caption.
+
+Everything is a pure function of a seed, so the dataset is reproducible without storing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+STYLES = ("plain", "striped", "dotted", "outlined", "blurry")
+BACKGROUNDS = ((245, 245, 240), (200, 200, 205), (40, 40, 48))
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    style: str
+    background: int
+    cx: float
+    cy: float
+    r: float
+
+    def caption(self, with_style: bool) -> str:
+        base = f"a {self.colour} {self.shape}"
+        return f"{base}, {self.style}" if with_style and self.style != "plain" else base
+
+
+def _mask(scene: Scene) -> np.ndarray:
+    """(SIZE, SIZE) bool: where the shape is."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    dx, dy, r = x - scene.cx, y - scene.cy, scene.r
+    if scene.shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if scene.shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    if scene.shape == "triangle":
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    return ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r))
+
+
+def render(scene: Scene) -> Image.Image:
+    bg = np.array(BACKGROUNDS[scene.background], np.float32)
+    fg = np.array(COLOURS[scene.colour], np.float32)
+    img = np.broadcast_to(bg, (SIZE, SIZE, 3)).copy()
+    mask = _mask(scene)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    if scene.style == "striped":
+        paint = mask & (((x + y) // 2) % 2 == 0)
+    elif scene.style == "dotted":
+        paint = mask & (x % 3 == 1) & (y % 3 == 1)
+        paint = paint | (mask & (x % 3 == 1) & (y % 3 == 2)) | (mask & (x % 3 == 2) & (y % 3 == 1))
+    elif scene.style == "outlined":
+        inner = np.zeros_like(mask)
+        inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        paint = mask & ~inner
+    else:
+        paint = mask
+    img[paint] = fg
+    out = Image.fromarray(img.astype(np.uint8))
+    if scene.style == "blurry":
+        out = out.filter(ImageFilter.GaussianBlur(1.6))
+    return out
+
+
+def sample(rng: np.random.Generator) -> Scene:
+    r = float(rng.uniform(7.0, 11.0))
+    return Scene(
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        style=STYLES[rng.integers(len(STYLES))],
+        background=int(rng.integers(len(BACKGROUNDS))),
+        cx=float(rng.uniform(r, SIZE - r)),
+        cy=float(rng.uniform(r, SIZE - r)),
+        r=r,
+    )
+
+
+def dataset(n: int, seed: int, style_caption_p: float = 0.6, style: str | None = None):
+    """n (image, caption, scene) triples; captions name the style with probability ``style_caption_p``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = sample(rng)
+        if style is not None:
+            s = Scene(s.shape, s.colour, style, s.background, s.cx, s.cy, s.r)
+        out.append((render(s), s.caption(bool(rng.random() < style_caption_p)), s))
+    return out
+
+
+def class_captions() -> list[str]:
+    """Every shape x colour caption, for zero-shot probes."""
+    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def write_examples(folder, style: str = "striped", n: int = 12, seed: int = 123) -> None:
+    """The demo's bundled style images (``python -c "from stylegrad.world.data import write_examples;
+    write_examples('stylegrad/world/examples')"`` regenerates them)."""
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, _, scene) in enumerate(dataset(n, seed, style=style)):
+        image.save(out / f"{style}-{i:02d}-{scene.colour}-{scene.shape}.png")

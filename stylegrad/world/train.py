@@ -1,0 +1,227 @@
+"""Train the small world on a CPU: a CLIP, a VAE and a text-conditioned UNet, saved as a CLIP folder and a
+diffusers StableDiffusionPipeline folder.
+
+    python -m stylegrad.world.train --out stylegrad/world/weights      # about half an hour on 2 cores
+
+Reproducible from ``--seed``: data, initialisation and batches all come from seeded generators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import SIZE, dataset
+from .tokenizer import char_tokenizer
+
+HIDDEN = 64
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def build_clip(tok):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_attention_heads=4,
+                num_hidden_layers=3, max_position_embeddings=77, projection_dim=HIDDEN, hidden_act="quick_gelu",
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_attention_heads=4, num_hidden_layers=3,
+                  image_size=SIZE, patch_size=4, projection_dim=HIDDEN, hidden_act="quick_gelu")
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=HIDDEN))
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> CLIP's normalisation (the processor we save does the same from PIL)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+def train_clip(tok, images: torch.Tensor, captions: list[str], steps: int, seed: int):
+    """Contrastive training; captions repeat, so every pair with the same caption counts as a positive."""
+    torch.manual_seed(seed)
+    model = build_clip(tok).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    uniq = sorted(set(captions))
+    cap_ids = torch.tensor([uniq.index(c) for c in captions])
+    # The loss reads the EOS state, which causal attention makes independent of later tokens: 32 tokens suffice.
+    ids_all = tok(uniq, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="clip")
+    for step in bar:
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(captions), (256,), generator=g)
+        px = clip_pixels(images[idx])
+        out = model(input_ids=ids_all[cap_ids[idx]], pixel_values=px, return_loss=False)
+        logits = out.logits_per_image  # (B, B)
+        same = (cap_ids[idx][:, None] == cap_ids[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target.T * F.log_softmax(logits.T, 1), 1).mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=16, sample_size=SIZE)
+
+
+def train_vae(images: torch.Tensor, steps: int, seed: int):
+    torch.manual_seed(seed)
+    vae = build_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = images[torch.randint(len(images), (64,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(mse=f"{F.mse_loss(rec, x).item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, 2048, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    return vae
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=HIDDEN,
+        attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def train_unet(latents: torch.Tensor, cond: torch.Tensor, cap_idx: torch.Tensor, uncond: torch.Tensor,
+               steps: int, seed: int, batch: int = 64):
+    """Epsilon prediction; 10% of captions dropped to the empty prompt for classifier-free guidance."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    unet = build_unet().train()
+    cfg = scheduler_config()
+    sched = DDPMScheduler(**{k: v for k, v in cfg.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 2)
+    bar = tqdm(range(steps), desc="unet")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        c = cond[cap_idx[idx]].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        c[drop] = uncond
+        pred = unet(xt, t, encoder_hidden_states=c).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.load_state_dict(ema)
+    return unet.eval()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--clip-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--only", choices=["clip", "vae", "unet"], help="train one part, reusing the others from --out")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(a.out)
+    t0 = time.time()
+    items = dataset(a.images, a.seed)
+    images = to_tensor([im for im, _, _ in items])
+    captions = [c for _, c, _ in items]
+    tok = char_tokenizer()
+    log = {}
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTextModel
+
+    if a.only in (None, "clip"):
+        clip = train_clip(tok, images, captions, a.clip_steps, a.seed)
+        clip.save_pretrained(out / "clip")
+        tok.save_pretrained(out / "clip")
+        CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                              resample=3).save_pretrained(out / "clip")
+        log["clip_s"] = time.time() - t0
+    clip = CLIPModel.from_pretrained(out / "clip").eval()
+    if a.only in (None, "vae"):
+        vae = train_vae(images, a.vae_steps, a.seed)
+        vae.save_pretrained(out / "vae_tmp")
+        log["vae_s"] = time.time() - t0
+    vae = AutoencoderKL.from_pretrained(out / "vae_tmp" if (out / "vae_tmp").exists() else out / "sd" / "vae").eval()
+    text_encoder = CLIPTextModel(clip.config.text_config).eval()
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    if a.only in (None, "unet"):
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+            lat = lat * vae.config.scaling_factor
+            uniq = sorted(set(captions))
+            ids = tok(uniq + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            hid = text_encoder(ids).last_hidden_state
+        cap_idx = torch.tensor([uniq.index(c) for c in captions])
+        unet = train_unet(lat, hid[:-1], cap_idx, hid[-1], a.unet_steps, a.seed)
+        log["unet_s"] = time.time() - t0
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                       scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(out / "sd")
+    log["total_s"] = time.time() - t0
+    log.update(vars(a))
+    (out / "train_log.json").write_text(json.dumps(log, indent=2))
+    print(json.dumps(log))
+
+
+if __name__ == "__main__":
+    main()
