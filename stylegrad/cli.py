@@ -218,6 +218,23 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(out / "report.html")
 
 
+def cmd_code_decode(a: argparse.Namespace) -> None:
+    from .stylecode import decode
+
+    code = decode(a.code)
+    if a.json:
+        print(json.dumps({"format": code.format, "version": code.version, "levels": list(code.levels)}))
+    else:
+        print(f"format {code.format}, version {code.version}")
+        print("levels", " ".join(map(str, code.levels)))
+
+
+def cmd_code_random(a: argparse.Namespace) -> None:
+    from .stylecode import random_code
+
+    print(random_code(a.seed, a.format))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylegrad",
@@ -228,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stylegrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("code", help="stylecodes: decode or draw short style codes",
+                       description="Stylecodes (Rowles 2024): a style as a 21-character code (stylegrad's format) "
+                       "or the reference implementation's 27-character code; both decode.")
+    code_sub = p.add_subparsers(dest="code_command", required=True, metavar="ACTION")
+    q = code_sub.add_parser("decode", help="print a code's format, version and 20 levels")
+    q.add_argument("code", metavar="CODE")
+    q.add_argument("--json", action="store_true", help='print {"format", "version", "levels"}')
+    q.set_defaults(func=cmd_code_decode)
+    q = code_sub.add_parser("random", help="a random code")
+    q.add_argument("--seed", type=int, help="make it reproducible")
+    q.add_argument("--format", choices=["stylegrad", "reference"], default="stylegrad",
+                   help="stylegrad (21 characters, default) or reference (27)")
+    q.set_defaults(func=cmd_code_random)
 
     p = sub.add_parser("embed", help="make a style file from images",
                        description="Average the CLIP image embeddings of images into a style file.")
