@@ -8,6 +8,7 @@ Public API::
     prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
     image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
     aesthetic_score(load_predictor("laion-l14"), image_embeds); clip_score(...); style_similarity(...)
+    sc = Stylecodes.load(pipe.unet); code = sc.code_for(image); styled = sc.pipeline(pipe, code)  # stylecodes
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ from .options import StyleOptions  # noqa: E402
 from .predictors import AestheticPredictor, load_predictor  # noqa: E402
 from .tuning import personalize  # noqa: E402
 from .style import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
+from .stylecodes import Stylecodes  # noqa: E402
 from .tower import TextTower, detect_family  # noqa: E402
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "style_similarity",
     "Style",
     "StyleOptions",
+    "Stylecodes",
     "StylegradError",
     "TextTower",
     "detect_family",

@@ -17,6 +17,14 @@ from .options import StyleOptions
 H = StyleOptions.help
 
 
+def _add_stylecodes_model_options(g) -> None:
+    g.add_argument("--stylecodes-model", metavar="ID_OR_PATH",
+                   help="Stylecodes checkpoint: hub id, folder, .bin or .safetensors (default: CiaraRowles/stylecodes, "
+                   "stylecodes_sd15_v1.bin)")
+    g.add_argument("--siglip-model", default="google/siglip-base-patch16-224", metavar="ID_OR_PATH",
+                   help="image encoder the codes are made with (default: %(default)s)")
+
+
 def _add_style_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("style (aesthetic gradients)")
     g.add_argument("--style", metavar="FILE", help="aesthetic embedding (.safetensors or .pt); omit for no style")
@@ -125,19 +133,47 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise StylegradError("--n must be >= 1")
     if not 0.0 < a.strength <= 1.0:
         raise StylegradError(f"--strength must be in (0, 1], got {a.strength}")
+    if a.stylecode_strength < 0:
+        raise StylegradError(f"--stylecode-strength must be >= 0, got {a.stylecode_strength}")
+    if a.stylecode and a.style_image:
+        raise StylegradError("give --stylecode or --style-image, not both")
+    if a.stylecode:
+        from .stylecode import parse_weighted
+
+        parse_weighted(a.stylecode)  # a bad code fails before any model loads
+    style_image = load_init_image(a.style_image, None, None) if a.style_image else None
     init = load_init_image(a.init_image, a.width, a.height)
     pipe = load_pipeline(a.model, a.device, a.sampler)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
     encoder = AestheticEncoder.from_pipeline(pipe, a.clip_model)
     settings = Settings(a.prompt, a.negative, a.steps, a.cfg, a.width, a.height, a.seed, a.strength)
+    extra = {}
+    if a.stylecode or style_image is not None:
+        pipe, extra = _with_stylecode(pipe, a, style_image)
     out = Path(a.out)
     if a.compare:
         sweep = [int(x) for x in a.compare_steps.split(",") if x.strip()]
-        path = compare(pipe, encoder, settings, style, options, sweep, out, a.n, init, a.clip_skip)
+        path = compare(pipe, encoder, settings, style, options, sweep, out, a.n, init, a.clip_skip, extra)
         print(path)
         return
-    for path in generate(pipe, encoder, settings, style, options, out, a.n, a.model, init, a.clip_skip):
+    for path in generate(pipe, encoder, settings, style, options, out, a.n, a.model, init, a.clip_skip, extra):
         print(path)
+
+
+def _with_stylecode(pipe, a: argparse.Namespace, style_image):
+    """The pipeline with the Stylecodes control stream, and the PNG fields that record the code."""
+    from .stylecodes import Stylecodes
+
+    sc = Stylecodes.load(pipe.unet, a.stylecodes_model, a.siglip_model if style_image is not None else None)
+    codes = a.stylecode or sc.code_for(style_image)
+    if style_image is not None:
+        print(f"stylecode {codes} (from {a.style_image})", file=sys.stderr)
+    styled = sc.pipeline(pipe, codes, a.stylecode_strength, a.stylecode_guidance)
+    styled.set_progress_bar_config(desc="denoising", leave=False)
+    fields = {"Stylecode": codes, "Stylecode strength": a.stylecode_strength}
+    if a.stylecode_guidance:
+        fields["Stylecode guidance"] = True
+    return styled, fields
 
 
 def cmd_score(a: argparse.Namespace) -> None:
@@ -229,6 +265,35 @@ def cmd_code_decode(a: argparse.Namespace) -> None:
         print("levels", " ".join(map(str, code.levels)))
 
 
+def cmd_code_encode(a: argparse.Namespace) -> None:
+    from .generate import load_init_image
+    from .stylecodes import Stylecodes
+
+    image = load_init_image(a.image, None, None)
+    sc = Stylecodes.load(None, a.stylecodes_model, a.siglip_model, device=a.device)
+    print(sc.code_for(image, a.format))
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from .world.demo import run_demo
+
+    steps = [int(x) for x in a.style_steps.split(",") if x.strip()]
+    if a.seeds < 1 or any(k < 0 for k in steps):
+        raise StylegradError("--seeds must be >= 1 and --style-steps >= 0")
+    run_demo(a.out, steps, a.seeds, log=print)
+
+
+def cmd_train_stylecodes(a: argparse.Namespace) -> None:
+    from .stylecode_train import TrainConfig, train
+
+    cfg = TrainConfig(data=a.data, out=a.out, model=a.model, siglip=a.siglip_model, init=a.init, steps=a.steps,
+                      batch_size=a.batch_size, lr=a.lr, resolution=a.resolution, grad_accum=a.grad_accum,
+                      checkpoint_every=a.checkpoint_every, seed=a.seed,
+                      gradient_checkpointing=a.gradient_checkpointing, mixed_precision=a.mixed_precision,
+                      autoencoder_width=a.autoencoder_width, device=a.device)
+    print(train(cfg, resume=not a.restart))
+
+
 def cmd_code_random(a: argparse.Namespace) -> None:
     from .stylecode import random_code
 
@@ -254,11 +319,61 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("code", metavar="CODE")
     q.add_argument("--json", action="store_true", help='print {"format", "version", "levels"}')
     q.set_defaults(func=cmd_code_decode)
+    q = code_sub.add_parser("encode", help="make the code of an image's style",
+                            description="SigLIP features of the image -> the Stylecodes encoder -> 20 levels -> "
+                            "a code. Decoding and re-encoding a code gives the same code.")
+    q.add_argument("image", metavar="IMAGE")
+    q.add_argument("--format", choices=["stylegrad", "reference"], default="stylegrad",
+                   help="stylegrad (21 characters with the model version, default) or reference (27)")
+    _add_stylecodes_model_options(q)
+    q.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    q.set_defaults(func=cmd_code_encode)
     q = code_sub.add_parser("random", help="a random code")
     q.add_argument("--seed", type=int, help="make it reproducible")
     q.add_argument("--format", choices=["stylegrad", "reference"], default="stylegrad",
                    help="stylegrad (21 characters, default) or reference (27)")
     q.set_defaults(func=cmd_code_random)
+
+    p = sub.add_parser("demo", help="see aesthetic gradients work, offline, in about a minute",
+                       description="Runs the paper's experiment on the small world bundled with stylegrad (a CLIP "
+                       "and a text-to-image model trained on procedural shapes): a style is embedded from bundled "
+                       "striped images; the same prompts and seeds are generated without it and with it at each "
+                       "step count. Writes grid.png and results.json (style similarity and shape/colour fidelity "
+                       "per steps) and prints the table.")
+    p.add_argument("--out", default="stylegrad-demo", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--style-steps", default="0,2,5,10,20", metavar="LIST", help="steps to compare (default 0,2,5,10,20)")
+    p.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per prompt, 8 prompts (default 2)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train models (stylecodes)")
+    train_sub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT")
+    q = train_sub.add_parser("stylecodes", help="train a Stylecodes model on (style image, prompt, target) triples",
+                             description="The Stylecodes paper's recipe: SD and SigLIP frozen; the style encoder, "
+                             "decoder and control module trained end to end with the diffusion loss. DATA holds "
+                             "index.csv or index.jsonl with columns style_image, prompt, target_image. Checkpoints go "
+                             "to OUT/checkpoint-N; rerunning the same command resumes exactly.")
+    q.add_argument("data", metavar="DATA", help="folder with index.csv or index.jsonl and the images")
+    q.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the final stylecodes.safetensors")
+    q.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", metavar="ID_OR_PATH",
+                   help="the frozen SD1.x model (default: %(default)s)")
+    q.add_argument("--siglip-model", default="google/siglip-base-patch16-224", metavar="ID_OR_PATH",
+                   help="the frozen image encoder (default: %(default)s)")
+    q.add_argument("--init", metavar="CKPT", help="start from this Stylecodes checkpoint (default: a fresh model)")
+    q.add_argument("--steps", type=int, default=100_000, help="optimizer steps (default 100000, the paper)")
+    q.add_argument("--batch-size", type=int, default=25, help="triples per step (default 25, the paper)")
+    q.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (default 1e-6, the paper)")
+    q.add_argument("--resolution", type=int, default=512, help="target image size in pixels (default 512)")
+    q.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="split each batch into K micro-batches: same update, less memory (default 1)")
+    q.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast on CUDA (default no; CPU always trains in fp32)")
+    q.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="steps between checkpoints")
+    q.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation")
+    q.add_argument("--autoencoder-width", type=int, default=512, help="style encoder width (512 as published)")
+    q.add_argument("--restart", action="store_true", help="ignore checkpoints in --out and start over")
+    q.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    q.set_defaults(func=cmd_train_stylecodes)
 
     p = sub.add_parser("embed", help="make a style file from images",
                        description="Average the CLIP image embeddings of images into a style file.")
@@ -295,9 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images with a style",
                        description="Generate images with a diffusers Stable Diffusion pipeline, styled by an "
-                       "aesthetic embedding.")
+                       "aesthetic embedding (--style), a stylecode (--stylecode / --style-image), or both.")
     p.add_argument("prompt", metavar="PROMPT")
     _add_style_options(p)
+    g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
+    g.add_argument("--stylecode", metavar="CODE", help="a style code, or several with weights: 'CODE1::2 CODE2::1'")
+    g.add_argument("--style-image", metavar="IMG", help="make the code from this image, then use it")
+    g.add_argument("--stylecode-strength", type=float, default=1.0, metavar="S",
+                   help="how strongly the code acts; 0 = the plain model (default 1)")
+    g.add_argument("--stylecode-guidance", action="store_true",
+                   help="give the style to the conditional half only, so guidance strengthens it (the reference "
+                   "gives it to both halves)")
+    _add_stylecodes_model_options(g)
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", metavar="ID_OR_PATH",

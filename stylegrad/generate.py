@@ -91,7 +91,7 @@ def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, settings: Settings
 
 
 def infotext(pipe, settings: Settings, size: tuple[int, int], model: str, style: Style | None,
-             options: StyleOptions, init: bool) -> str:
+             options: StyleOptions, init: bool, extra: dict | None = None) -> str:
     sampler = type(pipe.scheduler).__name__
     fields = {
         "Steps": settings.steps,
@@ -114,6 +114,7 @@ def infotext(pipe, settings: Settings, size: tuple[int, int], model: str, style:
             "Aesthetic slerp angle": options.text_angle,
             "Aesthetic embedding hash": style.digest,
         })
+    fields.update(extra or {})
     fields["Version"] = f"stylegrad {__version__}"
     return parameters_text(settings.prompt, settings.negative, fields)
 
@@ -152,8 +153,9 @@ def style_progress(total: int, desc: str = "style"):
 
 def generate(pipe, encoder: AestheticEncoder, settings: Settings, style: Style | None, options: StyleOptions,
              out: Path, n: int = 1, model: str = "", init_image: Image.Image | None = None,
-             clip_skip: int | None = None) -> list[Path]:
-    """``n`` images with seeds ``seed .. seed+n-1``; the style is applied once (the encoder caches)."""
+             clip_skip: int | None = None, extra_fields: dict | None = None) -> list[Path]:
+    """``n`` images with seeds ``seed .. seed+n-1``; the style is applied once (the encoder caches).
+    ``extra_fields`` go into the PNG metadata (the stylecode, for instance)."""
     bar, callback = style_progress(options.steps if style is not None and options.active else 0)
     pe, ne = encoder.encode(settings.prompt, style, options, settings.negative, clip_skip, callback)
     bar.close()
@@ -162,7 +164,7 @@ def generate(pipe, encoder: AestheticEncoder, settings: Settings, style: Style |
     for i in range(n):
         s = replace(settings, seed=settings.seed + i)
         image = run_pipeline(pipe, pe, ne, s, init_image)
-        text = infotext(pipe, s, image.size, model, style, options, init_image is not None)
+        text = infotext(pipe, s, image.size, model, style, options, init_image is not None, extra_fields)
         paths.append(save_png(image, out / f"{index + i:05d}-{s.seed}-{_slug(s.prompt)}.png", text))
     return paths
 
@@ -185,7 +187,7 @@ def label_grid(rows: list[list[Image.Image]], labels: list[str], row_labels: lis
 
 def compare(pipe, encoder: AestheticEncoder, settings: Settings, style: Style, options: StyleOptions,
             sweep: list[int], out: Path, n: int = 1, init_image: Image.Image | None = None,
-            clip_skip: int | None = None) -> Path:
+            clip_skip: int | None = None, extra_fields: dict | None = None) -> Path:
     """The paper's figure: the same seed without the style and with it at each number of steps."""
     columns = [0] + [k for k in sweep if k > 0]
     embeds = []
@@ -203,6 +205,6 @@ def compare(pipe, encoder: AestheticEncoder, settings: Settings, style: Style, o
     fields = {"Steps": settings.steps, "Sampler": A1111_SAMPLERS.get(type(pipe.scheduler).__name__, "?"),
               "CFG scale": settings.cfg, "Seed": settings.seed, "Aesthetic embedding": style.name,
               "Aesthetic LR": options.lr, "Aesthetic steps sweep": " ".join(map(str, columns)),
-              "Version": f"stylegrad {__version__}"}
+              **(extra_fields or {}), "Version": f"stylegrad {__version__}"}
     name = f"{next_index(out):05d}-compare-{settings.seed}-{_slug(settings.prompt)}.png"
     return save_png(grid, out / name, parameters_text(settings.prompt, settings.negative, fields))

@@ -3,6 +3,7 @@ writes, so web UIs, image browsers and sd-parsers read our images."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,8 +24,10 @@ A1111_SAMPLERS = {
 
 
 def _value(v) -> str:
-    """A1111 infotext separates fields with ', ' and keys with ': ', so values must carry neither."""
-    return " ".join(str(v).replace(",", " ").replace(":", " ").split())
+    """A1111 infotext separates fields with ', ' and keys with ': ': a value holding either is quoted as JSON, as
+    A1111 itself does (a weighted stylecode 'CODE::2' keeps its colons)."""
+    text = " ".join(str(v).split())
+    return json.dumps(text) if any(c in text for c in ",:") else text
 
 
 def parameters_text(prompt: str, negative: str, fields: dict) -> str:

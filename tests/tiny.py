@@ -84,3 +84,27 @@ def save_world(root: Path, seed: int = 0) -> tuple[Path, Path]:
     tiny_tokenizer().save_pretrained(clip_dir)
     tiny_pipeline(clip, seed).save_pretrained(sd_dir)
     return clip_dir, sd_dir
+
+
+def tiny_siglip(seed: int = 0):
+    """A tiny SigLIP vision tower and its processor (16 patch tokens of width 32)."""
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8)
+    return SiglipVisionModel(cfg).eval(), SiglipImageProcessorPil(size={"height": 32, "width": 32})
+
+
+def tiny_stylecodes(unet, seed: int = 0, trained_look: bool = True):
+    """A Stylecodes model for ``unet`` with a small autoencoder (width 32) reading tiny SigLIP tokens. The collab
+    weights start at the identity, where the control stream cannot reach the base; they are moved off it, as
+    training would, so the style acts."""
+    from stylegrad.stylecode_model import StylecodesModel
+
+    torch.manual_seed(seed)
+    model = StylecodesModel(unet, dict(input_dim=HIDDEN, width=32, feedforward=64, max_len=128))
+    with torch.no_grad():
+        for layer in [model.middle_block_out, *model.control_model.up_zero_convs_out] if trained_look else []:
+            layer.weight.add_(0.2 * torch.randn_like(layer.weight))
+    return model.eval()

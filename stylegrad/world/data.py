@@ -15,6 +15,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 STYLES = ("plain", "striped", "dotted", "outlined", "blurry")
 BACKGROUNDS = ((245, 245, 240), (200, 200, 205), (40, 40, 48))
+BACKGROUND_WORDS = ("light", "grey", "dark")
+SIZE_WORDS = ("small", "large")  # radius below / above 9 pixels
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,16 @@ class Scene:
     cy: float
     r: float
 
-    def caption(self, with_style: bool) -> str:
-        base = f"a {self.colour} {self.shape}"
-        return f"{base}, {self.style}" if with_style and self.style != "plain" else base
+    def caption(self, with_style: bool, variant: int = 0) -> str:
+        """Varied wordings (``variant`` 0..5), so a UNet trained on them sees a smooth text space rather than a
+        handful of fixed states; variant 0 is the plain "a red circle"."""
+        c, s = self.colour, self.shape
+        size = SIZE_WORDS[self.r >= 9]
+        base = (f"a {c} {s}", f"{c} {s}", f"a {s}, {c}", f"a {size} {c} {s}",
+                f"a {c} {s} on a {BACKGROUND_WORDS[self.background]} background", f"one {c} {s}")[variant % 6]
+        if not with_style or self.style == "plain":
+            return base
+        return f"{base}, {self.style}" if variant % 2 == 0 else f"{self.style} {base}"
 
 
 def _mask(scene: Scene) -> np.ndarray:
@@ -54,18 +63,19 @@ def render(scene: Scene) -> Image.Image:
     if scene.style == "striped":
         paint = mask & (((x + y) // 2) % 2 == 0)
     elif scene.style == "dotted":
-        paint = mask & (x % 3 == 1) & (y % 3 == 1)
-        paint = paint | (mask & (x % 3 == 1) & (y % 3 == 2)) | (mask & (x % 3 == 2) & (y % 3 == 1))
+        paint = mask & ((x % 3 != 0) & (y % 3 != 0))  # 2x2 dots on a 3-pixel grid: the shape stays legible
     elif scene.style == "outlined":
-        inner = np.zeros_like(mask)
-        inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        inner = mask.copy()
+        for _ in range(2):  # a 2-pixel outline survives a 4x-downsampling autoencoder
+            inner[1:-1, 1:-1] = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+            inner[0, :] = inner[-1, :] = inner[:, 0] = inner[:, -1] = False
         paint = mask & ~inner
     else:
         paint = mask
     img[paint] = fg
     out = Image.fromarray(img.astype(np.uint8))
     if scene.style == "blurry":
-        out = out.filter(ImageFilter.GaussianBlur(1.6))
+        out = out.filter(ImageFilter.GaussianBlur(1.3))
     return out
 
 
@@ -82,16 +92,42 @@ def sample(rng: np.random.Generator) -> Scene:
     )
 
 
-def dataset(n: int, seed: int, style_caption_p: float = 0.6, style: str | None = None):
-    """n (image, caption, scene) triples; captions name the style with probability ``style_caption_p``."""
+def dataset(n: int, seed: int, style_caption_p: float = 0.6, style: str | None = None, varied: bool = True):
+    """n (image, caption, scene) triples; captions name the style with probability ``style_caption_p`` and use
+    every wording when ``varied`` (else always "a red circle")."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         s = sample(rng)
         if style is not None:
             s = Scene(s.shape, s.colour, style, s.background, s.cx, s.cy, s.r)
-        out.append((render(s), s.caption(bool(rng.random() < style_caption_p)), s))
+        with_style, variant = bool(rng.random() < style_caption_p), int(rng.integers(6))
+        out.append((render(s), s.caption(with_style, variant if varied else 0), s))
     return out
+
+
+def caption_facts(caption: str) -> dict[str, str]:
+    """What a caption says: {'colour': 'red', 'shape': 'circle', 'style': ..., 'background': ..., 'size': ...},
+    only the keys it mentions."""
+    vocab = {"colour": tuple(COLOURS), "shape": SHAPES, "style": STYLES, "background": BACKGROUND_WORDS,
+             "size": SIZE_WORDS}
+    facts = {}
+    for word in caption.replace(",", " ").split():
+        for key, words in vocab.items():
+            if word in words:
+                facts[key] = word
+    return facts
+
+
+def scene_facts(scene: Scene) -> dict[str, str]:
+    return {"colour": scene.colour, "shape": scene.shape, "style": scene.style,
+            "background": BACKGROUND_WORDS[scene.background], "size": SIZE_WORDS[scene.r >= 9]}
+
+
+def fits(caption: str, scene: Scene) -> bool:
+    """Whether everything the caption says is true of the scene (a plain caption fits every style)."""
+    facts = scene_facts(scene)
+    return all(facts[k] == v for k, v in caption_facts(caption).items())
 
 
 def class_captions() -> list[str]:

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import SIZE, dataset
+from .data import SIZE, caption_facts, dataset, scene_facts
 from .tokenizer import char_tokenizer
 
 HIDDEN = 64
+LATENT = 8  # 8x8x8 latents: eight channels keep stripes and outlines that four lost; the UNet barely notices
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -48,15 +49,25 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2 - mean) / std
 
 
-def train_clip(tok, images: torch.Tensor, captions: list[str], steps: int, seed: int):
-    """Contrastive training; captions repeat, so every pair with the same caption counts as a positive."""
+def _fact_codes(facts: list[dict[str, str]]) -> torch.Tensor:
+    """(N, 5) integer codes of colour, shape, style, background and size; -1 where a caption says nothing."""
+    keys = ("colour", "shape", "style", "background", "size")
+    vocab = {k: {} for k in keys}
+    return torch.tensor([[vocab[k].setdefault(f[k], len(vocab[k])) if k in f else -1 for k in keys] for f in facts])
+
+
+def train_clip(tok, images: torch.Tensor, captions: list[str], scenes, steps: int, seed: int):
+    """Contrastive training where every caption that is true of an image counts as a positive for it ("a red
+    circle" fits a striped red circle too), so the zero-shot probe's plain captions learn every style."""
     torch.manual_seed(seed)
     model = build_clip(tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     uniq = sorted(set(captions))
     cap_ids = torch.tensor([uniq.index(c) for c in captions])
-    # The loss reads the EOS state, which causal attention makes independent of later tokens: 32 tokens suffice.
-    ids_all = tok(uniq, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    codes = _fact_codes([caption_facts(c) for c in uniq] + [scene_facts(s) for s in scenes])
+    cap_codes, scene_codes = codes[: len(uniq)], codes[len(uniq):]
+    # The loss reads the EOS state, which causal attention makes independent of later tokens: pad to the longest.
+    ids_all = tok(uniq, padding="longest", return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="clip")
     for step in bar:
@@ -66,11 +77,10 @@ def train_clip(tok, images: torch.Tensor, captions: list[str], steps: int, seed:
         idx = torch.randint(len(captions), (256,), generator=g)
         px = clip_pixels(images[idx])
         out = model(input_ids=ids_all[cap_ids[idx]], pixel_values=px, return_loss=False)
-        logits = out.logits_per_image  # (B, B)
-        same = (cap_ids[idx][:, None] == cap_ids[idx][None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target.T * F.log_softmax(logits.T, 1), 1).mean())
+        cc, sc = cap_codes[cap_ids[idx]], scene_codes[idx]
+        fit = ((cc[:, None, :] == -1) | (cc[:, None, :] == sc[None, :, :])).all(-1).float()  # (caption, image)
+        loss = 0.5 * (torch.sum(-fit / fit.sum(1, keepdim=True) * F.log_softmax(out.logits_per_text, 1), 1).mean()
+                      + torch.sum(-fit.T / fit.sum(0)[:, None] * F.log_softmax(out.logits_per_image, 1), 1).mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -81,7 +91,7 @@ def train_clip(tok, images: torch.Tensor, captions: list[str], steps: int, seed:
 def build_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT, block_out_channels=(16, 32, 32),
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=16, sample_size=SIZE)
 
@@ -106,16 +116,45 @@ def train_vae(images: torch.Tensor, steps: int, seed: int):
         bar.set_postfix(mse=f"{F.mse_loss(rec, x).item():.4f}")
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, 2048, 256)])
+        lat = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(images)), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     return vae
+
+
+def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float = 1e-3):
+    """Train the decoder alone (encoder frozen), so latents, and a UNet trained on them, stay valid while the
+    pictures get sharper: the small decoder underfits long before the latents run out of information."""
+    torch.manual_seed(seed)
+    vae.requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    params = [p for m in decoder for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed + 3)
+    bar = tqdm(range(steps), desc="decoder")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = images[torch.randint(len(images), (64,), generator=g)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)  # L1 keeps edges and thin strokes sharper than MSE alone
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(mse=f"{F.mse_loss(rec, x).item():.4f}")
+    vae.requires_grad_(False)
+    return vae.eval()
 
 
 def build_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
+        sample_size=SIZE // 4, in_channels=LATENT, out_channels=LATENT, block_out_channels=(48, 96), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=HIDDEN,
         attention_head_dim=8, norm_num_groups=16,
@@ -171,10 +210,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=20000)
-    p.add_argument("--clip-steps", type=int, default=800)
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=4000)
-    p.add_argument("--only", choices=["clip", "vae", "unet"], help="train one part, reusing the others from --out")
+    p.add_argument("--decoder-steps", type=int, default=3000)
+    p.add_argument("--only", choices=["clip", "vae", "unet", "decoder"],
+                   help="train one part, reusing the others from --out")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
@@ -182,6 +223,7 @@ def main(argv=None) -> None:
     items = dataset(a.images, a.seed)
     images = to_tensor([im for im, _, _ in items])
     captions = [c for _, c, _ in items]
+    scenes = [s for _, _, s in items]
     tok = char_tokenizer()
     log = {}
 
@@ -189,7 +231,7 @@ def main(argv=None) -> None:
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTextModel
 
     if a.only in (None, "clip"):
-        clip = train_clip(tok, images, captions, a.clip_steps, a.seed)
+        clip = train_clip(tok, images, captions, scenes, a.clip_steps, a.seed)
         clip.save_pretrained(out / "clip")
         tok.save_pretrained(out / "clip")
         CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
@@ -217,6 +259,11 @@ def main(argv=None) -> None:
                                        scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(out / "sd")
+    if a.only in (None, "decoder"):
+        pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+        pipe.vae = refine_decoder(pipe.vae, images, a.decoder_steps, a.seed)
+        pipe.save_pretrained(out / "sd")
+        log["decoder_s"] = time.time() - t0
     log["total_s"] = time.time() - t0
     log.update(vars(a))
     (out / "train_log.json").write_text(json.dumps(log, indent=2))

@@ -1,0 +1,244 @@
+"""Train a Stylecodes model (the paper's recipe): SD1.x and SigLIP frozen; the style encoder, decoder and control
+module trained end to end with the diffusion loss, the latent passed on unquantised.
+
+Data is a folder with ``index.csv`` or ``index.jsonl``: one (style image, prompt, target image) triple per row,
+columns ``style_image``, ``prompt``, ``target_image`` (paths relative to the folder). Every random draw of step k
+comes from generators seeded by (seed, k), so a run resumed from a checkpoint continues exactly as if it had never
+stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import StylegradError
+from .stylecode_model import SIGLIP, StylecodesModel, load_stylecodes, save_stylecodes
+from .stylecode_unet import controlled_forward, mid_size
+
+COLUMNS = ("style_image", "prompt", "target_image")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    siglip: str = SIGLIP
+    init: str | None = None  # start from this Stylecodes checkpoint instead of a fresh model
+    steps: int = 100_000  # the paper's defaults: 100k steps of batch 25 at lr 1e-6, 512 px
+    batch_size: int = 25
+    lr: float = 1e-6
+    resolution: int = 512
+    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
+    checkpoint_every: int = 1000
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | fp16 | bf16 (CUDA only)
+    autoencoder_width: int = 512
+    device: str | None = None
+
+
+def read_index(folder: str | os.PathLike) -> list[dict]:
+    """The triples, with paths made absolute; a missing column or file is a one-line error."""
+    root = Path(folder)
+    for name in ("index.jsonl", "index.csv"):
+        if (root / name).is_file():
+            path = root / name
+            break
+    else:
+        raise StylegradError(f"no index.csv or index.jsonl in {root}")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()] if path.suffix == ".jsonl" else list(csv.DictReader(f))
+    if not rows:
+        raise StylegradError(f"{path} has no rows")
+    for i, row in enumerate(rows, 1):
+        missing = [c for c in COLUMNS if c not in row or (c != "prompt" and not str(row[c] or "").strip())]
+        if missing:
+            raise StylegradError(f"{path.name} row {i}: missing {', '.join(sorted(set(missing)))}")
+        for c in ("style_image", "target_image"):
+            p = root / row[c]
+            if not p.is_file():
+                raise StylegradError(f"{path.name} row {i}: {c} {row[c]} not found")
+            row[c] = str(p)
+    return rows
+
+
+def _target_pixels(path: str, size: int) -> torch.Tensor:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+class Trainer:
+    """Holds the frozen parts, the trained model and its optimizer; ``step(k)`` is a pure function of the state
+    and (seed, k)."""
+
+    def __init__(self, cfg: TrainConfig):
+        import diffusers
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .hub import from_pretrained
+        from .stylecodes import load_siglip
+
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.mixed_precision != "no" and self.device.type != "cuda":
+            raise StylegradError("--mixed-precision needs a CUDA device; on CPU training runs in fp32")
+        self.rows = read_index(cfg.data)
+        sub = lambda name: dict(subfolder=name)  # noqa: E731
+        self.unet = from_pretrained(diffusers.UNet2DConditionModel, cfg.model, "model", **sub("unet"))
+        self.vae = from_pretrained(diffusers.AutoencoderKL, cfg.model, "model", **sub("vae"))
+        self.text_encoder = from_pretrained(CLIPTextModel, cfg.model, "model", **sub("text_encoder"))
+        self.tokenizer = from_pretrained(CLIPTokenizer, cfg.model, "model", **sub("tokenizer"))
+        self.scheduler = from_pretrained(diffusers.DDPMScheduler, cfg.model, "model", **sub("scheduler"))
+        self.siglip, self.processor = load_siglip(cfg.siglip)
+        for m in (self.unet, self.vae, self.text_encoder, self.siglip):
+            m.requires_grad_(False).eval().to(self.device)
+        if cfg.init:
+            self.model = load_stylecodes(cfg.init, self.unet)
+        else:
+            torch.manual_seed(cfg.seed)
+            self.model = StylecodesModel(self.unet, dict(input_dim=self.siglip.config.hidden_size,
+                                                         width=cfg.autoencoder_width))
+        self.model.to(self.device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def _batch(self, idx: list[int], gen: torch.Generator):
+        rows = [self.rows[i] for i in idx]
+        from .stylecodes import image_tokens
+
+        styles = []
+        for r in rows:
+            with Image.open(r["style_image"]) as im:
+                styles.append(im.convert("RGB"))
+        tokens = image_tokens(self.siglip, self.processor, styles)
+        pixels = torch.stack([_target_pixels(r["target_image"], self.cfg.resolution) for r in rows]).to(self.device)
+        dist = self.vae.encode(pixels).latent_dist
+        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(self.device))
+        latents = latents * self.vae.config.scaling_factor
+        ids = self.tokenizer([r["prompt"] for r in rows], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        text = self.text_encoder(ids.to(self.device))[0]
+        return tokens, latents, text
+
+    def loss(self, idx: list[int], gen: torch.Generator) -> torch.Tensor:
+        tokens, latents, text = self._batch(idx, gen)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else \
+            self.scheduler.get_velocity(latents, noise, t)
+        amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(self.cfg.mixed_precision)
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            auto = self.model.sref_autoencoder
+            latent = auto.encode(tokens)  # no quantisation while training, as in the paper
+            h, w = mid_size(self.unet, self.cfg.resolution, self.cfg.resolution, self.vae_scale)
+            style_map = auto.decode(latent, h, w)
+            ones = torch.ones(len(idx), 1, 1, 1, device=self.device)
+            pred = controlled_forward(self.unet, self.model, noisy, t, text, style_map, ones,
+                                      checkpoint=self.cfg.gradient_checkpointing)
+        return F.mse_loss(pred.float(), target.float())
+
+    def step(self, k: int) -> float:
+        """Training step k (0-based): the batch, noise, timesteps and dropout all come from (seed, k)."""
+        torch.manual_seed(_step_seed(self.cfg.seed, k))  # dropout in the decoder
+        gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, k))
+        idx = torch.randint(len(self.rows), (self.cfg.batch_size,), generator=gen).tolist()
+        parts = [idx[i::self.cfg.grad_accum] for i in range(self.cfg.grad_accum)]
+        parts = [p for p in parts if p]
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in parts:
+            loss = self.loss(part, gen) * len(part) / len(idx)
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, seed: int = 1234, n: int | None = None) -> float:
+        """The loss on the first n rows with fixed noise and timesteps, dropout off: comparable across steps."""
+        self.model.eval()
+        try:
+            return float(self.loss(list(range(n or len(self.rows))), torch.Generator().manual_seed(seed)))
+        finally:
+            self.model.train()
+
+    def save(self, k: int) -> Path:
+        """Checkpoint after k steps: weights (published container) and optimizer state, written atomically."""
+        folder = Path(self.cfg.out) / f"checkpoint-{k}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_stylecodes(self.model, tmp / "stylecodes.safetensors")
+        torch.save({"step": k, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                    "config": json.dumps(asdict(self.cfg))}, tmp / "training_state.pt")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+    def resume(self) -> int:
+        """Load the newest checkpoint in ``out``; returns the number of steps already done (0 if none)."""
+        found = sorted(Path(self.cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        if not found:
+            return 0
+        folder = found[-1]
+        from .stylecode_model import check_state, read_checkpoint
+
+        state = read_checkpoint(folder / "stylecodes.safetensors")
+        check_state(self.model, state, str(folder))
+        self.model.load_state_dict(state)
+        extra = torch.load(folder / "training_state.pt", map_location=self.device, weights_only=True)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.scaler.load_state_dict(extra["scaler"])
+        return int(extra["step"])
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, resume: bool = True) -> Path:
+    """Run (or continue) training; returns the final checkpoint path. ``stop_after`` ends early after that
+    many steps in total (as an interrupted run would), leaving its checkpoint to resume from."""
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.steps < 1:
+        raise StylegradError("--steps, --batch-size and --grad-accum must be >= 1")
+    trainer = Trainer(cfg)
+    start = trainer.resume() if resume else 0
+    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    bar = tqdm(range(start, end), desc="stylecodes", initial=start, total=cfg.steps, unit="step")
+    avg = math.nan
+    for k in bar:
+        loss = trainer.step(k)
+        avg = loss if math.isnan(avg) else 0.98 * avg + 0.02 * loss
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == end:
+            trainer.save(k + 1)
+    bar.close()
+    final = Path(cfg.out) / "stylecodes.safetensors"
+    if end == cfg.steps:
+        save_stylecodes(trainer.model, final)
+    return final

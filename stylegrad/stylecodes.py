@@ -1,0 +1,103 @@
+"""Stylecodes for users: an image becomes a short code, and a code (or a weighted blend of codes) styles any
+diffusers SD1.x pipeline.
+
+    sc = Stylecodes.load(pipe.unet)                     # published checkpoint + SigLIP; or local paths
+    code = sc.code_for(Image.open("ref.png"))           # 'Qx3...1' (21 characters)
+    styled = sc.pipeline(pipe, "Qx3...1::2 Ab9...1::1", strength=0.8)
+    image = styled("a lighthouse", generator=torch.Generator("cpu").manual_seed(0)).images[0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .errors import StylegradError
+from .stylecode import Code, blend, decode, dequantize, encode, parse_weighted, quantize
+from .stylecode_model import SIGLIP, StyleAutoencoder, StylecodesModel, load_autoencoder, load_stylecodes
+from .stylecode_unet import with_stylecode
+
+
+def load_siglip(name_or_path: str = SIGLIP, device=None, dtype=None):
+    """(SiglipVisionModel, its image processor), from a hub id or a local folder."""
+    from transformers import SiglipVisionModel
+
+    from .hub import from_pretrained
+
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import SiglipImageProcessor as Processor
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = from_pretrained(SiglipVisionModel, name_or_path, what="SigLIP model", **kw)
+    processor = from_pretrained(Processor, name_or_path, what="SigLIP image processor")
+    return model.to(device or "cpu").eval(), processor
+
+
+@torch.no_grad()
+def image_tokens(siglip, processor, images: list[Image.Image]) -> torch.Tensor:
+    """SigLIP's penultimate hidden states, (B, patches, width): what the style encoder was trained on."""
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    p = next(siglip.parameters())
+    return siglip(pixel_values=pixels.to(p.device, p.dtype), output_hidden_states=True).hidden_states[-2]
+
+
+@dataclass
+class Stylecodes:
+    """The control model and the image encoder that make and read codes, for one base UNet."""
+
+    autoencoder: StyleAutoencoder
+    model: StylecodesModel | None = None  # None: codes can be made, not generated with
+    siglip: object = None
+    processor: object = None
+    version: int = 1
+
+    @classmethod
+    def load(cls, base_unet=None, checkpoint: str | None = None, siglip: str | None = SIGLIP,
+             version: int = 1, device=None, dtype=None) -> "Stylecodes":
+        """``checkpoint``: a path, a folder or a hub id (default: the published SD1.5 model). Without
+        ``base_unet`` only the code encoder/decoder is loaded; ``siglip=None`` skips the image encoder."""
+        if base_unet is not None:
+            p = next(base_unet.parameters())
+            device, dtype = p.device, p.dtype
+            model = load_stylecodes(checkpoint, base_unet)
+            auto = model.sref_autoencoder
+        else:
+            device, dtype = device or "cpu", dtype or torch.float32
+            model, auto = None, load_autoencoder(checkpoint, device, dtype)
+        enc, proc = load_siglip(siglip, device, dtype) if siglip else (None, None)
+        return cls(auto, model, enc, proc, version)
+
+    @torch.no_grad()
+    def latents_for(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.siglip is None:
+            raise StylegradError("no SigLIP image encoder loaded: codes can be read but not made")
+        tokens = image_tokens(self.siglip, self.processor, images)
+        return self.autoencoder.encode(tokens.to(next(self.autoencoder.parameters()).dtype)).float()
+
+    def code_for(self, image: Image.Image, format: str = "stylegrad") -> str:
+        """The image's style as a code (quantised so that decoding and re-encoding gives the same code)."""
+        return encode(quantize(self.latents_for([image])[0].tolist()), self.version, format)
+
+    def latent_of(self, codes: str) -> torch.Tensor:
+        """One code, or a weighted blend ``CODE1::2 CODE2::1``, as the decoder's 20-d input."""
+        parts = parse_weighted(codes)
+        for code, _ in parts:
+            self._check_version(code)
+        return torch.tensor(blend(parts) if len(parts) > 1 else dequantize(parts[0][0].levels))
+
+    def _check_version(self, code: Code) -> None:
+        if code.version != self.version:
+            raise StylegradError(f"stylecode {encode(code.levels, code.version)} is for model version "
+                                 f"{code.version}; the loaded Stylecodes model is version {self.version}")
+
+    def pipeline(self, pipe, codes: str, strength: float = 1.0, guide_style: bool = False):
+        """A pipeline sharing ``pipe``'s components whose UNet carries the style; ``pipe`` is unchanged."""
+        if self.model is None:
+            raise StylegradError("Stylecodes was loaded without a base UNet: load(pipe.unet, ...) to generate")
+        return with_stylecode(pipe, self.model, self.latent_of(codes), strength, guide_style)
+
+
+__all__ = ["Stylecodes", "decode", "load_siglip", "image_tokens"]
