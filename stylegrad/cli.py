@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stylegrad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("code", help="stylecodes: decode or draw short style codes",
+    p = sub.add_parser("code", help="stylecodes: make, read or draw short style codes",
                        description="Stylecodes (Rowles 2024): a style as a 21-character code (stylegrad's format) "
                        "or the reference implementation's 27-character code; both decode.")
     code_sub = p.add_subparsers(dest="code_command", required=True, metavar="ACTION")
@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()  # e.g. the advice to install accelerate, on every model load
     try:
         args.func(args)
     except StylegradError as e:

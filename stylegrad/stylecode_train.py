@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import StylegradError
-from .stylecode_model import SIGLIP, StylecodesModel, load_stylecodes, save_stylecodes
+from .hub import from_pretrained
+from .stylecode_model import SIGLIP, StylecodesModel, check_state, load_stylecodes, read_checkpoint, save_stylecodes
 from .stylecode_unet import controlled_forward, mid_size
+from .stylecodes import image_tokens, load_siglip
 
 COLUMNS = ("style_image", "prompt", "target_image")
 
@@ -96,20 +99,17 @@ class Trainer:
         import diffusers
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from .hub import from_pretrained
-        from .stylecodes import load_siglip
 
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
             raise StylegradError("--mixed-precision needs a CUDA device; on CPU training runs in fp32")
         self.rows = read_index(cfg.data)
-        sub = lambda name: dict(subfolder=name)  # noqa: E731
-        self.unet = from_pretrained(diffusers.UNet2DConditionModel, cfg.model, "model", **sub("unet"))
-        self.vae = from_pretrained(diffusers.AutoencoderKL, cfg.model, "model", **sub("vae"))
-        self.text_encoder = from_pretrained(CLIPTextModel, cfg.model, "model", **sub("text_encoder"))
-        self.tokenizer = from_pretrained(CLIPTokenizer, cfg.model, "model", **sub("tokenizer"))
-        self.scheduler = from_pretrained(diffusers.DDPMScheduler, cfg.model, "model", **sub("scheduler"))
+        self.unet = from_pretrained(diffusers.UNet2DConditionModel, cfg.model, "model", subfolder="unet")
+        self.vae = from_pretrained(diffusers.AutoencoderKL, cfg.model, "model", subfolder="vae")
+        self.text_encoder = from_pretrained(CLIPTextModel, cfg.model, "model", subfolder="text_encoder")
+        self.tokenizer = from_pretrained(CLIPTokenizer, cfg.model, "model", subfolder="tokenizer")
+        self.scheduler = from_pretrained(diffusers.DDPMScheduler, cfg.model, "model", subfolder="scheduler")
         self.siglip, self.processor = load_siglip(cfg.siglip)
         for m in (self.unet, self.vae, self.text_encoder, self.siglip):
             m.requires_grad_(False).eval().to(self.device)
@@ -127,8 +127,6 @@ class Trainer:
     @torch.no_grad()
     def _batch(self, idx: list[int], gen: torch.Generator):
         rows = [self.rows[i] for i in idx]
-        from .stylecodes import image_tokens
-
         styles = []
         for r in rows:
             with Image.open(r["style_image"]) as im:
@@ -198,8 +196,6 @@ class Trainer:
         torch.save({"step": k, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                     "config": json.dumps(asdict(self.cfg))}, tmp / "training_state.pt")
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         return folder
@@ -210,8 +206,6 @@ class Trainer:
         if not found:
             return 0
         folder = found[-1]
-        from .stylecode_model import check_state, read_checkpoint
-
         state = read_checkpoint(folder / "stylecodes.safetensors")
         check_state(self.model, state, str(folder))
         self.model.load_state_dict(state)

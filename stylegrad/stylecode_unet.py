@@ -13,6 +13,7 @@ import inspect
 import torch
 from torch import nn
 
+from .errors import StylegradError
 from .stylecode_model import StylecodesModel
 
 
@@ -36,7 +37,7 @@ def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, tim
     no class or added embeddings). ``style_map`` is the decoded code at the mid-block size, or a function of that
     size giving it. ``checkpoint`` recomputes sub-blocks in the backward pass (training memory)."""
     if unet.config.class_embed_type is not None or unet.config.addition_embed_type is not None:
-        raise NotImplementedError("Stylecodes supports SD1.x-style UNets (no class or added embeddings)")
+        raise StylegradError("Stylecodes works with SD1.x UNets; this UNet has class or added embeddings (SDXL?)")
     temb = _time_embedding(unet, sample, timestep, timestep_cond)
     ctx, kw = encoder_hidden_states, cross_attention_kwargs
 

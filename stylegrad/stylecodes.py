@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import StylegradError
-from .stylecode import Code, blend, decode, dequantize, encode, parse_weighted, quantize
+from .stylecode import Code, blend, dequantize, encode, parse_weighted, quantize
 from .stylecode_model import SIGLIP, StyleAutoencoder, StylecodesModel, load_autoencoder, load_stylecodes
 from .stylecode_unet import with_stylecode
 
@@ -100,4 +100,4 @@ class Stylecodes:
         return with_stylecode(pipe, self.model, self.latent_of(codes), strength, guide_style)
 
 
-__all__ = ["Stylecodes", "decode", "load_siglip", "image_tokens"]
+__all__ = ["Stylecodes", "image_tokens", "load_siglip"]
