@@ -1,7 +1,7 @@
 """Train the small world on a CPU: a CLIP, a VAE and a text-conditioned UNet, saved as a CLIP folder and a
 diffusers StableDiffusionPipeline folder.
 
-    python -m stylegrad.world.train --out stylegrad/world/weights      # about half an hour on 2 cores
+    python -m stylegrad.world.train --out stylegrad/world/weights      # about an hour on 2 cores (docs/world.md)
 
 Reproducible from ``--seed``: data, initialisation and batches all come from seeded generators.
 """
@@ -133,13 +133,16 @@ def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float =
     vae.train()
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():  # the encoder is frozen: its posteriors are computed once, not at every step
+        post = [vae.encode(images[i : i + 512]).latent_dist for i in range(0, len(images), 512)]
+        mean, std = torch.cat([d.mean for d in post]), torch.cat([d.std for d in post])
     bar = tqdm(range(steps), desc="decoder")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = images[torch.randint(len(images), (64,), generator=g)]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=g)
+        idx = torch.randint(len(images), (64,), generator=g)
+        x = images[idx]
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)  # L1 keeps edges and thin strokes sharper than MSE alone
         opt.zero_grad()
@@ -219,7 +222,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
-    t0 = time.time()
+    t0 = t1 = time.time()
     items = dataset(a.images, a.seed)
     images = to_tensor([im for im, _, _ in items])
     captions = [c for _, c, _ in items]
@@ -237,11 +240,13 @@ def main(argv=None) -> None:
         CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                               resample=3).save_pretrained(out / "clip")
         log["clip_s"] = time.time() - t0
+        t1 = time.time()
     clip = CLIPModel.from_pretrained(out / "clip").eval()
     if a.only in (None, "vae"):
         vae = train_vae(images, a.vae_steps, a.seed)
         vae.save_pretrained(out / "vae_tmp")
-        log["vae_s"] = time.time() - t0
+        log["vae_s"] = time.time() - t1
+        t1 = time.time()
     vae = AutoencoderKL.from_pretrained(out / "vae_tmp" if (out / "vae_tmp").exists() else out / "sd" / "vae").eval()
     text_encoder = CLIPTextModel(clip.config.text_config).eval()
     text_encoder.load_state_dict(clip.text_model.state_dict())
@@ -254,7 +259,8 @@ def main(argv=None) -> None:
             hid = text_encoder(ids).last_hidden_state
         cap_idx = torch.tensor([uniq.index(c) for c in captions])
         unet = train_unet(lat, hid[:-1], cap_idx, hid[-1], a.unet_steps, a.seed)
-        log["unet_s"] = time.time() - t0
+        log["unet_s"] = time.time() - t1
+        t1 = time.time()
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                        scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -263,7 +269,7 @@ def main(argv=None) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
         pipe.vae = refine_decoder(pipe.vae, images, a.decoder_steps, a.seed)
         pipe.save_pretrained(out / "sd")
-        log["decoder_s"] = time.time() - t0
+        log["decoder_s"] = time.time() - t1
     log["total_s"] = time.time() - t0
     log.update(vars(a))
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
