@@ -142,7 +142,8 @@ def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float =
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(len(images), (64,), generator=g)
         x = images[idx]
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        mu = mean[idx]
+        z = mu + std[idx] * torch.randn(mu.shape, generator=g)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)  # L1 keeps edges and thin strokes sharper than MSE alone
         opt.zero_grad()
@@ -222,7 +223,15 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
-    t0 = t1 = time.time()
+    t0 = time.time()
+    lap_start = [t0]
+
+    def lap() -> float:
+        """Seconds since the previous lap: each part's own time for train_log.json."""
+        now = time.time()
+        seconds, lap_start[0] = now - lap_start[0], now
+        return seconds
+
     items = dataset(a.images, a.seed)
     images = to_tensor([im for im, _, _ in items])
     captions = [c for _, c, _ in items]
@@ -239,14 +248,12 @@ def main(argv=None) -> None:
         tok.save_pretrained(out / "clip")
         CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                               resample=3).save_pretrained(out / "clip")
-        log["clip_s"] = time.time() - t0
-        t1 = time.time()
+        log["clip_s"] = lap()  # includes making the data
     clip = CLIPModel.from_pretrained(out / "clip").eval()
     if a.only in (None, "vae"):
         vae = train_vae(images, a.vae_steps, a.seed)
         vae.save_pretrained(out / "vae_tmp")
-        log["vae_s"] = time.time() - t1
-        t1 = time.time()
+        log["vae_s"] = lap()
     vae = AutoencoderKL.from_pretrained(out / "vae_tmp" if (out / "vae_tmp").exists() else out / "sd" / "vae").eval()
     text_encoder = CLIPTextModel(clip.config.text_config).eval()
     text_encoder.load_state_dict(clip.text_model.state_dict())
@@ -259,8 +266,7 @@ def main(argv=None) -> None:
             hid = text_encoder(ids).last_hidden_state
         cap_idx = torch.tensor([uniq.index(c) for c in captions])
         unet = train_unet(lat, hid[:-1], cap_idx, hid[-1], a.unet_steps, a.seed)
-        log["unet_s"] = time.time() - t1
-        t1 = time.time()
+        log["unet_s"] = lap()
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                        scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -269,7 +275,7 @@ def main(argv=None) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
         pipe.vae = refine_decoder(pipe.vae, images, a.decoder_steps, a.seed)
         pipe.save_pretrained(out / "sd")
-        log["decoder_s"] = time.time() - t1
+        log["decoder_s"] = lap()
     log["total_s"] = time.time() - t0
     log.update(vars(a))
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
