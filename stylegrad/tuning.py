@@ -7,6 +7,8 @@ full 77-token prompt. This function computes the same optimisation with less wor
 - Token-table rows the prompt does not use get a zero gradient, and Adam moves a parameter with an all-zero
   gradient history by exactly zero: tuning only the U rows the prompt uses is the same optimisation as tuning
   the 49,408-row table. The same holds for position rows after the EOS, which are tuned but never move.
+Without the regulariser (which reads every token's hidden state) the loop runs on ``EosForward``, which computes
+only the EOS state and folds Adam into the backward pass of the large weights (eos_forward.py says why).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .eos_forward import EosForward
 from .tower import TextTower
 
 TOKEN = "embeddings.token_embedding.weight"
@@ -66,12 +69,54 @@ def personalize(
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
     short = local[None, : eos + 1]  # (1, E): the EOS state sees only these tokens
     eos_short = torch.tensor([eos], device=ids.device)
-    reg_hidden = regularization > 0 and tower.needs_hidden(clip_skip)
     if regularization > 0:
-        with torch.no_grad():
-            h0 = tower.condition(params, tower.run(params, short, reg_hidden), clip_skip)  # (1, E, H)
+        similarities, taken = _tune_with_regularizer(tower, params, short, eos_short, target, steps, lr, betas, eps,
+                                                     regularization, target_similarity, clip_skip, callback)
+    else:
+        similarities, taken = _tune(tower, params, short[0], target, steps, lr, betas, eps, target_similarity,
+                                    callback)
 
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
+    with torch.no_grad():
+        out = tower.run(params, local[None], tower.needs_hidden(clip_skip))  # full prompt, tuned weights
+        hidden = tower.condition(params, out, clip_skip)  # (1, S, H)
+        final = torch.cosine_similarity(tower.text_embed(out, torch.tensor([eos], device=ids.device)), target)
+    similarities.append(float(final))
+    return Personalized(hidden, similarities, taken)
+
+
+def _tune(tower, params, short, target, steps, lr, betas, eps, target_similarity, callback):
+    """The paper's loop on the EOS path: Adam on the large weights inside backward, on the rest after it."""
+    for t in params.values():
+        t.requires_grad_(False)
+    forward = EosForward(tower, params, lr, betas, eps, adam_kwargs(short.device))
+    small = forward.small_parameters()
+    for t in small:
+        t.requires_grad_(True)
+    optimizer = torch.optim.Adam(small, lr=lr, betas=betas, eps=eps, **adam_kwargs(short.device))
+    similarities: list[float] = []
+    taken = 0
+    for step in range(steps):
+        text = forward(short).to(tower.projection.dtype) @ tower.projection.T  # (1, P)
+        sim = torch.cosine_similarity(text, target, dim=-1)
+        similarities.append(float(sim.detach()))
+        if callback is not None:
+            callback(step, similarities[-1])
+        if target_similarity is not None and similarities[-1] >= target_similarity:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        (-sim.mean()).backward()  # the large weights take their Adam step in here
+        optimizer.step()
+        taken += 1
+    return similarities, taken
+
+
+def _tune_with_regularizer(tower, params, short, eos_short, target, steps, lr, betas, eps, regularization,
+                           target_similarity, clip_skip, callback):
+    """The loop on the transformers module: the penalty needs every token's conditioning state, every step."""
+    reg_hidden = tower.needs_hidden(clip_skip)
+    with torch.no_grad():
+        h0 = tower.condition(params, tower.run(params, short, reg_hidden), clip_skip)  # (1, E, H)
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=eps, **adam_kwargs(short.device))
     similarities: list[float] = []
     taken = 0
     for step in range(steps):
@@ -82,18 +127,9 @@ def personalize(
             callback(step, similarities[-1])
         if target_similarity is not None and similarities[-1] >= target_similarity:
             break
-        loss = -sim.mean()
-        if regularization > 0:
-            loss = loss + regularization * (tower.condition(params, out, clip_skip) - h0).pow(2).mean()
+        loss = -sim.mean() + regularization * (tower.condition(params, out, clip_skip) - h0).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         taken += 1
-    del optimizer
-
-    with torch.no_grad():
-        out = tower.run(params, local[None], tower.needs_hidden(clip_skip))  # full prompt, tuned weights
-        hidden = tower.condition(params, out, clip_skip)  # (1, S, H)
-        final = torch.cosine_similarity(tower.text_embed(out, torch.tensor([eos], device=ids.device)), target)
-    similarities.append(float(final))
-    return Personalized(hidden, similarities, taken)
+    return similarities, taken

@@ -57,8 +57,9 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
 
 
 def test_matches_reference_loop_sd2_layout(style):
-    """SD2: the pipeline's encoder has one layer fewer than the CLIP text tower the loss needs."""
-    clip = tiny_clip(1, layers=3)
+    """SD2: the pipeline's encoder has one layer fewer than the CLIP text tower the loss needs (and, as
+    OpenCLIP ViT-H, uses exact GELU rather than CLIP-L's quick GELU)."""
+    clip = tiny_clip(1, layers=3, hidden_act="gelu")
     pipe = tiny_pipeline(clip, text_layers=2)
     clip_text = text_with_projection(clip)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)

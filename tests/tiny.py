@@ -26,12 +26,13 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return char_tokenizer()
 
 
-def tiny_clip(seed: int = 0, layers: int = 2, vocab_size: int | None = None) -> CLIPModel:
+def tiny_clip(seed: int = 0, layers: int = 2, vocab_size: int | None = None,
+              hidden_act: str = "quick_gelu") -> CLIPModel:
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     text = CLIPTextConfig(
         vocab_size=vocab_size or len(tok), hidden_size=HIDDEN, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=layers, max_position_embeddings=77, projection_dim=PROJ, hidden_act="quick_gelu",
+        num_hidden_layers=layers, max_position_embeddings=77, projection_dim=PROJ, hidden_act=hidden_act,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     vision = CLIPVisionConfig(
