@@ -98,12 +98,13 @@ def child(role: str, out: str) -> None:
         negative_ids = tok([""]).input_ids
         base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
         run_reference(clip, ids[:, :20], negative_ids)  # warm-up of kernels on a short run (no timing)
-        times = []
+        times, peak = [], 0.0
         for i in range(RUNS):
             t0 = time.perf_counter()
             z = run_reference(clip, ids, negative_ids)
             times.append(time.perf_counter() - t0)
-            peak = rss_mb("VmHWM") - base if i == 0 else peak
+            if i == 0:
+                peak = rss_mb("VmHWM") - base
         result = {"seconds": statistics.median(times), "runs": times, "peak_extra_mb": peak}
     else:
         from stylegrad import AestheticEncoder, Style, StyleOptions
@@ -121,13 +122,14 @@ def child(role: str, out: str) -> None:
         base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
         enc.encode("warm up", style, StyleOptions(steps=1, lr=LR))
         enc.clear_cache()
-        times = []
+        times, peak = [], 0.0
         for i in range(RUNS):
             enc.clear_cache()
             t0 = time.perf_counter()
             z, _ = enc.encode(PROMPT, style, options)
             times.append(time.perf_counter() - t0)
-            peak = rss_mb("VmHWM") - base if i == 0 else peak
+            if i == 0:
+                peak = rss_mb("VmHWM") - base
         t0 = time.perf_counter()
         repeats = 20
         for _ in range(repeats):

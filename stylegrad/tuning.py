@@ -67,14 +67,28 @@ def personalize(
         for name, t in tower.base.items()
     }
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
-    short = local[None, : eos + 1]  # (1, E): the EOS state sees only these tokens
-    eos_short = torch.tensor([eos], device=ids.device)
+    short = local[: eos + 1]  # (E,): the EOS state sees only these tokens
+    opt = dict(lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
     if regularization > 0:
-        similarities, taken = _tune_with_regularizer(tower, params, short, eos_short, target, steps, lr, betas, eps,
-                                                     regularization, target_similarity, clip_skip, callback)
+        objective, optimizer = _regularized_objective(tower, params, short, target, regularization, clip_skip, opt)
     else:
-        similarities, taken = _tune(tower, params, short[0], target, steps, lr, betas, eps, target_similarity,
-                                    callback)
+        objective, optimizer = _eos_objective(tower, params, short, target, opt)
+
+    similarities: list[float] = []
+    taken = 0
+    sim = loss = None
+    for step in range(steps):
+        sim, loss = objective()
+        similarities.append(float(sim.detach()))
+        if callback is not None:
+            callback(step, similarities[-1])
+        if target_similarity is not None and similarities[-1] >= target_similarity:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # on the EOS path the large weights take their Adam step in here
+        optimizer.step()
+        taken += 1
+    del objective, optimizer, sim, loss  # the last graph holds the moments: free them before the full pass
 
     with torch.no_grad():
         out = tower.run(params, local[None], tower.needs_hidden(clip_skip))  # full prompt, tuned weights
@@ -84,52 +98,33 @@ def personalize(
     return Personalized(hidden, similarities, taken)
 
 
-def _tune(tower, params, short, target, steps, lr, betas, eps, target_similarity, callback):
-    """The paper's loop on the EOS path: Adam on the large weights inside backward, on the rest after it."""
+def _eos_objective(tower, params, short, target, opt):
+    """The paper's loss on ``EosForward``: Adam on the large weights inside backward, on the rest after it."""
     for t in params.values():
         t.requires_grad_(False)
-    forward = EosForward(tower, params, lr, betas, eps, adam_kwargs(short.device))
+    forward = EosForward(tower, params, opt)
     small = forward.small_parameters()
     for t in small:
         t.requires_grad_(True)
-    optimizer = torch.optim.Adam(small, lr=lr, betas=betas, eps=eps, **adam_kwargs(short.device))
-    similarities: list[float] = []
-    taken = 0
-    for step in range(steps):
+
+    def objective():
         text = forward(short).to(tower.projection.dtype) @ tower.projection.T  # (1, P)
-        sim = torch.cosine_similarity(text, target, dim=-1)
-        similarities.append(float(sim.detach()))
-        if callback is not None:
-            callback(step, similarities[-1])
-        if target_similarity is not None and similarities[-1] >= target_similarity:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        (-sim.mean()).backward()  # the large weights take their Adam step in here
-        optimizer.step()
-        taken += 1
-    return similarities, taken
+        sim = torch.cosine_similarity(text, target, dim=-1)  # (1,)
+        return sim, -sim.mean()
+
+    return objective, torch.optim.Adam(small, **opt)
 
 
-def _tune_with_regularizer(tower, params, short, eos_short, target, steps, lr, betas, eps, regularization,
-                           target_similarity, clip_skip, callback):
-    """The loop on the transformers module: the penalty needs every token's conditioning state, every step."""
-    reg_hidden = tower.needs_hidden(clip_skip)
+def _regularized_objective(tower, params, short, target, regularization, clip_skip, opt):
+    """On the transformers module: the penalty needs every token's conditioning state, every step."""
+    ids, eos = short[None], torch.tensor([short.shape[0] - 1], device=short.device)
+    hidden = tower.needs_hidden(clip_skip)
     with torch.no_grad():
-        h0 = tower.condition(params, tower.run(params, short, reg_hidden), clip_skip)  # (1, E, H)
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=eps, **adam_kwargs(short.device))
-    similarities: list[float] = []
-    taken = 0
-    for step in range(steps):
-        out = tower.run(params, short, reg_hidden)
-        sim = torch.cosine_similarity(tower.text_embed(out, eos_short), target, dim=-1)  # (1,)
-        similarities.append(float(sim.detach()))
-        if callback is not None:
-            callback(step, similarities[-1])
-        if target_similarity is not None and similarities[-1] >= target_similarity:
-            break
-        loss = -sim.mean() + regularization * (tower.condition(params, out, clip_skip) - h0).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        taken += 1
-    return similarities, taken
+        h0 = tower.condition(params, tower.run(params, ids, hidden), clip_skip)  # (1, E, H)
+
+    def objective():
+        out = tower.run(params, ids, hidden)
+        sim = torch.cosine_similarity(tower.text_embed(out, eos), target, dim=-1)  # (1,)
+        return sim, -sim.mean() + regularization * (tower.condition(params, out, clip_skip) - h0).pow(2).mean()
+
+    return objective, torch.optim.Adam(list(params.values()), **opt)
