@@ -57,22 +57,27 @@ def test_measure_effect_runs_the_real_path(pipe, clip_text, world):
     assert not np.array_equal(np.asarray(rows[0].images[0]), np.asarray(rows[1].images[0]))  # the style acted
 
 
-def test_training_script_runs_end_to_end_and_repeats(tmp_path):
-    """The retraining recipe in miniature (a few steps of each part): it writes a CLIP folder and a diffusers
-    pipeline that stylegrad loads, logs each part's time, and the same seed gives the same weights."""
+def test_training_script_runs_end_to_end_and_repeats(tmp_path, monkeypatch):
+    """The retraining recipe in miniature (a few steps of each part, in its two processes, the UNet taking every
+    thread after its first step): it writes a CLIP folder and a diffusers pipeline that stylegrad loads, logs each
+    part's time, leaves no temporary folders, and the same seed gives the same weights."""
     import json
 
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
+    from stylegrad.world import train
     from stylegrad.world.train import main
+
+    monkeypatch.setattr(train, "WIDEN_AT_UNET_STEP", 1)
 
     steps = ["--images", "96", "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "2"]
     for run in ("a", "b"):
         main(["--out", str(tmp_path / run), *steps])
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert {"clip_s", "vae_s", "unet_s", "decoder_s", "total_s"} <= set(log)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["clip", "sd", "train_log.json"]
     CLIPModel.from_pretrained(tmp_path / "a" / "clip")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "sd")
     assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels

@@ -1,7 +1,7 @@
 """Train the small world on a CPU: a CLIP, a VAE and a text-conditioned UNet, saved as a CLIP folder and a
 diffusers StableDiffusionPipeline folder.
 
-    python -m stylegrad.world.train --out stylegrad/world/weights      # about an hour on 2 cores (docs/world.md)
+    python -m stylegrad.world.train --out /tmp/world      # about 45 minutes on 2 cores (docs/world.md)
 
 Reproducible from ``--seed``: data, initialisation and batches all come from seeded generators.
 """
@@ -96,12 +96,12 @@ def build_vae():
                          layers_per_block=1, norm_num_groups=16, sample_size=SIZE)
 
 
-def train_vae(images: torch.Tensor, steps: int, seed: int):
+def train_vae(images: torch.Tensor, steps: int, seed: int, position: int = 0):
     torch.manual_seed(seed)
     vae = build_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed + 1)
-    bar = tqdm(range(steps), desc="vae")
+    bar = tqdm(range(steps), desc="vae", position=position)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -121,7 +121,7 @@ def train_vae(images: torch.Tensor, steps: int, seed: int):
     return vae
 
 
-def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float = 1e-3):
+def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float = 1e-3, position: int = 0):
     """Train the decoder alone (encoder frozen), so latents, and a UNet trained on them, stay valid while the
     pictures get sharper: the small decoder underfits long before the latents run out of information."""
     torch.manual_seed(seed)
@@ -136,7 +136,7 @@ def refine_decoder(vae, images: torch.Tensor, steps: int, seed: int, lr: float =
     with torch.no_grad():  # the encoder is frozen: its posteriors are computed once, not at every step
         post = [vae.encode(images[i : i + 512]).latent_dist for i in range(0, len(images), 512)]
         mean, std = torch.cat([d.mean for d in post]), torch.cat([d.std for d in post])
-    bar = tqdm(range(steps), desc="decoder")
+    bar = tqdm(range(steps), desc="decoder", position=position)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -171,8 +171,9 @@ def scheduler_config() -> dict:
 
 
 def train_unet(latents: torch.Tensor, cond: torch.Tensor, cap_idx: torch.Tensor, uncond: torch.Tensor,
-               steps: int, seed: int, batch: int = 64):
-    """Epsilon prediction; 10% of captions dropped to the empty prompt for classifier-free guidance."""
+               steps: int, seed: int, batch: int = 64, widen=None):
+    """Epsilon prediction; 10% of captions dropped to the empty prompt for classifier-free guidance. ``widen(step)``
+    runs before each step (the two-process recipe uses it to take more threads)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
@@ -188,6 +189,8 @@ def train_unet(latents: torch.Tensor, cond: torch.Tensor, cap_idx: torch.Tensor,
     g = torch.Generator().manual_seed(seed + 2)
     bar = tqdm(range(steps), desc="unet")
     for step in bar:
+        if widen is not None:
+            widen(step)
         for group in opt.param_groups:
             group["lr"] = 5e-4 * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
         idx = torch.randint(len(latents), (batch,), generator=g)
@@ -213,6 +216,151 @@ def train_unet(latents: torch.Tensor, cond: torch.Tensor, cap_idx: torch.Tensor,
     return unet.eval()
 
 
+# The recipe in two single-threaded processes, because two threads in one process are only 1.3-1.5x faster than one
+# while two processes each run at full speed (docs/world.md). Process A: CLIP, then UNet; process B: VAE, then the
+# decoder refinement. A's UNet runs this many steps on its own share of threads, then waits for B and takes every
+# thread: a fixed step, not "whenever B finishes", because the thread count changes float rounding and a retrain
+# must repeat bit for bit. 850 steps is about B's lead over A on 2 cores.
+WIDEN_AT_UNET_STEP = 850
+
+
+def _data(a):
+    items = dataset(a.images, a.seed)
+    return (to_tensor([im for im, _, _ in items]), [c for _, c, _ in items], [s for _, _, s in items],
+            char_tokenizer())
+
+
+def _clip_part(out: Path, a, data) -> None:
+    from transformers import CLIPImageProcessorPil
+
+    images, captions, scenes, tok = data
+    clip = train_clip(tok, images, captions, scenes, a.clip_steps, a.seed)
+    clip.save_pretrained(out / "clip")
+    tok.save_pretrained(out / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                          resample=3).save_pretrained(out / "clip")
+
+
+def _unet_part(out: Path, a, data, vae_dir: Path, widen=None):
+    """The UNet on the saved CLIP's text tower and the latents of the VAE in ``vae_dir``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTextModel
+
+    images, captions, _, tok = data
+    clip = CLIPModel.from_pretrained(out / "clip").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    text_encoder = CLIPTextModel(clip.config.text_config).eval()
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+        lat = lat * vae.config.scaling_factor
+        uniq = sorted(set(captions))
+        ids = tok(uniq + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        hid = text_encoder(ids).last_hidden_state
+    cap_idx = torch.tensor([uniq.index(c) for c in captions])
+    unet = train_unet(lat, hid[:-1], cap_idx, hid[-1], a.unet_steps, a.seed, widen=widen)
+    return unet, text_encoder
+
+
+def _save_pipeline(out: Path, vae_dir: Path, unet, text_encoder, tok) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "sd")
+
+
+def _vae_and_decoder(out: Path, a, threads: int, vae_ready, times) -> None:
+    """Process B: the VAE (saved to vae_tmp, which A's UNet needs), then the decoder refinement (vae_refined)."""
+    torch.set_num_threads(threads)
+    from diffusers import AutoencoderKL
+
+    t0 = time.time()
+    images = _data(a)[0]
+    vae = train_vae(images, a.vae_steps, a.seed, position=1)
+    vae.save_pretrained(out / "vae_tmp")
+    vae_ready.set()
+    t1 = time.time()
+    vae = refine_decoder(AutoencoderKL.from_pretrained(out / "vae_tmp"), images, a.decoder_steps, a.seed, position=1)
+    vae.save_pretrained(out / "vae_refined")
+    times.put({"vae_s": t1 - t0, "decoder_s": time.time() - t1})
+
+
+def _train_all(out: Path, a) -> dict:
+    import multiprocessing as mp
+    import shutil
+
+    total = max(1, torch.get_num_threads())
+    share_b = max(1, total // 2)
+    share_a = max(1, total - share_b)
+    ctx = mp.get_context("spawn")
+    vae_ready, times = ctx.Event(), ctx.Queue()
+    b = ctx.Process(target=_vae_and_decoder, args=(out, a, share_b, vae_ready, times), name="vae+decoder", daemon=True)
+    b.start()
+
+    def b_failed() -> SystemExit:
+        return SystemExit(f"training stopped: the VAE/decoder process exited with code {b.exitcode}")
+
+    log = {}
+    try:
+        torch.set_num_threads(share_a)
+        t0 = time.time()
+        data = _data(a)
+        _clip_part(out, a, data)
+        log["clip_s"] = time.time() - t0  # includes making the data
+        while not vae_ready.wait(2):
+            if not b.is_alive():
+                raise b_failed()
+
+        def widen(step: int) -> None:
+            if step == WIDEN_AT_UNET_STEP:  # B's work is done by now (or nearly): wait, then take its threads
+                b.join()
+                if b.exitcode != 0:
+                    raise b_failed()
+                torch.set_num_threads(total)
+
+        t1 = time.time()
+        unet, text_encoder = _unet_part(out, a, data, out / "vae_tmp", widen)
+        log["unet_s"] = time.time() - t1
+        log.update(times.get())  # before join: a process with queued data does not exit until it is read
+        b.join()
+        if b.exitcode != 0:
+            raise b_failed()
+        _save_pipeline(out, out / "vae_refined", unet, text_encoder, data[3])
+    finally:
+        if b.is_alive():
+            b.terminate()
+    for tmp in ("vae_tmp", "vae_refined"):
+        shutil.rmtree(out / tmp, ignore_errors=True)
+    return log
+
+
+def _train_one(out: Path, a) -> dict:
+    """One part on every thread, reusing the other parts from ``out``."""
+    from diffusers import StableDiffusionPipeline
+
+    t0 = time.time()
+    data = _data(a)
+    if a.only == "clip":
+        _clip_part(out, a, data)
+        return {"clip_s": time.time() - t0}
+    if a.only == "vae":  # the encoder changes the latents: the UNet and decoder must be retrained after it
+        vae = train_vae(data[0], a.vae_steps, a.seed)
+        vae.save_pretrained(out / "vae_tmp")
+        return {"vae_s": time.time() - t0}
+    if a.only == "unet":
+        vae_dir = out / "vae_tmp" if (out / "vae_tmp").exists() else out / "sd" / "vae"
+        unet, text_encoder = _unet_part(out, a, data, vae_dir)
+        _save_pipeline(out, vae_dir, unet, text_encoder, data[3])
+        return {"unet_s": time.time() - t0}
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    pipe.vae = refine_decoder(pipe.vae, data[0], a.decoder_steps, a.seed)
+    pipe.save_pretrained(out / "sd")
+    return {"decoder_s": time.time() - t0}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -223,63 +371,12 @@ def main(argv=None) -> None:
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=3000)
     p.add_argument("--only", choices=["clip", "vae", "unet", "decoder"],
-                   help="train one part, reusing the others from --out")
+                   help="train one part on all threads, reusing the others from --out")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lap_start = [t0]
-
-    def lap() -> float:
-        """Seconds since the previous lap: each part's own time for train_log.json."""
-        now = time.time()
-        seconds, lap_start[0] = now - lap_start[0], now
-        return seconds
-
-    items = dataset(a.images, a.seed)
-    images = to_tensor([im for im, _, _ in items])
-    captions = [c for _, c, _ in items]
-    scenes = [s for _, _, s in items]
-    tok = char_tokenizer()
-    log = {}
-
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTextModel
-
-    if a.only in (None, "clip"):
-        clip = train_clip(tok, images, captions, scenes, a.clip_steps, a.seed)
-        clip.save_pretrained(out / "clip")
-        tok.save_pretrained(out / "clip")
-        CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                              resample=3).save_pretrained(out / "clip")
-        log["clip_s"] = lap()  # includes making the data
-    clip = CLIPModel.from_pretrained(out / "clip").eval()
-    if a.only in (None, "vae"):
-        vae = train_vae(images, a.vae_steps, a.seed)
-        vae.save_pretrained(out / "vae_tmp")
-        log["vae_s"] = lap()
-    vae = AutoencoderKL.from_pretrained(out / "vae_tmp" if (out / "vae_tmp").exists() else out / "sd" / "vae").eval()
-    text_encoder = CLIPTextModel(clip.config.text_config).eval()
-    text_encoder.load_state_dict(clip.text_model.state_dict())
-    if a.only in (None, "unet"):
-        with torch.no_grad():
-            lat = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
-            lat = lat * vae.config.scaling_factor
-            uniq = sorted(set(captions))
-            ids = tok(uniq + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-            hid = text_encoder(ids).last_hidden_state
-        cap_idx = torch.tensor([uniq.index(c) for c in captions])
-        unet = train_unet(lat, hid[:-1], cap_idx, hid[-1], a.unet_steps, a.seed)
-        log["unet_s"] = lap()
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                       scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(out / "sd")
-    if a.only in (None, "decoder"):
-        pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
-        pipe.vae = refine_decoder(pipe.vae, images, a.decoder_steps, a.seed)
-        pipe.save_pretrained(out / "sd")
-        log["decoder_s"] = lap()
+    log = _train_all(out, a) if a.only is None else _train_one(out, a)
     log["total_s"] = time.time() - t0
     log.update(vars(a))
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
