@@ -2,7 +2,9 @@
 
 Builds CLIP ViT-L/14 (text tower 12x768 with projection, vision tower 24x1024) with random weights (speed does
 not depend on the values), a typical 15-token prompt, T = 10 Adam steps, lr 1e-4. Each side runs in its own
-process so its peak memory is its own; both build the same weights from the same seed.
+process so its peak memory is its own; both build the same weights from the same seed. Both processes stay loaded
+and are timed in turn (alternating which goes first), so the shared VM's speed drift, which reaches 30% within an
+hour, falls on both sides alike instead of on whichever ran second.
 
     python bench/personalize.py            # prints a table, then one JSON line
 """
@@ -89,24 +91,19 @@ def run_reference(clip: CLIPModel, ids: torch.Tensor, negative_ids: torch.Tensor
         return z
 
 
-def child(role: str, out: str) -> None:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    clip = vit_l14()
-    tok = PromptTokenizer()
-    ids = tok([PROMPT]).input_ids
-    if role == "reference":
-        negative_ids = tok([""]).input_ids
-        base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
-        run_reference(clip, ids[:, :20], negative_ids)  # warm-up of kernels on a short run (no timing)
-        times, peak = [], 0.0
-        for i in range(RUNS):
-            t0 = time.perf_counter()
-            z = run_reference(clip, ids, negative_ids)
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                peak = rss_mb("VmHWM") - base
-        result = {"seconds": statistics.median(times), "runs": times, "peak_extra_mb": peak}
-    else:
+class Side:
+    """One side of the comparison, loaded and warmed up; ``run`` personalises the prompt once."""
+
+    def __init__(self, role: str):
+        clip = vit_l14()
+        self.tok = PromptTokenizer()
+        self.ids = self.tok([PROMPT]).input_ids
+        self.role = role
+        if role == "reference":
+            self.clip, self.negative_ids = clip, self.tok([""]).input_ids
+            self.base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
+            run_reference(clip, self.ids[:, :20], self.negative_ids)  # warm-up of kernels on a short run
+            return
         from stylegrad import AestheticEncoder, Style, StyleOptions
 
         # what a pipeline holds: its own text encoder; plus the family's CLIP text tower with projection
@@ -116,29 +113,45 @@ def child(role: str, out: str) -> None:
         text_clip.text_model.load_state_dict(clip.text_model.state_dict())
         text_clip.text_projection.load_state_dict(clip.text_projection.state_dict())
         del clip
-        enc = AestheticEncoder(encoder, tok, text_clip, cache_size=8)
-        style = Style(style_vector())
-        options = StyleOptions(steps=STEPS, lr=LR)
-        base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
-        enc.encode("warm up", style, StyleOptions(steps=1, lr=LR))
-        enc.clear_cache()
-        times, peak = [], 0.0
-        for i in range(RUNS):
-            enc.clear_cache()
-            t0 = time.perf_counter()
-            z, _ = enc.encode(PROMPT, style, options)
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                peak = rss_mb("VmHWM") - base
+        self.enc = AestheticEncoder(encoder, self.tok, text_clip, cache_size=8)
+        self.style, self.options = Style(style_vector()), StyleOptions(steps=STEPS, lr=LR)
+        self.base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
+        self.enc.encode("warm up", self.style, StyleOptions(steps=1, lr=LR))
+
+    def run(self) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
-        repeats = 20
+        if self.role == "reference":
+            z = run_reference(self.clip, self.ids, self.negative_ids)
+        else:
+            self.enc.clear_cache()
+            z, _ = self.enc.encode(PROMPT, self.style, self.options)
+        return time.perf_counter() - t0, z
+
+    def cached(self) -> float:
+        """Seconds per repeat of a prompt already personalised (the seed sweep / batch case)."""
+        self.enc.encode(PROMPT, self.style, self.options)
+        repeats, t0 = 20, time.perf_counter()
         for _ in range(repeats):
-            enc.encode(PROMPT, style, options)
-        cached = (time.perf_counter() - t0) / repeats
-        result = {"seconds": statistics.median(times), "runs": times, "peak_extra_mb": peak,
-                  "cached_seconds": cached}
-    torch.save(z.detach().cpu(), out)
-    print(json.dumps(result))
+            self.enc.encode(PROMPT, self.style, self.options)
+        return (time.perf_counter() - t0) / repeats
+
+
+def child(role: str, out: str) -> None:
+    """Serve timed runs on request (one line per command on stdin), so the parent can interleave both sides."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    side = Side(role)
+    print(json.dumps({"ready": True}), flush=True)
+    for command in sys.stdin:
+        command = command.strip()
+        if command == "run":
+            seconds, z = side.run()
+            result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
+            torch.save(z.detach().cpu(), out)
+        elif command == "cached":
+            result = {"cached_seconds": side.cached()}
+        else:
+            break
+        print(json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -149,33 +162,56 @@ def main() -> None:
     if args.role:
         return child(args.role, args.out)
 
-    results, outputs = {}, {}
+    roles = ("reference", "stylegrad")
     with tempfile.TemporaryDirectory() as tmp:
-        for role in ("reference", "stylegrad"):
-            out = os.path.join(tmp, f"{role}.pt")
-            proc = subprocess.run([sys.executable, __file__, "--role", role, "--out", out],
-                                  capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                sys.exit(f"{role} run failed:\n{proc.stderr[-3000:]}")
-            results[role] = json.loads(proc.stdout.strip().splitlines()[-1])
-            outputs[role] = torch.load(out, weights_only=True)
-    ref, ours = results["reference"], results["stylegrad"]
+        outs = {role: os.path.join(tmp, f"{role}.pt") for role in roles}
+        procs = {role: subprocess.Popen([sys.executable, __file__, "--role", role, "--out", outs[role]],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for role in roles}
+
+        def ask(role: str, command: str) -> dict:
+            proc = procs[role]
+            if command:
+                proc.stdin.write(command + "\n")
+                proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                sys.exit(f"{role} run failed (exit code {proc.wait()})")
+            return json.loads(line)
+
+        try:
+            for role in roles:
+                ask(role, "")  # both loaded and warmed up; each idles while the other is timed
+            runs = {role: [] for role in roles}
+            peak = {}
+            for i in range(RUNS):  # interleaved, alternating who goes first: the VM's drift hits both sides
+                for role in roles if i % 2 == 0 else roles[::-1]:
+                    r = ask(role, "run")
+                    runs[role].append(r["seconds"])
+                    peak.setdefault(role, r["peak_extra_mb"])  # after its first timed run
+            cached = ask("stylegrad", "cached")["cached_seconds"]
+        finally:
+            for proc in procs.values():
+                proc.stdin.close()
+                proc.wait()
+        outputs = {role: torch.load(outs[role], weights_only=True) for role in roles}
+    ref, ours = statistics.median(runs["reference"]), statistics.median(runs["stylegrad"])
     summary = {
-        "reference_s": round(ref["seconds"], 3),
-        "stylegrad_s": round(ours["seconds"], 3),
-        "speedup": round(ref["seconds"] / ours["seconds"], 2),
-        "cached_speedup": round(ref["seconds"] / ours["cached_seconds"], 1),
+        "reference_s": round(ref, 3),
+        "stylegrad_s": round(ours, 3),
+        "speedup": round(ref / ours, 2),
+        "cached_speedup": round(ref / cached, 1),
         "max_abs_diff": float((outputs["reference"] - outputs["stylegrad"]).abs().max()),
-        "reference_peak_mb": round(ref["peak_extra_mb"], 1),
-        "stylegrad_peak_mb": round(ours["peak_extra_mb"], 1),
+        "reference_peak_mb": round(peak["reference"], 1),
+        "stylegrad_peak_mb": round(peak["stylegrad"], 1),
     }
     print(f"prompt: {PROMPT_TOKENS} tokens, T={STEPS}, lr={LR}, CLIP ViT-L/14 text tower (random weights), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {RUNS} interleaved runs per side")
     print(f"{'':12}{'seconds (median)':>18}{'peak extra MB':>16}   runs")
-    for name, r in (("reference", ref), ("stylegrad", ours)):
-        runs = " ".join(f"{t:.2f}" for t in r["runs"])
-        print(f"{name:12}{r['seconds']:>18.3f}{r['peak_extra_mb']:>16.1f}   {runs}")
-    print(f"{'cached':12}{ours['cached_seconds']:>18.5f}")
+    for name in roles:
+        times = " ".join(f"{t:.2f}" for t in runs[name])
+        print(f"{name:12}{statistics.median(runs[name]):>18.3f}{peak[name]:>16.1f}   {times}")
+    print(f"{'cached':12}{cached:>18.5f}")
     print(json.dumps(summary))
 
 
