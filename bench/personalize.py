@@ -2,9 +2,11 @@
 
 Builds CLIP ViT-L/14 (text tower 12x768 with projection, vision tower 24x1024) with random weights (speed does
 not depend on the values), a typical 15-token prompt, T = 10 Adam steps, lr 1e-4. Each side runs in its own
-process so its peak memory is its own; both build the same weights from the same seed. Both processes stay loaded
-and are timed in turn (alternating which goes first), so the shared VM's speed drift, which reaches 30% within an
-hour, falls on both sides alike instead of on whichever ran second.
+process so its peak memory is its own; both build the same weights from the same seed. Every timed run is a fresh
+process (load, warm up, run once), and the sides take turns, alternating which goes first, so the shared VM's speed
+drift, which reaches 30% within an hour, falls on both alike instead of on whichever ran second. One side never
+runs while the other is loaded: measured, a merely idle process holding the reference's memory slowed stylegrad by
+25% on this VM.
 
     python bench/personalize.py            # prints a table, then one JSON line
 """
@@ -116,7 +118,7 @@ class Side:
         self.enc = AestheticEncoder(encoder, self.tok, text_clip, cache_size=8)
         self.style, self.options = Style(style_vector()), StyleOptions(steps=STEPS, lr=LR)
         self.base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
-        self.enc.encode("warm up", self.style, StyleOptions(steps=1, lr=LR))
+        self.enc.encode("warm up", self.style, self.options)  # a shorter prompt, all steps: kernels and allocator
 
     def run(self) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
@@ -137,21 +139,15 @@ class Side:
 
 
 def child(role: str, out: str) -> None:
-    """Serve timed runs on request (one line per command on stdin), so the parent can interleave both sides."""
+    """One timed run (after a warm-up) in a fresh process; stylegrad's also times a cached repeat."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     side = Side(role)
-    print(json.dumps({"ready": True}), flush=True)
-    for command in sys.stdin:
-        command = command.strip()
-        if command == "run":
-            seconds, z = side.run()
-            result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
-            torch.save(z.detach().cpu(), out)
-        elif command == "cached":
-            result = {"cached_seconds": side.cached()}
-        else:
-            break
-        print(json.dumps(result), flush=True)
+    seconds, z = side.run()
+    result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
+    if role == "stylegrad":
+        result["cached_seconds"] = side.cached()
+    torch.save(z.detach().cpu(), out)
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -163,38 +159,22 @@ def main() -> None:
         return child(args.role, args.out)
 
     roles = ("reference", "stylegrad")
+    runs = {role: [] for role in roles}
+    peak, cached, outputs = {}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {role: os.path.join(tmp, f"{role}.pt") for role in roles}
-        procs = {role: subprocess.Popen([sys.executable, __file__, "--role", role, "--out", outs[role]],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                 for role in roles}
-
-        def ask(role: str, command: str) -> dict:
-            proc = procs[role]
-            if command:
-                proc.stdin.write(command + "\n")
-                proc.stdin.flush()
-            line = proc.stdout.readline()
-            if not line:
-                sys.exit(f"{role} run failed (exit code {proc.wait()})")
-            return json.loads(line)
-
-        try:
-            for role in roles:
-                ask(role, "")  # both loaded and warmed up; each idles while the other is timed
-            runs = {role: [] for role in roles}
-            peak = {}
-            for i in range(RUNS):  # interleaved, alternating who goes first: the VM's drift hits both sides
-                for role in roles if i % 2 == 0 else roles[::-1]:
-                    r = ask(role, "run")
-                    runs[role].append(r["seconds"])
-                    peak.setdefault(role, r["peak_extra_mb"])  # after its first timed run
-            cached = ask("stylegrad", "cached")["cached_seconds"]
-        finally:
-            for proc in procs.values():
-                proc.stdin.close()
-                proc.wait()
-        outputs = {role: torch.load(outs[role], weights_only=True) for role in roles}
+        for i in range(RUNS):  # alternating who goes first: the VM's drift falls on both sides alike
+            for role in roles if i % 2 == 0 else roles[::-1]:
+                out = os.path.join(tmp, f"{role}.pt")
+                proc = subprocess.run([sys.executable, __file__, "--role", role, "--out", out],
+                                      capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    sys.exit(f"{role} run failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[role].append(r["seconds"])
+                peak.setdefault(role, r["peak_extra_mb"])
+                cached += [r["cached_seconds"]] if "cached_seconds" in r else []
+                outputs[role] = torch.load(out, weights_only=True)
+    cached = statistics.median(cached)
     ref, ours = statistics.median(runs["reference"]), statistics.median(runs["stylegrad"])
     summary = {
         "reference_s": round(ref, 3),

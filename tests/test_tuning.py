@@ -56,6 +56,18 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
     assert (pe - enc.plain([PROMPT], clip_skip)).abs().max() > 100 * REFERENCE_ATOL  # the style did act
 
 
+def test_plain_torch_products_match_too(pipe, clip_text, style, monkeypatch):
+    """Where torch has no oneDNN (other builds, other devices) the fast path's products fall back to F.linear:
+    the same method, to the reference's precision."""
+    import stylegrad.eos_forward as eos_forward
+
+    monkeypatch.setattr(eos_forward, "_ONEDNN", None)
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
+    assert (pe - ref).abs().max() < REFERENCE_ATOL
+
+
 def test_matches_reference_loop_sd2_layout(style):
     """SD2: the pipeline's encoder has one layer fewer than the CLIP text tower the loss needs (and, as
     OpenCLIP ViT-H, uses exact GELU rather than CLIP-L's quick GELU)."""
