@@ -173,7 +173,8 @@ def label_grid(rows: list[list[Image.Image]], labels: list[str], row_labels: lis
     """Images in a grid with a caption under each column header and a seed at each row's start."""
     w, h = rows[0][0].size
     font = ImageFont.load_default()
-    pad_top, pad_left = 24, 90
+    pad_top = 24
+    pad_left = max(90, 12 + int(max((font.getlength(t) for t in row_labels), default=0)))  # no label cut off
     grid = Image.new("RGB", (pad_left + w * len(labels), pad_top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, text in enumerate(labels):

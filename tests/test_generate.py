@@ -186,3 +186,19 @@ def test_embed_streams_with_a_bounded_number_of_batches(world, tmp_path, monkeyp
     style = images.embed_images([folder], str(clip_dir), encoder=(model, processor), batch_size=4, progress=False)
     assert style.metadata["num_images"] == "40" and len(consumed) == 10
     assert max(in_flight) <= 3  # the batch in the model and at most two decoded ahead
+
+
+def test_grid_row_labels_are_not_cut_off():
+    """The label column grows with the longest row label, so "yellow triangle, seed 0" is readable."""
+    import numpy as np
+    from PIL import Image, ImageFont
+
+    from stylegrad.generate import label_grid
+
+    cell = Image.new("RGB", (32, 32), "red")
+    label = "yellow triangle, seed 0"
+    grid = label_grid([[cell, cell]], ["no style", "10 steps"], [label])
+    width = ImageFont.load_default().getlength(label)
+    assert grid.width >= 4 + width + 2 * 32
+    red = np.all(np.asarray(grid) == (255, 0, 0), axis=-1)
+    assert not red[:, : int(4 + width)].any()  # no image pasted over the label
