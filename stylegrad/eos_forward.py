@@ -61,8 +61,12 @@ _ONEDNN = _onednn_linear()
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), on oneDNN for CPU tensors where available."""
+    global _ONEDNN
     if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        return _ONEDNN(x, weight, bias, "none", [], "")
+        try:
+            return _ONEDNN(x, weight, bias, "none", [], "")
+        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
+            _ONEDNN = None
     return F.linear(x, weight, bias)
 
 

@@ -57,15 +57,19 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
 
 
 def test_plain_torch_products_match_too(pipe, clip_text, style, monkeypatch):
-    """Where torch has no oneDNN (other builds, other devices) the fast path's products fall back to F.linear:
-    the same method, to the reference's precision."""
+    """Where torch's oneDNN op is missing or differs (other builds, other versions) the fast path's products fall
+    back to F.linear: the same method, to the reference's precision."""
     import stylegrad.eos_forward as eos_forward
 
-    monkeypatch.setattr(eos_forward, "_ONEDNN", None)
+    def broken(*args):  # a torch whose private op has another signature
+        raise TypeError("_linear_pointwise(): incompatible function arguments")
+
+    monkeypatch.setattr(eos_forward, "_ONEDNN", broken)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
     ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
+    assert eos_forward._ONEDNN is None  # tried once, then the public path
 
 
 def test_matches_reference_loop_sd2_layout(style):
