@@ -275,15 +275,13 @@ def _save_pipeline(out: Path, vae_dir: Path, unet, text_encoder, tok) -> None:
 def _vae_and_decoder(out: Path, a, threads: int, vae_ready, times) -> None:
     """Process B: the VAE (saved to vae_tmp, which A's UNet needs), then the decoder refinement (vae_refined)."""
     torch.set_num_threads(threads)
-    from diffusers import AutoencoderKL
-
     t0 = time.time()
     images = _data(a)[0]
     vae = train_vae(images, a.vae_steps, a.seed, position=1)
     vae.save_pretrained(out / "vae_tmp")
     vae_ready.set()
     t1 = time.time()
-    vae = refine_decoder(AutoencoderKL.from_pretrained(out / "vae_tmp"), images, a.decoder_steps, a.seed, position=1)
+    vae = refine_decoder(vae, images, a.decoder_steps, a.seed, position=1)  # the saved copy is A's, untouched
     vae.save_pretrained(out / "vae_refined")
     times.put({"vae_s": t1 - t0, "decoder_s": time.time() - t1})
 
