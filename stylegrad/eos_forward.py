@@ -6,12 +6,14 @@ each layer). Folding Adam into each matrix's backward lets its gradient live in 
 340 MB of fresh gradients per step (SD1): measured, the same speed and 27% less peak memory (bench/personalize.py).
 The last layer, where only the EOS row reaches the loss, runs q, out, fc1 and fc2 on that one row. The forward and
 input-gradient products go through oneDNN where torch has it (``linear``): measured 30% faster per prompt than
-torch's default sgemm on the test machine (bench/personalize.py, 2.7 s instead of 3.5-4.5 s). The numbers are
-those of the plain loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's full
-gradient before it moves.
-"""
+torch's default sgemm on the test machine. The wide fc2 matrices are tuned column-major (``tuned_copies``), and
+the full 77-token pass after tuning runs on the same products (``full_pass``). The numbers are those of the plain
+loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's full gradient before it
+moves."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +26,82 @@ MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 
 
 class AdamMatrix:
-    """One large weight with its own Adam moments; ``update`` applies one Adam step from the gradient's factors."""
+    """One large weight with its own Adam moments; ``update`` applies one Adam step from the gradient's factors.
+
+    The weight is tuned in place in the layout it comes in: row-major (out, in), or column-major (its transpose
+    contiguous, see ``tuned_copy``). It is no autograd leaf, so no .grad is ever allocated for it."""
 
     def __init__(self, weight: torch.Tensor, scratch: dict, hyper: dict):
-        self.weight = weight  # tuned in place; no autograd leaf, so no .grad is ever allocated for it
-        self.exp_avg = torch.zeros_like(weight)
-        self.exp_avg_sq = torch.zeros_like(weight)
+        self.weight = weight  # (out, in), possibly a transposed view
+        self.transposed = not weight.is_contiguous()
+        self.stored = weight.T if self.transposed else weight  # contiguous: what Adam walks through
+        if not self.stored.is_contiguous():
+            raise ValueError("a tuned weight must be stored row- or column-major")
+        self.exp_avg = self.exp_avg_sq = None  # made at the first update: zeroed right before Adam reads them
         self.step = torch.zeros((), dtype=torch.float32, device=weight.device)  # where fused Adam wants it
         self.scratch, self.hyper = scratch, hyper
 
-    def update(self, grad_out_t: torch.Tensor, x: torch.Tensor) -> None:
-        """grad W = grad_out^T @ x (rows of x are tokens), into a buffer shared by all matrices of this shape."""
-        buf = self.scratch.get(self.weight.shape)
+    def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """grad W = grad_out^T @ x (rows are tokens), in the stored layout, into a buffer shared by all matrices
+        of that shape."""
+        buf = self.scratch.get(self.stored.shape)
         if buf is None:
-            buf = self.scratch[self.weight.shape] = torch.empty_like(self.weight)
-        torch.mm(grad_out_t, x, out=buf)
-        adam([self.weight], [buf], [self.exp_avg], [self.exp_avg_sq], [], [self.step],
-             amsgrad=False, maximize=False, weight_decay=0.0, **self.hyper)
+            buf = self.scratch[self.stored.shape] = torch.empty_like(self.stored)
+        if self.transposed:
+            torch.mm(x.T, grad_out, out=buf)
+        else:
+            torch.mm(grad_out.T, x, out=buf)
+        if self.exp_avg is None:  # zeroed here, the moments are still in cache when Adam reads them
+            self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.stored), torch.zeros_like(self.stored)
+        adam_step(self.stored, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
+
+
+def _wide(name: str, tensor: torch.Tensor) -> bool:
+    return name.endswith(_MATRIX_WEIGHTS) and tensor.shape[1] > tensor.shape[0]
+
+
+_MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
+
+
+def tuned_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 copies to tune, in the layout ``EosForward`` runs fastest on: wide matrices (more inputs than
+    outputs, the MLP's fc2) column-major. Why: their three products (forward, grad x, grad W) measured 14-20%
+    faster that way on the SD1 shapes; fc1 and the square matrices gain nothing. torch's transposing copy runs
+    on one core, so the wide ones are copied on a thread each (2x on 2 cores)."""
+
+    wide = {name: torch.empty(t.shape[::-1], dtype=torch.float32, device=t.device).T  # allocated here: glibc
+            for name, t in tensors.items() if _wide(name, t)}  # gives worker threads arenas it trims at once
+    with ThreadPoolExecutor(max(1, min(len(wide), torch.get_num_threads()))) as pool:
+        for done in [pool.submit(out.copy_, tensors[name].detach()) for name, out in wide.items()]:
+            done.result()
+    return {name: wide[name] if name in wide else t.detach().to(torch.float32).clone()
+            for name, t in tensors.items()}
+
+
+def _fused_kernel():
+    """torch's fused Adam kernel itself, where the build has it (``torch.optim.adam`` calls the same one)."""
+    return getattr(torch, "_fused_adam_", None)
+
+
+_FUSED = _fused_kernel()
+
+
+def adam_step(weight, grad, exp_avg, exp_avg_sq, step, hyper: dict) -> None:
+    """One Adam step of one tensor. Why not ``torch.optim.adam.adam``: for a single tensor its Python
+    bookkeeping (grouping by device and dtype, checks) cost as much as the fused kernel it ends in; with
+    ``fused=True`` this calls that kernel directly with the same arguments, so the numbers are the same."""
+    global _FUSED
+    if _FUSED is not None and hyper.get("fused"):
+        try:
+            step += 1
+            _FUSED([weight], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hyper["lr"], beta1=hyper["beta1"],
+                   beta2=hyper["beta2"], weight_decay=0.0, eps=hyper["eps"], amsgrad=False, maximize=False)
+            return
+        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
+            step -= 1
+            _FUSED = None
+    adam([weight], [grad], [exp_avg], [exp_avg_sq], [], [step],
+         amsgrad=False, maximize=False, weight_decay=0.0, **hyper)
 
 
 def _onednn_linear():
@@ -84,8 +145,45 @@ class _AdamLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         matrix = ctx.matrix
         grad_x = linear(grad_out, matrix.weight.T)  # with the weight as the forward pass saw it, before it moves
-        matrix.update(grad_out.T, x)
+        matrix.update(grad_out, x)
         return grad_x, grad_out.sum(0), None
+
+
+class _Layers:
+    """The shape of a tower's transformer and its per-layer maths, on any dict of tensors and any product."""
+
+    def __init__(self, tower: TextTower):
+        cfg = tower.skeleton.config
+        self.layers, self.heads, self.eps = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.layer_norm_eps
+        self.act = ACT2FN[cfg.hidden_act]  # the module's own activation, so the maths is the same
+
+    def norm(self, p: dict, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], p[prefix + ".weight"], p[prefix + ".bias"], self.eps)
+
+    def run(self, p: dict, ids: torch.Tensor, lin, eos_only: bool, keep: int | None = None):
+        """(S,) local token ids -> (residual stream after the last layer, after ``keep`` layers). With
+        ``eos_only`` the last layer computes only the last row (the EOS), the only one the loss reads."""
+        n = ids.shape[0]
+        h = p["embeddings.token_embedding.weight"][ids] + p["embeddings.position_embedding.weight"][:n]  # (S, H)
+        width = h.shape[-1]
+        head = width // self.heads
+        kept = None
+        for i in range(self.layers):
+            if i == keep:
+                kept = h
+            pre = f"encoder.layers.{i}."
+            last = eos_only and i == self.layers - 1
+            a = self.norm(p, h, pre + "layer_norm1")
+            q = lin(a[-1:] if last else a, pre + "self_attn.q_proj")
+            k = lin(a, pre + "self_attn.k_proj")
+            v = lin(a, pre + "self_attn.v_proj")
+            q, k, v = (t.view(t.shape[0], self.heads, head).transpose(0, 1) for t in (q, k, v))  # (heads, ., d)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=not last)  # the EOS row sees every token
+            o = lin(o.transpose(0, 1).reshape(-1, width), pre + "self_attn.out_proj")
+            h = (h[-1:] if last else h) + o
+            m = self.act(lin(self.norm(p, h, pre + "layer_norm2"), pre + "mlp.fc1"))
+            h = h + lin(m, pre + "mlp.fc2")
+        return h, (h if keep == self.layers else kept)
 
 
 class EosForward:
@@ -93,16 +191,14 @@ class EosForward:
 
     def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam_options: dict):
         """``adam_options``: torch.optim.Adam's keywords (lr, betas, eps, fused or foreach)."""
-        cfg = tower.skeleton.config
-        self.layers, self.heads, self.eps = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.layer_norm_eps
-        self.act = ACT2FN[cfg.hidden_act]  # the module's own activation, so the maths is the same
+        self.shape = _Layers(tower)
         self.params = params
         hyper = {k: v for k, v in adam_options.items() if k != "betas"}
         hyper["beta1"], hyper["beta2"] = adam_options["betas"]
         scratch: dict = {}
         self.matrices = {
             f"encoder.layers.{i}.{m}.weight": AdamMatrix(params[f"encoder.layers.{i}.{m}.weight"], scratch, hyper)
-            for i in range(self.layers) for m in MATRICES
+            for i in range(self.shape.layers) for m in MATRICES
         }
 
     def small_parameters(self) -> list[torch.Tensor]:
@@ -112,27 +208,22 @@ class EosForward:
     def _linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return _AdamLinear.apply(x, self.params[prefix + ".bias"], self.matrices[prefix + ".weight"])
 
-    def _norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.params[prefix + ".weight"], self.params[prefix + ".bias"], self.eps)
-
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """(E,) local token ids ending at the first EOS -> (1, H) final-layer-normed state at that EOS."""
-        p = self.params
-        n = ids.shape[0]
-        h = p["embeddings.token_embedding.weight"][ids] + p["embeddings.position_embedding.weight"][:n]  # (E, H)
-        width = h.shape[-1]
-        head = width // self.heads
-        for i in range(self.layers):
-            pre = f"encoder.layers.{i}."
-            last = i == self.layers - 1  # only the EOS row of the last layer reaches the loss
-            a = self._norm(h, pre + "layer_norm1")
-            q = self._linear(a[-1:] if last else a, pre + "self_attn.q_proj")
-            k = self._linear(a, pre + "self_attn.k_proj")
-            v = self._linear(a, pre + "self_attn.v_proj")
-            q, k, v = (t.view(t.shape[0], self.heads, head).transpose(0, 1) for t in (q, k, v))  # (heads, ., d)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=not last)  # the EOS row sees every token
-            o = self._linear(o.transpose(0, 1).reshape(-1, width), pre + "self_attn.out_proj")
-            h = (h[-1:] if last else h) + o
-            m = self.act(self._linear(self._norm(h, pre + "layer_norm2"), pre + "mlp.fc1"))
-            h = h + self._linear(m, pre + "mlp.fc2")
-        return self._norm(h, "final_layer_norm")  # (1, H)
+        h, _ = self.shape.run(self.params, ids, self._linear, eos_only=True)
+        return self.shape.norm(self.params, h, "final_layer_norm")  # (1, H)
+
+
+@torch.no_grad()
+def full_pass(tower: TextTower, params: dict[str, torch.Tensor], ids: torch.Tensor, keep: int):
+    """Every token through every layer on ``params``, with the products on oneDNN as in tuning (the transformers
+    module would run them on torch's default sgemm, measured 35% slower here): (final-normed last layer,
+    final-normed state after ``keep`` layers), each (S, H)."""
+    shape = _Layers(tower)
+
+    def lin(x, prefix):
+        return linear(x, params[prefix + ".weight"], params[prefix + ".bias"])
+
+    h, kept = shape.run(params, ids, lin, eos_only=False, keep=keep)
+    last = shape.norm(params, h, "final_layer_norm")
+    return last, (last if kept is h else shape.norm(params, kept, "final_layer_norm"))

@@ -116,14 +116,19 @@ class TextTower:
 
     def condition(self, params: dict[str, torch.Tensor], out, clip_skip: int | None) -> torch.Tensor:
         """The hidden states the pipeline feeds the UNet: final layer norm of layer ``cond_layers - clip_skip``."""
-        k = self.cond_layers - (clip_skip or 0)
+        k = self.cond_layer(clip_skip)
         if k == self.total_layers:
             return out.last_hidden_state  # exactly what the encoder returns
-        if not 0 < k <= self.total_layers:
-            raise StylegradError(f"clip_skip={clip_skip} is out of range for a {self.cond_layers}-layer encoder")
         h = out.hidden_states[k]  # (B, S, H); hidden_states[0] is the embedding output
         w, b = params["final_layer_norm.weight"], params["final_layer_norm.bias"]
         return torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, self.layer_norm_eps)
+
+    def cond_layer(self, clip_skip: int | None) -> int:
+        """How many layers the UNet's conditioning goes through (then the final layer norm)."""
+        k = self.cond_layers - (clip_skip or 0)
+        if not 0 < k <= self.total_layers:
+            raise StylegradError(f"clip_skip={clip_skip} is out of range for a {self.cond_layers}-layer encoder")
+        return k
 
     def needs_hidden(self, clip_skip: int | None) -> bool:
         return self.cond_layers - (clip_skip or 0) != self.total_layers

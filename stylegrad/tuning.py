@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eos_forward import EosForward
+from .eos_forward import EosForward, full_pass, tuned_copies
 from .tower import TextTower
 
 TOKEN = "embeddings.token_embedding.weight"
@@ -62,10 +62,13 @@ def personalize(
     ids = input_ids.reshape(-1)  # (S,), padded to the tokenizer's max length
     eos = first_eos(ids, tower.eos_token_id)
     rows, local = torch.unique(ids, return_inverse=True)  # (U,) table rows the prompt uses; (S,) ids into them
-    params = {
-        name: (t[rows] if name == TOKEN else t).detach().to(torch.float32).clone().requires_grad_(True)
-        for name, t in tower.base.items()
-    }
+    params = {name: t[rows] if name == TOKEN else t for name, t in tower.base.items()}
+    if regularization == 0:  # in the layout EosForward is fastest on
+        params = tuned_copies(params)
+    else:
+        params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
+    for t in params.values():
+        t.requires_grad_(True)
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
     short = local[: eos + 1]  # (E,): the EOS state sees only these tokens
     opt = dict(lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
@@ -90,12 +93,11 @@ def personalize(
         taken += 1
     del objective, optimizer, sim, loss  # the last graph holds the moments: free them before the full pass
 
-    with torch.no_grad():
-        out = tower.run(params, local[None], tower.needs_hidden(clip_skip))  # full prompt, tuned weights
-        hidden = tower.condition(params, out, clip_skip)  # (1, S, H)
-        final = torch.cosine_similarity(tower.text_embed(out, torch.tensor([eos], device=ids.device)), target)
+    with torch.no_grad():  # the full prompt on the tuned weights
+        text, hidden = full_pass(tower, params, local, tower.cond_layer(clip_skip))  # (S, H) each
+        final = torch.cosine_similarity(text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T, target)
     similarities.append(float(final))
-    return Personalized(hidden, similarities, taken)
+    return Personalized(hidden[None], similarities, taken)
 
 
 def _eos_objective(tower, params, short, target, opt):

@@ -56,20 +56,36 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
     assert (pe - enc.plain([PROMPT], clip_skip)).abs().max() > 100 * REFERENCE_ATOL  # the style did act
 
 
-def test_plain_torch_products_match_too(pipe, clip_text, style, monkeypatch):
-    """Where torch's oneDNN op is missing or differs (other builds, other versions) the fast path's products fall
-    back to F.linear: the same method, to the reference's precision."""
+def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
+    """Where torch's private oneDNN linear or fused Adam kernel is missing or differs (other builds, other
+    versions) the fast path falls back to F.linear and torch.optim's adam: the same method, to the reference's
+    precision."""
     import stylegrad.eos_forward as eos_forward
 
-    def broken(*args):  # a torch whose private op has another signature
-        raise TypeError("_linear_pointwise(): incompatible function arguments")
+    def broken(*args, **kwargs):  # a torch whose private op has another signature
+        raise TypeError("incompatible function arguments")
 
     monkeypatch.setattr(eos_forward, "_ONEDNN", broken)
+    monkeypatch.setattr(eos_forward, "_FUSED", broken)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
     ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
-    assert eos_forward._ONEDNN is None  # tried once, then the public path
+    assert eos_forward._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
+
+
+def test_wide_matrices_are_tuned_column_major(pipe):
+    """fc2 (more inputs than outputs) is tuned in the layout its products run fastest on; values unchanged."""
+    from stylegrad.eos_forward import tuned_copies
+
+    weights = dict(pipe.text_encoder.named_parameters())
+    w1, w2 = (weights[f"encoder.layers.0.mlp.{m}.weight"] for m in ("fc1", "fc2"))
+    assert w2.shape[1] > w2.shape[0]  # the tiny model keeps fc2 wide, as SD's is
+    copies = tuned_copies(weights)
+    fc1, fc2 = (copies[f"encoder.layers.0.mlp.{m}.weight"] for m in ("fc1", "fc2"))
+    assert fc2.T.is_contiguous() and not fc2.is_contiguous() and torch.equal(fc2, w2)
+    assert fc1.is_contiguous() and torch.equal(fc1, w1)
+    assert fc2.data_ptr() != w2.data_ptr()  # a copy: the pipeline's weight is never tuned
 
 
 def test_matches_reference_loop_sd2_layout(style):
