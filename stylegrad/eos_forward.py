@@ -56,11 +56,11 @@ class AdamMatrix:
         adam_step(self.stored, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
 
 
+_MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
+
+
 def _wide(name: str, tensor: torch.Tensor) -> bool:
     return name.endswith(_MATRIX_WEIGHTS) and tensor.shape[1] > tensor.shape[0]
-
-
-_MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
 
 
 def tuned_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

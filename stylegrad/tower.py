@@ -131,7 +131,7 @@ class TextTower:
         return k
 
     def needs_hidden(self, clip_skip: int | None) -> bool:
-        return self.cond_layers - (clip_skip or 0) != self.total_layers
+        return self.cond_layer(clip_skip) != self.total_layers
 
 
 def _layer_index(name: str) -> int | None:
