@@ -6,14 +6,12 @@ each layer). Folding Adam into each matrix's backward lets its gradient live in 
 340 MB of fresh gradients per step (SD1): measured, the same speed and 27% less peak memory (bench/personalize.py).
 The last layer, where only the EOS row reaches the loss, runs q, out, fc1 and fc2 on that one row. The forward and
 input-gradient products go through oneDNN where torch has it (``linear``): measured 30% faster per prompt than
-torch's default sgemm on the test machine. The wide fc2 matrices are tuned column-major (``tuned_copies``), and
-the full 77-token pass after tuning runs on the same products (``full_pass``). The numbers are those of the plain
-loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's full gradient before it
-moves."""
+torch's default sgemm on the test machine. Each large weight is copied at its first update, not before the loop
+(``AdamMatrix``), and the full 77-token pass after tuning runs on the same products (``full_pass``). The numbers
+are those of the plain loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's
+full gradient before it moves."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -28,56 +26,43 @@ MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 class AdamMatrix:
     """One large weight with its own Adam moments; ``update`` applies one Adam step from the gradient's factors.
 
-    The weight is tuned in place in the layout it comes in: row-major (out, in), or column-major (its transpose
-    contiguous, see ``tuned_copies``). It is no autograd leaf, so no .grad is ever allocated for it."""
+    Until its first update ``weight`` is the original, read and never written; the update first copies it and
+    records the copy in ``params``. Why then and not before the loop: the backward pass has just read the
+    original, so the copy comes from cache, and a prompt whose tuning stops before a step copies nothing.
+    It is no autograd leaf, so no .grad is ever allocated for it."""
 
-    def __init__(self, weight: torch.Tensor, scratch: dict, hyper: dict):
-        self.weight = weight  # (out, in), possibly a transposed view
-        self.transposed = not weight.is_contiguous()
-        self.stored = weight.T if self.transposed else weight  # contiguous: what Adam walks through
-        if not self.stored.is_contiguous():
-            raise ValueError("a tuned weight must be stored row- or column-major")
-        self.exp_avg = self.exp_avg_sq = None  # made at the first update: zeroed right before Adam reads them
-        self.step = torch.zeros((), dtype=torch.float32, device=weight.device)  # where fused Adam wants it
+    def __init__(self, params: dict, name: str, scratch: dict, hyper: dict):
+        self.params, self.name = params, name
+        self.weight = params[name]  # (out, in)
+        self.exp_avg = self.exp_avg_sq = None
+        self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
         self.scratch, self.hyper = scratch, hyper
+        self.tuned = False
+
+    def _take_copy(self) -> None:
+        self.weight = self.params[self.name] = self.weight.to(torch.float32, memory_format=torch.contiguous_format,
+                                                               copy=True)
+        # zeroed here, the moments are still in cache when Adam reads them
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.weight), torch.zeros_like(self.weight)
+        self.tuned = True
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """grad W = grad_out^T @ x (rows are tokens), in the stored layout, into a buffer shared by all matrices
-        of that shape."""
-        buf = self.scratch.get(self.stored.shape)
+        """grad W = grad_out^T @ x (rows are tokens), into a buffer shared by all matrices of that shape."""
+        if not self.tuned:
+            self._take_copy()
+        buf = self.scratch.get(self.weight.shape)
         if buf is None:
-            buf = self.scratch[self.stored.shape] = torch.empty_like(self.stored)
-        if self.transposed:
-            torch.mm(x.T, grad_out, out=buf)
-        else:
-            torch.mm(grad_out.T, x, out=buf)
-        if self.exp_avg is None:  # zeroed here, the moments are still in cache when Adam reads them
-            self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.stored), torch.zeros_like(self.stored)
-        adam_step(self.stored, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
+            buf = self.scratch[self.weight.shape] = torch.empty_like(self.weight)
+        torch.mm(grad_out.T, x, out=buf)
+        adam_step(self.weight, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
 
 
 _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
 
 
-def _wide(name: str, tensor: torch.Tensor) -> bool:
-    return name.endswith(_MATRIX_WEIGHTS) and tensor.shape[1] > tensor.shape[0]
-
-
-def tuned_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float32 copies to tune, in the layout ``EosForward`` runs fastest on: wide matrices (more inputs than
-    outputs, the MLP's fc2) column-major. Why: their three products (forward, grad x, grad W) measured 14-20%
-    faster that way on the SD1 shapes; fc1 and the square matrices gain nothing. torch's transposing copy runs
-    on one core, so the wide ones are copied on a thread each (2x on 2 cores)."""
-
-    # Allocated on this thread: glibc serves worker threads from arenas it hands back to the system when they are
-    # freed, so every prompt would page the copies in again (measured: 25,000 page faults per prompt).
-    wide = {name: torch.empty(t.shape[::-1], dtype=torch.float32, device=t.device).T
-            for name, t in tensors.items() if _wide(name, t)}
-    with ThreadPoolExecutor(max(1, min(len(wide), torch.get_num_threads()))) as pool:
-        for done in [pool.submit(out.copy_, tensors[name].detach()) for name, out in wide.items()]:
-            done.result()
-    return {name: wide[name] if name in wide else t.detach().to(torch.float32).clone()
-            for name, t in tensors.items()}
+def is_matrix(name: str) -> bool:
+    """One of the large weights ``EosForward`` tunes as an ``AdamMatrix``."""
+    return name.startswith("encoder.layers.") and name.endswith(_MATRIX_WEIGHTS)
 
 
 def _fused_kernel():
@@ -122,11 +107,19 @@ def _onednn_linear():
 _ONEDNN = _onednn_linear()
 
 
+_FEW_ROWS = 32  # up to this many rows, a contiguous weight goes first in the product (``linear``)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), on oneDNN for CPU tensors where available."""
+    """x @ weight.T (+ bias), on oneDNN for CPU tensors where available. With a few rows and a contiguous
+    weight it computes (weight @ x.T).T: oneDNN then streams the large matrix as its many-row operand, measured
+    10-20% faster per product on the SD1 shapes at 17 rows (the same at 1 row, slower from about 64)."""
     global _ONEDNN
     if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         try:
+            if 1 < x.shape[0] <= _FEW_ROWS and x.dim() == 2 and weight.is_contiguous():
+                y = _ONEDNN(weight, x, None, "none", [], "").T.contiguous()
+                return y if bias is None else y.add_(bias)
             return _ONEDNN(x, weight, bias, "none", [], "")
         except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
             _ONEDNN = None
@@ -199,8 +192,7 @@ class EosForward:
         hyper["beta1"], hyper["beta2"] = adam_options["betas"]
         scratch: dict = {}
         self.matrices = {
-            f"encoder.layers.{i}.{m}.weight": AdamMatrix(params[f"encoder.layers.{i}.{m}.weight"], scratch, hyper)
-            for i in range(self.shape.layers) for m in MATRICES
+            name: AdamMatrix(params, name, scratch, hyper) for name in params if is_matrix(name)
         }
 
     def small_parameters(self) -> list[torch.Tensor]:

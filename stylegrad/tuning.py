@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eos_forward import EosForward, full_pass, tuned_copies
+from .eos_forward import EosForward, full_pass, is_matrix
 from .tower import TextTower
 
 TOKEN = "embeddings.token_embedding.weight"
@@ -63,12 +63,10 @@ def personalize(
     eos = first_eos(ids, tower.eos_token_id)
     rows, local = torch.unique(ids, return_inverse=True)  # (U,) table rows the prompt uses; (S,) ids into them
     params = {name: t[rows] if name == TOKEN else t for name, t in tower.base.items()}
-    if regularization == 0:  # in the layout EosForward is fastest on
-        params = tuned_copies(params)
-    else:
-        params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
-    for t in params.values():
-        t.requires_grad_(True)
+    # float32 copies to tune; on EosForward the large float32 matrices are copied at their first update
+    lazy = regularization == 0
+    params = {name: t if lazy and is_matrix(name) and t.dtype == torch.float32 else t.to(torch.float32, copy=True)
+              for name, t in params.items()}
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
     short = local[: eos + 1]  # (E,): the EOS state sees only these tokens
     opt = dict(lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
@@ -102,8 +100,6 @@ def personalize(
 
 def _eos_objective(tower, params, short, target, opt):
     """The paper's loss on ``EosForward``: Adam on the large weights inside backward, on the rest after it."""
-    for t in params.values():
-        t.requires_grad_(False)
     forward = EosForward(tower, params, opt)
     small = forward.small_parameters()
     for t in small:
@@ -121,6 +117,8 @@ def _regularized_objective(tower, params, short, target, regularization, clip_sk
     """On the transformers module: the penalty needs every token's conditioning state, every step."""
     ids, eos = short[None], torch.tensor([short.shape[0] - 1], device=short.device)
     hidden = tower.needs_hidden(clip_skip)
+    for t in params.values():
+        t.requires_grad_(True)
     with torch.no_grad():
         h0 = tower.condition(params, tower.run(params, ids, hidden), clip_skip)  # (1, E, H)
 

@@ -74,18 +74,29 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
     assert eos_forward._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
 
 
-def test_wide_matrices_are_tuned_column_major(pipe):
-    """fc2 (more inputs than outputs) is tuned in the layout its products run fastest on; values unchanged."""
-    from stylegrad.eos_forward import tuned_copies
+def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style):
+    """The large weights are read in place until their first Adam step, which tunes a copy; the pipeline's
+    weights never move."""
+    from stylegrad.eos_forward import EosForward, is_matrix
+    from stylegrad.tuning import adam_kwargs
 
-    weights = dict(pipe.text_encoder.named_parameters())
-    w1, w2 = (weights[f"encoder.layers.0.mlp.{m}.weight"] for m in ("fc1", "fc2"))
-    assert w2.shape[1] > w2.shape[0]  # the tiny model keeps fc2 wide, as SD's is
-    copies = tuned_copies(weights)
-    fc1, fc2 = (copies[f"encoder.layers.0.mlp.{m}.weight"] for m in ("fc1", "fc2"))
-    assert fc2.T.is_contiguous() and not fc2.is_contiguous() and torch.equal(fc2, w2)
-    assert fc1.is_contiguous() and torch.equal(fc1, w1)
-    assert fc2.data_ptr() != w2.data_ptr()  # a copy: the pipeline's weight is never tuned
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    original = dict(enc.tower.base)
+    params = {n: t if is_matrix(n) else t.clone().requires_grad_(True) for n, t in original.items()}
+    forward = EosForward(enc.tower, params, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **adam_kwargs(pipe.device)))
+    names = [f"encoder.layers.0.mlp.{m}.weight" for m in ("fc1", "fc2")]
+
+    ids = ids_of(pipe, PROMPT)[0, :8]
+    state = forward(ids)
+    assert all(params[n] is original[n] for n in names)  # no copy before an update
+    before = {n: original[n].clone() for n in names}
+    (state @ enc.tower.projection.T @ style.vector).sum().backward()
+
+    for n in names:
+        assert params[n].data_ptr() != original[n].data_ptr()  # a copy was tuned
+        assert torch.equal(original[n], before[n])  # the pipeline's weight was not
+        assert not torch.equal(params[n], before[n])  # the copy took its Adam step
+        assert (params[n] - before[n]).abs().max() <= 1e-3 * 1.01  # one step moves a weight at most lr
 
 
 def test_matches_reference_loop_sd2_layout(style):
