@@ -26,29 +26,30 @@ MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 class AdamMatrix:
     """One large weight with its own Adam moments; ``update`` applies one Adam step from the gradient's factors.
 
-    Until its first update ``weight`` is the original, read and never written; the update first copies it and
-    records the copy in ``params``. Why then and not before the loop: the backward pass has just read the
-    original, so the copy comes from cache, and a prompt whose tuning stops before a step copies nothing.
+    ``params[name]`` is the original weight, never written. A float32 original is read in place until the
+    first update, which copies it and records the copy in ``params``. Why then and not before the loop: the
+    backward pass has just read the original, so the copy comes from cache, and a prompt whose tuning stops
+    before a step copies nothing. Other dtypes are copied to float32 at once (the products run in float32).
     It is no autograd leaf, so no .grad is ever allocated for it."""
 
     def __init__(self, params: dict, name: str, scratch: dict, hyper: dict):
         self.params, self.name = params, name
         self.weight = params[name]  # (out, in)
-        self.exp_avg = self.exp_avg_sq = None
+        self.exp_avg = self.exp_avg_sq = None  # made with the copy
         self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
         self.scratch, self.hyper = scratch, hyper
-        self.tuned = False
+        if self.weight.dtype != torch.float32:
+            self._take_copy()
 
     def _take_copy(self) -> None:
         self.weight = self.params[self.name] = self.weight.to(torch.float32, memory_format=torch.contiguous_format,
                                                                copy=True)
         # zeroed here, the moments are still in cache when Adam reads them
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.weight), torch.zeros_like(self.weight)
-        self.tuned = True
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """grad W = grad_out^T @ x (rows are tokens), into a buffer shared by all matrices of that shape."""
-        if not self.tuned:
+        if self.exp_avg is None:
             self._take_copy()
         buf = self.scratch.get(self.weight.shape)
         if buf is None:

@@ -63,10 +63,9 @@ def personalize(
     eos = first_eos(ids, tower.eos_token_id)
     rows, local = torch.unique(ids, return_inverse=True)  # (U,) table rows the prompt uses; (S,) ids into them
     params = {name: t[rows] if name == TOKEN else t for name, t in tower.base.items()}
-    # float32 copies to tune; on EosForward the large float32 matrices are copied at their first update
+    # float32 copies to tune; EosForward copies the large matrices itself (eos_forward.AdamMatrix)
     lazy = regularization == 0
-    params = {name: t if lazy and is_matrix(name) and t.dtype == torch.float32 else t.to(torch.float32, copy=True)
-              for name, t in params.items()}
+    params = {name: t if lazy and is_matrix(name) else t.to(torch.float32, copy=True) for name, t in params.items()}
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
     short = local[: eos + 1]  # (E,): the EOS state sees only these tokens
     opt = dict(lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
