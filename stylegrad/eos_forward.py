@@ -5,8 +5,7 @@ Why not the transformers module: 99.8% of the tuned bytes are the 72 large matri
 each layer). Folding Adam into each matrix's backward lets its gradient live in one reusable buffer instead of
 340 MB of fresh gradients per step (SD1): measured, the same speed and 27% less peak memory (bench/personalize.py).
 The last layer, where only the EOS row reaches the loss, runs q, out, fc1 and fc2 on that one row. The forward and
-input-gradient products go through oneDNN where torch has it (``linear``): measured 30% faster per prompt than
-torch's default sgemm on the test machine. Each large weight is copied at its first update, not before the loop
+input-gradient products are those of products.py, made for few rows. Each large weight is copied at its first update, not before the loop
 (``AdamMatrix``), and the full 77-token pass after tuning runs on the same products (``full_pass``). The numbers
 are those of the plain loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's
 full gradient before it moves."""
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 from transformers.activations import ACT2FN
 
+from .products import input_grad, linear
 from .tower import TextTower
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -92,41 +92,6 @@ def adam_step(weight, grad, exp_avg, exp_avg_sq, step, hyper: dict) -> None:
          amsgrad=False, maximize=False, weight_decay=0.0, **hyper)
 
 
-def _onednn_linear():
-    """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on these few-row products MKL's sgemm
-    ran 20-35% slower on the test machine's AMD CPU, where MKL takes a generic code path and oneDNN's JIT kernels use
-    AVX2 (microbenchmark on the SD1 weight shapes, 16 rows; the gradient-of-weight product stays on MKL, which is
-    faster there because it writes into a reused buffer)."""
-    try:
-        if torch.backends.mkldnn.is_available():
-            return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        pass
-    return None
-
-
-_ONEDNN = _onednn_linear()
-
-
-_FEW_ROWS = 32  # up to this many rows, a contiguous weight goes first in the product (``linear``)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), on oneDNN for CPU tensors where available. With a few rows and a contiguous
-    weight it computes (weight @ x.T).T: oneDNN then streams the large matrix as its many-row operand, measured
-    10-20% faster per product on the SD1 shapes at 17 rows (the same at 1 row, slower from about 64)."""
-    global _ONEDNN
-    if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        try:
-            if 1 < x.shape[0] <= _FEW_ROWS and x.dim() == 2 and weight.is_contiguous():
-                y = _ONEDNN(weight, x, None, "none", [], "").T.contiguous()
-                return y if bias is None else y.add_(bias)
-            return _ONEDNN(x, weight, bias, "none", [], "")
-        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
-            _ONEDNN = None
-    return F.linear(x, weight, bias)
-
-
 class _AdamLinear(torch.autograd.Function):
     """y = x W^T + b whose backward returns grad x and grad b, and hands grad W straight to the weight's Adam."""
 
@@ -140,7 +105,7 @@ class _AdamLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         matrix = ctx.matrix
-        grad_x = linear(grad_out, matrix.weight.T)  # with the weight as the forward pass saw it, before it moves
+        grad_x = input_grad(grad_out, matrix.weight)  # with the weight as the forward pass saw it, before it moves
         matrix.update(grad_out, x)
         return grad_x, grad_out.sum(0), None
 
@@ -213,9 +178,9 @@ class EosForward:
 
 @torch.no_grad()
 def full_pass(tower: TextTower, params: dict[str, torch.Tensor], ids: torch.Tensor, keep: int):
-    """Every token through every layer on ``params``, with the products on oneDNN as in tuning (the transformers
-    module would run them on torch's default sgemm, measured 35% slower here): (final-normed last layer,
-    final-normed state after ``keep`` layers), each (S, H)."""
+    """Every token through every layer on ``params``, with the products of tuning (products.py; the transformers
+    module's were measured 35% slower here): (final-normed last layer, final-normed state after ``keep`` layers),
+    each (S, H)."""
     shape = _Layers(tower)
 
     def lin(x, prefix):

@@ -57,21 +57,23 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
 
 
 def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
-    """Where torch's private oneDNN linear or fused Adam kernel is missing or differs (other builds, other
-    versions) the fast path falls back to F.linear and torch.optim's adam: the same method, to the reference's
-    precision."""
+    """Where stylegrad's compiled kernels were not built, and torch's private oneDNN linear or fused Adam kernel
+    is missing or differs (other builds, other versions), the fast path falls back to F.linear and
+    torch.optim's adam: the same method, to the reference's precision."""
     import stylegrad.eos_forward as eos_forward
+    import stylegrad.products as products
 
     def broken(*args, **kwargs):  # a torch whose private op has another signature
         raise TypeError("incompatible function arguments")
 
-    monkeypatch.setattr(eos_forward, "_ONEDNN", broken)
+    monkeypatch.setattr(products, "_KERNELS", None)
+    monkeypatch.setattr(products, "_ONEDNN", broken)
     monkeypatch.setattr(eos_forward, "_FUSED", broken)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
     ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
-    assert eos_forward._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
+    assert products._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
 
 
 def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style):

@@ -1,0 +1,79 @@
+"""The two products tuning spends most of its time in, x W^T (+ b) and g W, for one large weight and a few token
+rows: on stylegrad's compiled kernels where they were built and the CPU has AVX2 and FMA (_fewrows.c says why
+they are faster), else on oneDNN, else on torch's default. Every path gives the same numbers to float32 rounding.
+
+Set STYLEGRAD_KERNELS=0 to use torch's products only."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _compiled():
+    """The compiled kernels, if this install built them and this CPU can run them."""
+    if os.environ.get("STYLEGRAD_KERNELS", "1") == "0":
+        return None
+    try:
+        from . import _fewrows
+    except ImportError:  # an install without a compiler, or not x86-64
+        return None
+    return _fewrows if _fewrows.supported() else None
+
+
+def _onednn_linear():
+    """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on these few-row products MKL's sgemm
+    ran 20-35% slower on the test machine's AMD CPU, where MKL takes a generic code path and oneDNN's JIT kernels use
+    AVX2 (microbenchmark on the SD1 weight shapes, 16 rows)."""
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_KERNELS = _compiled()
+_ONEDNN = _onednn_linear()
+_FEW_ROWS = 32  # on oneDNN, up to this many rows a contiguous weight goes first in the product
+_KERNEL_ROWS = 96  # the compiled kernels were measured faster than oneDNN from 1 to 77 rows (SD's prompt length)
+
+
+def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_KERNELS is not None and a.device.type == weight.device.type == "cpu" and a.dtype == weight.dtype == torch.float32
+            and a.dim() == 2 and 0 < a.shape[0] <= _KERNEL_ROWS and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for (T, K) x and (O, K) weight, without autograd."""
+    global _ONEDNN
+    if _fits_kernels(x, weight) and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())):
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        _KERNELS.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                        *x.shape, weight.shape[0])
+        return y
+    if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        try:
+            if 1 < x.shape[0] <= _FEW_ROWS and x.dim() == 2 and weight.is_contiguous():
+                # (W x^T)^T: oneDNN then streams the large matrix as its many-row operand, measured 10-20% faster
+                y = _ONEDNN(weight, x, None, "none", [], "").T.contiguous()
+                return y if bias is None else y.add_(bias)
+            return _ONEDNN(x, weight, bias, "none", [], "")
+        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
+            _ONEDNN = None
+    return F.linear(x, weight, bias)
+
+
+def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_out @ weight for (T, O) grad_out and (O, K) weight: the gradient of x in x @ weight.T."""
+    if _fits_kernels(grad_out, weight):
+        grad_out = grad_out.contiguous()
+        gx = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+        _KERNELS.input_grad(grad_out.data_ptr(), weight.data_ptr(), gx.data_ptr(), grad_out.shape[0],
+                            weight.shape[1], weight.shape[0])
+        return gx
+    return linear(grad_out, weight.T)

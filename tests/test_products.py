@@ -1,0 +1,76 @@
+"""The few-row products tuning runs on: the compiled kernels against torch's own, on every shape they split."""
+
+import os
+import platform
+
+import pytest
+import torch
+
+from stylegrad import products
+
+# shapes that reach every branch of _fewrows.c: token counts around its blocks of 3 and 6, weights whose sides
+# are and are not multiples of its 4-row, 8-column and 16-column blocks, more than one 128-row block, and the
+# 1024-column chunks of the forward product
+ROWS = [1, 2, 3, 4, 5, 6, 7, 13, 17, 40, 77]
+SHAPES = [(768, 768), (300, 1100), (37, 32), (32, 37), (5, 3), (4, 2100)]
+
+
+def kernels():
+    if products._KERNELS is None:
+        if os.environ.get("CI") and platform.machine().lower() in ("x86_64", "amd64"):
+            pytest.fail("the compiled kernels were not built or do not load (setup.py); CI on x86-64 needs them")
+        pytest.skip("stylegrad's compiled kernels are not built for this platform; torch's products are used")
+    return products._KERNELS
+
+
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_kernels_match_torch(out_features, in_features):
+    kernels()
+    g = torch.Generator().manual_seed(out_features * 7 + in_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=g)
+        grad = torch.randn(rows, out_features, generator=g)
+        scale = in_features ** 0.5 * 1e-5  # float32 sums in another order
+        assert torch.allclose(products.linear(x, w, b), x @ w.T + b, rtol=1e-5, atol=scale)
+        assert torch.allclose(products.linear(x, w), x @ w.T, rtol=1e-5, atol=scale)
+        assert torch.allclose(products.input_grad(grad, w), grad @ w, rtol=1e-5, atol=out_features ** 0.5 * 1e-5)
+
+
+def test_kernels_take_views_and_leave_their_inputs_alone():
+    kernels()
+    w = torch.randn(64, 48)
+    x = torch.randn(48, 10).T  # a transposed view: copied to rows first
+    grad = torch.randn(20, 64)[::2]
+    before = (w.clone(), x.clone(), grad.clone())
+    assert torch.allclose(products.linear(x, w), x @ w.T, atol=1e-5)
+    assert torch.allclose(products.input_grad(grad, w), grad @ w, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip((w, x, grad), before))
+
+
+def test_kernels_share_torchs_threads():
+    """One OpenMP runtime in the process (the module shares the libgomp torch loaded), and the same results
+    whether torch.set_num_threads gives the kernels one thread or two."""
+    kernels()
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) <= 1, runtimes
+    threads = torch.get_num_threads()
+    w, x = torch.randn(256, 128), torch.randn(17, 128)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.allclose(products.linear(x, w), x @ w.T, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_other_tensors_take_torchs_path():
+    """Other dtypes, autograd inputs and many rows never reach the kernels, and still give torch's product."""
+    w = torch.randn(16, 32, dtype=torch.float64)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert torch.equal(products.linear(x, w), torch.nn.functional.linear(x, w))
+    wg = torch.randn(16, 32, requires_grad=True)
+    y = products.linear(torch.randn(3, 32), wg)
+    assert y.requires_grad  # autograd saw the product: torch's path
