@@ -17,20 +17,26 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 from transformers.activations import ACT2FN
 
-from .products import input_grad, linear
+from .products import can_fuse_adam, fused_adam_linear, input_grad, linear
 from .tower import TextTower
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 class AdamMatrix:
-    """One large weight with its own Adam moments; ``update`` applies one Adam step from the gradient's factors.
+    """One large weight with its own Adam moments. ``update`` takes one Adam step from the gradient's factors
+    (grad W = grad_out^T x); ``forward`` computes x W^T + b on the weight as its steps have left it.
 
     ``params[name]`` is the original weight, never written. A float32 original is read in place until the
-    first update, which copies it and records the copy in ``params``. Why then and not before the loop: the
-    backward pass has just read the original, so the copy comes from cache, and a prompt whose tuning stops
-    before a step copies nothing. Other dtypes are copied to float32 at once (the products run in float32).
-    It is no autograd leaf, so no .grad is ever allocated for it."""
+    first step, which writes a copy and records it in ``params``: a prompt whose tuning stops before a step
+    copies nothing. Other dtypes are copied to float32 at once (the products run in float32). It is no autograd
+    leaf, so no .grad is ever allocated for it.
+
+    Where the compiled kernels run (products.py), a step is not taken in the backward pass but kept as its two
+    small factors and taken by the next ``forward``, fused with that product: each weight then crosses memory
+    once per step for its gradient, Adam and the next forward product together, instead of three times, and its
+    full gradient is never stored. Elsewhere the step is taken at once, on torch's fused Adam. The numbers are
+    Adam's either way."""
 
     def __init__(self, params: dict, name: str, scratch: dict, hyper: dict):
         self.params, self.name = params, name
@@ -38,8 +44,10 @@ class AdamMatrix:
         self.exp_avg = self.exp_avg_sq = None  # made with the copy
         self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
         self.scratch, self.hyper = scratch, hyper
+        self.pending = None  # (grad_out, x) of a step not yet taken
         if self.weight.dtype != torch.float32:
             self._take_copy()
+        self.deferred = can_fuse_adam(self.weight)
 
     def _take_copy(self) -> None:
         self.weight = self.params[self.name] = self.weight.to(torch.float32, memory_format=torch.contiguous_format,
@@ -48,7 +56,10 @@ class AdamMatrix:
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.weight), torch.zeros_like(self.weight)
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        """grad W = grad_out^T @ x (rows are tokens), into a buffer shared by all matrices of that shape."""
+        """One Adam step with grad W = grad_out^T @ x (rows are tokens): now, or kept for the next ``forward``."""
+        if self.deferred:
+            self.pending = (grad_out.contiguous(), x.contiguous())
+            return
         if self.exp_avg is None:
             self._take_copy()
         buf = self.scratch.get(self.weight.shape)
@@ -56,6 +67,24 @@ class AdamMatrix:
             buf = self.scratch[self.weight.shape] = torch.empty_like(self.weight)
         torch.mm(grad_out.T, x, out=buf)
         adam_step(self.weight, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool = False) -> torch.Tensor:
+        """x W^T (+ bias) after any pending step. ``last``: no step follows, so the moments are not kept."""
+        if self.pending is None:
+            return linear(x, self.weight, bias)
+        (grad_out, x_prev), self.pending = self.pending, None
+        self.step += 1
+        first = self.exp_avg is None
+        source = self.weight
+        if first:
+            self.weight = self.params[self.name] = torch.empty_like(source, memory_format=torch.contiguous_format)
+        if first and not last:  # written before they are read
+            self.exp_avg, self.exp_avg_sq = torch.empty_like(self.weight), torch.empty_like(self.weight)
+        y = fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
+                              first=first, keep=not last, step=int(self.step), **self.hyper)
+        if last:
+            self.exp_avg = self.exp_avg_sq = None
+        return y
 
 
 _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
@@ -99,7 +128,7 @@ class _AdamLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor, matrix: AdamMatrix) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.matrix = matrix
-        return linear(x, matrix.weight, bias)
+        return matrix.forward(x, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -177,14 +206,18 @@ class EosForward:
 
 
 @torch.no_grad()
-def full_pass(tower: TextTower, params: dict[str, torch.Tensor], ids: torch.Tensor, keep: int):
+def full_pass(tower: TextTower, params: dict[str, torch.Tensor], ids: torch.Tensor, keep: int,
+              matrices: dict[str, AdamMatrix] | None = None):
     """Every token through every layer on ``params``, with the products of tuning (products.py; the transformers
     module's were measured 35% slower here): (final-normed last layer, final-normed state after ``keep`` layers),
-    each (S, H)."""
+    each (S, H). ``matrices``: tuning's, whose last step may still be pending; it is taken here."""
     shape = _Layers(tower)
 
     def lin(x, prefix):
-        return linear(x, params[prefix + ".weight"], params[prefix + ".bias"])
+        name, bias = prefix + ".weight", params[prefix + ".bias"]
+        if matrices is not None and name in matrices:
+            return matrices[name].forward(x, bias, last=True)
+        return linear(x, params[name], bias)
 
     h, kept = shape.run(params, ids, lin, eos_only=False, keep=keep)
     last = shape.norm(params, h, "final_layer_norm")

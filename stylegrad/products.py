@@ -6,6 +6,7 @@ Set STYLEGRAD_KERNELS=0 to use torch's products only."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -77,3 +78,30 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                             weight.shape[1], weight.shape[0])
         return gx
     return linear(grad_out, weight.T)
+
+
+def can_fuse_adam(weight: torch.Tensor) -> bool:
+    """Whether an Adam step of this weight can be taken by ``fused_adam_linear``."""
+    return (_KERNELS is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.is_contiguous())
+
+
+def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch.Tensor | None,
+                      exp_avg_sq: torch.Tensor | None, grad_out: torch.Tensor, x_prev: torch.Tensor,
+                      x: torch.Tensor, bias: torch.Tensor | None, *, first: bool, keep: bool, step: int,
+                      lr: float, beta1: float, beta2: float, eps: float, **_) -> torch.Tensor:
+    """One Adam step (torch.optim.Adam's maths, step number ``step``) of ``source`` into ``weight`` (the same
+    tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
+    ``first``: the moments are zero and not read. ``keep``: the moments are updated (else no step follows;
+    at a first step that is not kept they may be None)."""
+    rows = x.shape[0]
+    x = x.to(torch.float32).contiguous()
+    if not _fits_kernels(x, weight) or not (bias is None or bias.is_contiguous()):
+        raise ValueError("fused_adam_linear needs float32 CPU tensors with few rows (see can_fuse_adam)")
+    y = x.new_empty(rows, weight.shape[0])
+    _KERNELS.adam_linear(
+        source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
+        0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(), x.data_ptr(),
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), grad_out.shape[0], rows, weight.shape[1],
+        weight.shape[0], int(first), int(keep), lr / (1 - beta1 ** step), 1 / math.sqrt(1 - beta2 ** step), eps, beta1, beta2)
+    return y

@@ -69,10 +69,11 @@ def personalize(
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
     short = local[: eos + 1]  # (E,): the EOS state sees only these tokens
     opt = dict(lr=lr, betas=betas, eps=eps, **adam_kwargs(ids.device))
+    matrices = None  # EosForward's large weights, whose last Adam step may wait for the full pass
     if regularization > 0:
         objective, optimizer = _regularized_objective(tower, params, short, target, regularization, clip_skip, opt)
     else:
-        objective, optimizer = _eos_objective(tower, params, short, target, opt)
+        objective, optimizer, matrices = _eos_objective(tower, params, short, target, opt)
 
     similarities: list[float] = []
     taken = 0
@@ -88,17 +89,18 @@ def personalize(
         loss.backward()  # on the EOS path the large weights take their Adam step in here
         optimizer.step()
         taken += 1
-    del objective, optimizer, sim, loss  # the last graph holds the moments: free them before the full pass
+    del objective, optimizer, sim, loss  # the last graph and the small parameters' moments
 
     with torch.no_grad():  # the full prompt on the tuned weights
-        text, hidden = full_pass(tower, params, local, tower.cond_layer(clip_skip))  # (S, H) each
+        text, hidden = full_pass(tower, params, local, tower.cond_layer(clip_skip), matrices)  # (S, H) each
         final = torch.cosine_similarity(text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T, target)
     similarities.append(float(final))
     return Personalized(hidden[None], similarities, taken)
 
 
 def _eos_objective(tower, params, short, target, opt):
-    """The paper's loss on ``EosForward``: Adam on the large weights inside backward, on the rest after it."""
+    """The paper's loss on ``EosForward``: Adam on the large weights inside backward (or at their next forward
+    product), on the rest after it."""
     forward = EosForward(tower, params, opt)
     small = forward.small_parameters()
     for t in small:
@@ -109,7 +111,7 @@ def _eos_objective(tower, params, short, target, opt):
         sim = torch.cosine_similarity(text, target, dim=-1)  # (1,)
         return sim, -sim.mean()
 
-    return objective, torch.optim.Adam(small, **opt)
+    return objective, torch.optim.Adam(small, **opt), forward.matrices
 
 
 def _regularized_objective(tower, params, short, target, regularization, clip_skip, opt):

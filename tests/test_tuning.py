@@ -47,11 +47,13 @@ def style():
     return Style(torch.randn(PROJ, generator=torch.Generator().manual_seed(3)))
 
 
-@pytest.mark.parametrize("clip_skip", [None, 1])
-def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip):
+@pytest.mark.parametrize("clip_skip,steps", [(None, 8), (1, 8), (None, 1), (None, 2)])
+def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip, steps):
+    """Also one and two steps: the first and last Adam steps of a weight take other paths (no moments read or
+    kept; products.fused_adam_linear)."""
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
-    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3), clip_skip=clip_skip)
-    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3, clip_skip)
+    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=steps, lr=3e-3), clip_skip=clip_skip)
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, steps, 3e-3, clip_skip)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
     assert (pe - enc.plain([PROMPT], clip_skip)).abs().max() > 100 * REFERENCE_ATOL  # the style did act
 
@@ -76,29 +78,40 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
     assert products._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
 
 
-def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kernels, monkeypatch):
     """The large weights are read in place until their first Adam step, which tunes a copy; the pipeline's
-    weights never move."""
+    weights never move. With the compiled kernels the step waits for the next forward product, without them it
+    is taken in the backward pass: either way it is taken once, before the next product reads the weight."""
+    import stylegrad.products as products
     from stylegrad.eos_forward import EosForward, is_matrix
     from stylegrad.tuning import adam_kwargs
 
+    if kernels and products._KERNELS is None:
+        pytest.skip("stylegrad's compiled kernels are not built here")
+    if not kernels:
+        monkeypatch.setattr(products, "_KERNELS", None)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     original = dict(enc.tower.base)
     params = {n: t if is_matrix(n) else t.clone().requires_grad_(True) for n, t in original.items()}
     forward = EosForward(enc.tower, params, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **adam_kwargs(pipe.device)))
     names = [f"encoder.layers.0.mlp.{m}.weight" for m in ("fc1", "fc2")]
+    assert all(forward.matrices[n].deferred == kernels for n in names)
 
     ids = ids_of(pipe, PROMPT)[0, :8]
     state = forward(ids)
     assert all(params[n] is original[n] for n in names)  # no copy before an update
     before = {n: original[n].clone() for n in names}
     (state @ enc.tower.projection.T @ style.vector).sum().backward()
+    assert all((params[n] is original[n]) == kernels for n in names)  # deferred: not yet
+    forward(ids)  # the next forward reads every weight after its step
 
     for n in names:
         assert params[n].data_ptr() != original[n].data_ptr()  # a copy was tuned
         assert torch.equal(original[n], before[n])  # the pipeline's weight was not
         assert not torch.equal(params[n], before[n])  # the copy took its Adam step
         assert (params[n] - before[n]).abs().max() <= 1e-3 * 1.01  # one step moves a weight at most lr
+        assert forward.matrices[n].pending is None and int(forward.matrices[n].step) == 1  # once
 
 
 def test_matches_reference_loop_sd2_layout(style):
