@@ -1,22 +1,29 @@
-/* Products of one large float32 weight W (O rows, K columns, row-major) with a few token rows, for AVX2 + FMA.
+/* Products of one large float32 weight W (O rows, K columns, row-major) with a few token rows, and an Adam step
+of W fused with the next of them, for AVX2 + FMA.
 
-Why: tuning runs each of the 72 large matrices of a text tower twice per step on about 17 rows (forward and input
-gradient). There BLAS kernels, built for many rows, waste vector lanes on the short side and reach 40-50 GFLOP/s
-on two cores of the test machine; these reach about 70 by never vectorising over tokens:
+Why: tuning runs each of the 72 large matrices of a text tower through three products per step on about 17 rows
+(forward, input gradient, weight gradient) and one Adam step. BLAS kernels, built for many rows, waste vector
+lanes on the short side and reached 40-50 GFLOP/s on two cores of the test machine; these reach about 70 by never
+vectorising over tokens:
 - forward, y = x W^T + b: dot products along K, 4 rows of W against 3 tokens at a time, so each row block,
   streamed once from memory, is reused from L1 for every token;
 - input gradient, gx = g W: rows of W scaled and summed along K, 6 tokens x 16 columns at a time, over blocks
-  of 64 rows of W so that block is read once from memory and reused from cache for every token.
+  of 128 rows of W so that block is read once from memory and reused from cache for every token;
+- Adam, then forward (adam_linear): each block of rows forms its gradient from the two factors the backward
+  pass kept, takes its Adam step and runs the next forward product while in cache. Per step, W and its moments
+  cross memory once, and no full gradient is ever stored.
 Threads come from OpenMP: linked against libgomp.so.1, this module shares the runtime torch has already loaded, so
 torch.set_num_threads applies and its worker threads are reused. stylegrad uses the module only if it was built
-and the CPU has AVX2 and FMA (eos_forward.py); otherwise it uses torch's products. */
+and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products and fused Adam. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
 #include <omp.h>
 
-#define INLINE static inline __attribute__((always_inline))
+/* Only the kernels are compiled for AVX2 + FMA, so that importing the module is safe on any x86-64 CPU. */
+#define KERNEL __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline)) KERNEL
 #define ROWS 4      /* forward: rows of W per block */
 #define TOKENS 3    /* forward: tokens per block */
 #define GTOKENS 6   /* input gradient: tokens per block */
@@ -63,7 +70,7 @@ INLINE void dot_block(const float *x, const float *w, float *y, long K, long O, 
 }
 
 /* Rows [o0, o1) of y = x W^T (o1 - o0 a multiple of ROWS). */
-static void forward_rows(const float *x, const float *w, float *y, long T, long K, long O, long o0, long o1)
+KERNEL static void forward_rows(const float *x, const float *w, float *y, long T, long K, long O, long o0, long o1)
 {
     for (long o = o0; o < o1; o += ROWS) {
         const float *wo = w + o * K;
@@ -73,7 +80,8 @@ static void forward_rows(const float *x, const float *w, float *y, long T, long 
             long t = 0;
 /* each token block prefetches one row of the next row block: ROWS blocks cover it */
 #define NEXT (o + ROWS < o1 && g < ROWS ? wo + (ROWS + g) * K : (const float *)0)
-            for (; t + TOKENS <= T; t += TOKENS, g++) dot_block(x, wo, y + o, K, O, t, k0, k1, TOKENS, add, NEXT, NULL, 0);
+            for (; t + TOKENS <= T; t += TOKENS, g++)
+                dot_block(x, wo, y + o, K, O, t, k0, k1, TOKENS, add, NEXT, NULL, 0);
             if (T - t == 1) dot_block(x, wo, y + o, K, O, t, k0, k1, 1, add, NEXT, NULL, 0);
             if (T - t == 2) dot_block(x, wo, y + o, K, O, t, k0, k1, 2, add, NEXT, NULL, 0);
 #undef NEXT
@@ -82,7 +90,7 @@ static void forward_rows(const float *x, const float *w, float *y, long T, long 
 }
 
 /* The columns of y left over when O is not a multiple of ROWS. */
-static void forward_tail(const float *x, const float *w, float *y, long T, long K, long O, long o0)
+KERNEL static void forward_tail(const float *x, const float *w, float *y, long T, long K, long O, long o0)
 {
     for (long o = o0; o < O; o++)
         for (long t = 0; t < T; t++) {
@@ -131,7 +139,7 @@ INLINE void axpy_block(const float *g, const float *w, float *gx, long K, long O
 }
 
 /* Columns [k0, k1) of gx = g W (multiples of 16). */
-static void input_grad_columns(const float *g, const float *w, float *gx, long T, long K, long O, long k0, long k1)
+KERNEL static void input_grad_columns(const float *g, const float *w, float *gx, long T, long K, long O, long k0, long k1)
 {
     for (long o0 = 0; o0 < O; o0 += GROWS) {
         long o1 = o0 + GROWS < O ? o0 + GROWS : O;
@@ -175,12 +183,8 @@ INLINE __m256 adam_vec(const adam_args *a, long i, __m256 g)
         _mm256_storeu_ps(a->m + i, m);
         _mm256_storeu_ps(a->v + i, v);
     }
-#ifdef EXACT_DIV
-    __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(a->inv_bc2_sqrt), _mm256_set1_ps(a->eps));
-    return _mm256_fnmadd_ps(_mm256_set1_ps(a->step_size), _mm256_div_ps(m, den), _mm256_loadu_ps(a->src + i));
-#else
-    /* sqrt and division from the CPU's estimates refined by one Newton step each (within a few ulp): vsqrtps and
-       vdivps were most of this function's time, and it ran slower than memory */
+    /* sqrt and division from the CPU's estimates refined by one Newton step each (a few ulp from exact, tested
+       against torch's Adam): with vsqrtps and vdivps this step was bound by them, not by memory */
     const __m256 half = _mm256_set1_ps(0.5f), three = _mm256_set1_ps(3.f), two = _mm256_set1_ps(2.f);
     __m256 vc = _mm256_max_ps(v, _mm256_set1_ps(1.17549435e-38f));           /* v = 0: sqrt 0, not 0 * inf */
     __m256 r = _mm256_rsqrt_ps(vc);
@@ -189,7 +193,6 @@ INLINE __m256 adam_vec(const adam_args *a, long i, __m256 g)
     __m256 q = _mm256_rcp_ps(den);
     q = _mm256_mul_ps(q, _mm256_fnmadd_ps(den, q, two));                       /* 1 / den */
     return _mm256_fnmadd_ps(_mm256_set1_ps(a->step_size), _mm256_mul_ps(m, q), _mm256_loadu_ps(a->src + i));
-#endif
 }
 
 static float adam_scalar(const adam_args *a, long i, float g)
@@ -239,10 +242,16 @@ INLINE void adam_block(const adam_args *a, long o, long k0, long k1, const int n
         }
 }
 
+/* The rows from o0 on, when O is not a multiple of ROWS, take their step. */
+KERNEL static void adam_tail(const adam_args *a, long o0)
+{
+    for (long o = o0; o < a->O; o++) adam_block(a, o, 0, a->K, 1);
+}
+
 /* Rows [o0, o1) (a multiple of ROWS) take their step, then y = x W^T on them, chunk by chunk from cache. While
    the product of one chunk computes, the weight and moments of the next are prefetched to L2, so memory and
    arithmetic overlap (measured: without it the fused step was no faster than the three it replaces). */
-static void adam_forward_rows(const adam_args *a, const float *x, float *y, long T, long o0, long o1)
+KERNEL static void adam_forward_rows(const adam_args *a, const float *x, float *y, long T, long o0, long o1)
 {
     const long K = a->K, O = a->O;
     const int blocks = (int)((T + TOKENS - 1) / TOKENS), arrays = a->first ? 1 : 3, rows = ROWS * arrays;
@@ -278,7 +287,6 @@ static void adam_forward_rows(const adam_args *a, const float *x, float *y, long
     }
 }
 
-/* [start, end) of n items split in parts of ``unit`` among the threads of a parallel region. */
 /* The columns of gx left over when K is not a multiple of 16. */
 static void input_grad_tail(const float *g, const float *w, float *gx, long T, long K, long O, long k0)
 {
@@ -290,6 +298,7 @@ static void input_grad_tail(const float *g, const float *w, float *gx, long T, l
         }
 }
 
+/* [start, end) of n items split in parts of ``unit`` among the threads of a parallel region. */
 static void share(long n, long unit, long *start, long *end)
 {
     long threads = omp_get_num_threads(), id = omp_get_thread_num();
@@ -392,7 +401,7 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
         share(O, ROWS, &o0, &o1);
         adam_forward_rows(&a, xs, ys, T, o0, o1);
     }
-    for (long o = O / ROWS * ROWS; o < O; o++) adam_block(&a, o, 0, K, 1);
+    adam_tail(&a, O / ROWS * ROWS);
     forward_tail(xs, a.dst, ys, T, K, O, O / ROWS * ROWS);
     if (bias)
         for (long t = 0; t < T; t++)
