@@ -1,14 +1,15 @@
 """The CLIP text transformer as plain functions, computing only what the aesthetic loss reads: the final state at
-the first EOS, for the E tokens up to it, with Adam folded into the backward pass of the large weights.
+the first EOS, for the E tokens up to it, with each large weight's Adam step taken outside torch.optim.
 
 Why not the transformers module: 99.8% of the tuned bytes are the 72 large matrices (q, k, v, out, fc1, fc2 of
-each layer). Folding Adam into each matrix's backward lets its gradient live in one reusable buffer instead of
-340 MB of fresh gradients per step (SD1): measured, the same speed and 27% less peak memory (bench/personalize.py).
-The last layer, where only the EOS row reaches the loss, runs q, out, fc1 and fc2 on that one row. The forward and
-input-gradient products are those of products.py, made for few rows. Each large weight is copied at its first update, not before the loop
-(``AdamMatrix``), and the full 77-token pass after tuning runs on the same products (``full_pass``). The numbers
-are those of the plain loop (tested against a fresh-copy reference within 1e-5): Adam still sees every weight's
-full gradient before it moves."""
+each layer). Each is an ``AdamMatrix``: its backward hands the gradient's two small factors (grad_out, x) to its
+own Adam, so no 340 MB of gradients per step (SD1) is ever kept. With the compiled kernels (products.py) the step
+waits for the matrix's next forward product and runs fused with it, one pass over the weight and its moments;
+without them it runs at once, from a reused buffer, on torch's fused Adam. The last layer, where only the EOS
+row reaches the loss, runs q, out, fc1 and fc2 on that one row. Each large weight is copied at its first step,
+not before the loop, and the full 77-token pass after tuning runs on the same products (``full_pass``), taking
+the last pending steps. The numbers are those of the plain loop (tested against a fresh-copy reference within
+1e-5): Adam still sees every weight's full gradient before it moves."""
 
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ class AdamMatrix:
         """One Adam step with grad W = grad_out^T @ x (rows are tokens): now, or kept for the next ``forward``."""
         if self.deferred:
             self.pending = (grad_out.contiguous(), x.contiguous())
-            return
+        else:
+            self._step(grad_out, x)
+
+    def _step(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         if self.exp_avg is None:
             self._take_copy()
         buf = self.scratch.get(self.weight.shape)
@@ -73,6 +77,9 @@ class AdamMatrix:
         if self.pending is None:
             return linear(x, self.weight, bias)
         (grad_out, x_prev), self.pending = self.pending, None
+        if not can_fuse_adam(self.weight, x):  # more rows than the kernels take: the step, then the product
+            self._step(grad_out, x_prev)
+            return linear(x, self.weight, bias)
         self.step += 1
         first = self.exp_avg is None
         source = self.weight

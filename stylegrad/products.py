@@ -1,8 +1,9 @@
-"""The two products tuning spends most of its time in, x W^T (+ b) and g W, for one large weight and a few token
-rows: on stylegrad's compiled kernels where they were built and the CPU has AVX2 and FMA (_fewrows.c says why
-they are faster), else on oneDNN, else on torch's default. Every path gives the same numbers to float32 rounding.
+"""Where tuning spends its time, for one large weight W and a few token rows: the products x W^T (+ b) and g W,
+and an Adam step of W fused with its next product. On stylegrad's compiled kernels where they were built and the
+CPU has AVX2 and FMA (_fewrows.c says why they are faster); else the products run on oneDNN, else on torch's
+default, and Adam on torch's (eos_forward.py). Every path gives the same numbers to float32 rounding.
 
-Set STYLEGRAD_KERNELS=0 to use torch's products only."""
+Set STYLEGRAD_KERNELS=0 to use torch's kernels only."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ _KERNEL_ROWS = 96  # the compiled kernels were measured faster than oneDNN from 
 
 
 def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_KERNELS is not None and a.device.type == weight.device.type == "cpu" and a.dtype == weight.dtype == torch.float32
-            and a.dim() == 2 and 0 < a.shape[0] <= _KERNEL_ROWS and weight.is_contiguous()
-            and not (torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)))
+    return (_KERNELS is not None and a.device.type == weight.device.type == "cpu"
+            and a.dtype == weight.dtype == torch.float32 and a.dim() == 2 and 0 < a.shape[0] <= _KERNEL_ROWS
+            and weight.is_contiguous() and not (torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,8 +81,11 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear(grad_out, weight.T)
 
 
-def can_fuse_adam(weight: torch.Tensor) -> bool:
-    """Whether an Adam step of this weight can be taken by ``fused_adam_linear``."""
+def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
+    """Whether an Adam step of this weight (followed by a product with ``x``) can be taken by
+    ``fused_adam_linear``."""
+    if x is not None:
+        return _fits_kernels(x, weight)
     return (_KERNELS is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
             and weight.is_contiguous())
 
@@ -103,5 +107,6 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
         0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(), x.data_ptr(),
         0 if bias is None else bias.data_ptr(), y.data_ptr(), grad_out.shape[0], rows, weight.shape[1],
-        weight.shape[0], int(first), int(keep), lr / (1 - beta1 ** step), 1 / math.sqrt(1 - beta2 ** step), eps, beta1, beta2)
+        weight.shape[0], int(first), int(keep), lr / (1 - beta1 ** step), 1 / math.sqrt(1 - beta2 ** step), eps,
+        beta1, beta2)
     return y

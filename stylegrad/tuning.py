@@ -8,7 +8,8 @@ full 77-token prompt. This function computes the same optimisation with less wor
   gradient history by exactly zero: tuning only the U rows the prompt uses is the same optimisation as tuning
   the 49,408-row table. The same holds for position rows after the EOS, which are tuned but never move.
 Without the regulariser (which reads every token's hidden state) the loop runs on ``EosForward``, which computes
-only the EOS state and folds Adam into the backward pass of the large weights (eos_forward.py says why).
+only the EOS state and takes the large weights' Adam steps itself, from their gradients' factors
+(eos_forward.py says why).
 """
 
 from __future__ import annotations

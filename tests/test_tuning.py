@@ -78,6 +78,20 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
     assert products._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
 
 
+def test_pending_steps_fall_back_where_the_kernels_stop(pipe, clip_text, style, monkeypatch):
+    """A deferred Adam step whose next product has more rows than the kernels take (here the full pass, with
+    the limit lowered below 77) is taken on torch's Adam first: the same result."""
+    import stylegrad.products as products
+
+    if products._KERNELS is None:
+        pytest.skip("stylegrad's compiled kernels are not built here")
+    monkeypatch.setattr(products, "_KERNEL_ROWS", 16)
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=3e-3))
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 3, 3e-3)
+    assert (pe - ref).abs().max() < REFERENCE_ATOL
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kernels, monkeypatch):
     """The large weights are read in place until their first Adam step, which tunes a copy; the pipeline's
