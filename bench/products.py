@@ -1,0 +1,101 @@
+"""stylegrad's compiled few-row kernels vs torch's, on the 72 large weights of the SD1.x text encoder.
+
+Per tuning step, at 17 token rows (a 15-word prompt): the forward products, the input-gradient products, and an
+Adam step followed by the next forward product (fused on the kernels; on torch: gradient product into a reused
+buffer, torch's fused Adam, oneDNN product). Random weights: the speed does not depend on the values. Timings
+are medians over rounds in which the two sides take turns; each prints GFLOP/s and the ratio to torch's.
+
+    python bench/products.py            # a table, then one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from stylegrad import products  # noqa: E402
+from stylegrad.eos_forward import adam_step  # noqa: E402
+
+ROWS, ROUNDS, LR = 17, 7, 1e-4
+HYPER = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, fused=True)
+SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # q, k, v, out, fc1, fc2 of one layer
+
+
+def matrices() -> list[dict]:
+    torch.manual_seed(0)
+    out = []
+    for _ in range(12):
+        for o, k in SHAPES:
+            w = torch.randn(o, k) * 0.02
+            out.append(dict(w=w, m=torch.zeros_like(w), v=torch.zeros_like(w), b=torch.randn(o),
+                            x=torch.randn(ROWS, k), g=torch.randn(ROWS, o), step=torch.ones(())))
+    return out
+
+
+def main() -> None:
+    kernels = products._KERNELS
+    if kernels is None:
+        sys.exit("stylegrad's compiled kernels are not built or not usable here (setup.py)")
+    mats = matrices()
+    scratch: dict = {}
+
+    def with_kernels(on: bool):
+        products._KERNELS = kernels if on else None
+
+    def forward(on):
+        with_kernels(on)
+        for d in mats:
+            products.linear(d["x"], d["w"], d["b"])
+
+    def input_grad(on):
+        with_kernels(on)
+        for d in mats:
+            products.input_grad(d["g"], d["w"])
+
+    def adam_then_forward(on):
+        with_kernels(on)
+        for d in mats:
+            if on:
+                products.fused_adam_linear(d["w"], d["w"], d["m"], d["v"], d["g"], d["x"], d["x"], d["b"],
+                                           first=False, keep=True, step=2, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8)
+            else:
+                buf = scratch.setdefault(d["w"].shape, torch.empty_like(d["w"]))
+                torch.mm(d["g"].T, d["x"], out=buf)
+                adam_step(d["w"], buf, d["m"], d["v"], d["step"], HYPER)  # torch's fused Adam, as tuning calls it
+                products.linear(d["x"], d["w"], d["b"])
+
+    params = sum(d["w"].numel() for d in mats)
+    cases = {"forward": (forward, 2 * ROWS * params), "input gradient": (input_grad, 2 * ROWS * params),
+             "Adam + next forward": (adam_then_forward, 4 * ROWS * params)}
+    times = {(name, on): [] for name in cases for on in (True, False)}
+    for i in range(ROUNDS):
+        for name, (fn, _) in cases.items():
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                t0 = time.perf_counter()
+                fn(on)
+                times[name, on].append(time.perf_counter() - t0)
+    with_kernels(True)
+
+    print(f"SD1.x text encoder, 72 large weights ({params / 1e6:.0f} M parameters), {ROWS} rows, "
+          f"{torch.get_num_threads()} threads, medians of {ROUNDS} interleaved rounds")
+    print(f"{'per step':22}{'kernels ms':>12}{'GFLOP/s':>9}{'torch ms':>10}{'GFLOP/s':>9}{'ratio':>8}")
+    summary = {}
+    for name, (_, flop) in cases.items():
+        ours, theirs = statistics.median(times[name, True]), statistics.median(times[name, False])
+        print(f"{name:22}{ours * 1e3:>12.1f}{flop / ours / 1e9:>9.0f}{theirs * 1e3:>10.1f}{flop / theirs / 1e9:>9.0f}"
+              f"{theirs / ours:>7.2f}x")
+        summary[name.replace(" + ", "_").replace(" ", "_") + "_speedup"] = round(theirs / ours, 2)
+    total = sum(statistics.median(times[n, False]) for n in cases) / sum(statistics.median(times[n, True])
+                                                                           for n in cases)
+    summary["step_speedup"] = round(total, 2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
