@@ -52,7 +52,9 @@ def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for (T, K) x and (O, K) weight, without autograd."""
     global _ONEDNN
-    if _fits_kernels(x, weight) and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())):
+    if (_fits_kernels(x, weight) and x.shape[1] == weight.shape[1]
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
+                                  and bias.shape == weight.shape[:1]))):  # else torch's path, and its errors
         x = x.contiguous()
         y = x.new_empty(x.shape[0], weight.shape[0])
         _KERNELS.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
@@ -72,7 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_out @ weight for (T, O) grad_out and (O, K) weight: the gradient of x in x @ weight.T."""
-    if _fits_kernels(grad_out, weight):
+    if _fits_kernels(grad_out, weight) and grad_out.shape[1] == weight.shape[0]:
         grad_out = grad_out.contiguous()
         gx = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
         _KERNELS.input_grad(grad_out.data_ptr(), weight.data_ptr(), gx.data_ptr(), grad_out.shape[0],
@@ -98,11 +100,20 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
     tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
     ``first``: the moments are zero and not read. ``keep``: the moments are updated (else no step follows;
     at a first step that is not kept they may be None)."""
-    rows = x.shape[0]
-    x = x.to(torch.float32).contiguous()
-    if not _fits_kernels(x, weight) or not (bias is None or bias.is_contiguous()):
-        raise ValueError("fused_adam_linear needs float32 CPU tensors with few rows (see can_fuse_adam)")
-    y = x.new_empty(rows, weight.shape[0])
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    x, grad_out, x_prev = (t.to(torch.float32).contiguous() for t in (x, grad_out, x_prev))
+    moments = [t for t in (exp_avg, exp_avg_sq) if t is not None]
+    # the kernel reads and writes through raw pointers: every shape is checked here
+    if not (_fits_kernels(x, weight) and x.shape[1] == in_features and source.shape == weight.shape
+            and source.dtype == torch.float32 and source.is_contiguous() and source.device == weight.device
+            and grad_out.shape[1] == out_features and x_prev.shape[1] == in_features
+            and grad_out.shape[0] == x_prev.shape[0] > 0
+            and ((first and not keep) or len(moments) == 2)
+            and all(t.shape == weight.shape and t.dtype == torch.float32 and t.is_contiguous() for t in moments)
+            and (bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32
+                                  and bias.is_contiguous()))):
+        raise ValueError("fused_adam_linear: shapes, dtypes or layouts the kernel does not take (see can_fuse_adam)")
+    y = x.new_empty(rows, out_features)
     _KERNELS.adam_linear(
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
         0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(), x.data_ptr(),

@@ -65,6 +65,25 @@ def test_kernels_share_torchs_threads():
         torch.set_num_threads(threads)
 
 
+def test_mismatched_shapes_raise_instead_of_reaching_the_kernels():
+    """The kernels read through raw pointers: a mismatch must be an error, never a read past a tensor's end."""
+    kernels()
+    w = torch.randn(64, 48)
+    with pytest.raises(RuntimeError):
+        products.linear(torch.randn(5, 40), w)  # torch's own shape error
+    with pytest.raises(RuntimeError):
+        products.input_grad(torch.randn(5, 60), w)
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    good = dict(first=False, keep=True, step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    x, g, xp = torch.randn(5, 48), torch.randn(3, 64), torch.randn(3, 48)
+    products.fused_adam_linear(w, w, m, v, g, xp, x, None, **good)  # the right shapes run
+    for bad in [dict(x_prev=torch.randn(3, 40)), dict(grad_out=torch.randn(2, 64)), dict(exp_avg=None),
+                dict(exp_avg=torch.zeros(64, 40)), dict(bias=torch.zeros(60)), dict(source=torch.randn(48, 64))]:
+        args = dict(source=w, weight=w, exp_avg=m, exp_avg_sq=v, grad_out=g, x_prev=xp, x=x, bias=None) | bad
+        with pytest.raises(ValueError):
+            products.fused_adam_linear(**args, **good)
+
+
 def test_other_tensors_take_torchs_path():
     """Other dtypes, autograd inputs and many rows never reach the kernels, and still give torch's product."""
     w = torch.randn(16, 32, dtype=torch.float64)
