@@ -320,8 +320,20 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, void **ptrs, long *dim
     for (int i = 0; i < 3; i++) {
         dims[i] = PyLong_AsLong(args[nptr + i]);
         if (PyErr_Occurred()) return -1;
+        if (dims[i] < 1) {
+            PyErr_SetString(PyExc_ValueError, "empty product");
+            return -1;
+        }
     }
     return 0;
+}
+
+/* y (T, O) += b, when there is a bias. */
+static void add_bias(float *y, const float *b, long T, long O)
+{
+    if (b)
+        for (long t = 0; t < T; t++)
+            for (long o = 0; o < O; o++) y[t * O + o] += b[o];
 }
 
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -332,10 +344,6 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     const float *x = p[0], *w = p[1], *b = p[2];
     float *y = p[3];
     long T = d[0], K = d[1], O = d[2];
-    if (T < 1 || K < 1 || O < 1) {
-        PyErr_SetString(PyExc_ValueError, "empty product");
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
     {
@@ -344,9 +352,7 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
         forward_rows(x, w, y, T, K, O, o0, o1);
     }
     forward_tail(x, w, y, T, K, O, O / ROWS * ROWS);
-    if (b)
-        for (long t = 0; t < T; t++)
-            for (long o = 0; o < O; o++) y[t * O + o] += b[o];
+    add_bias(y, b, T, O);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -359,10 +365,6 @@ static PyObject *py_input_grad(PyObject *self, PyObject *const *args, Py_ssize_t
     const float *g = p[0], *w = p[1];
     float *gx = p[2];
     long T = d[0], K = d[1], O = d[2];
-    if (T < 1 || K < 1 || O < 1) {
-        PyErr_SetString(PyExc_ValueError, "empty product");
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
     {
@@ -403,9 +405,7 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
     }
     adam_tail(&a, O / ROWS * ROWS);
     forward_tail(xs, a.dst, ys, T, K, O, O / ROWS * ROWS);
-    if (bias)
-        for (long t = 0; t < T; t++)
-            for (long o = 0; o < O; o++) ys[t * O + o] += bias[o];
+    add_bias(ys, bias, T, O);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

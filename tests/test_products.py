@@ -1,9 +1,8 @@
 """The few-row products tuning runs on: the compiled kernels against torch's own, on every shape they split."""
 
-import os
-
 import pytest
 import torch
+from conftest import needs_kernels
 
 from stylegrad import products
 
@@ -14,17 +13,9 @@ ROWS = [1, 2, 3, 4, 5, 6, 7, 13, 17, 40, 77]
 SHAPES = [(768, 768), (300, 1100), (37, 32), (32, 37), (5, 3), (4, 2100)]
 
 
-def kernels():
-    if products._KERNELS is None:
-        if os.environ.get("STYLEGRAD_REQUIRE_KERNELS") == "1":
-            pytest.fail("the compiled kernels were not built or do not load (setup.py builds them; .ci/run needs them)")
-        pytest.skip("stylegrad's compiled kernels are not built for this platform; torch's products are used")
-    return products._KERNELS
-
-
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 def test_kernels_match_torch(out_features, in_features):
-    kernels()
+    needs_kernels()
     g = torch.Generator().manual_seed(out_features * 7 + in_features)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g)
@@ -38,7 +29,7 @@ def test_kernels_match_torch(out_features, in_features):
 
 
 def test_kernels_take_views_and_leave_their_inputs_alone():
-    kernels()
+    needs_kernels()
     w = torch.randn(64, 48)
     x = torch.randn(48, 10).T  # a transposed view: copied to rows first
     grad = torch.randn(20, 64)[::2]
@@ -51,7 +42,7 @@ def test_kernels_take_views_and_leave_their_inputs_alone():
 def test_kernels_share_torchs_threads():
     """One OpenMP runtime in the process (the module shares the libgomp torch loaded), and the same results
     whether torch.set_num_threads gives the kernels one thread or two."""
-    kernels()
+    needs_kernels()
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line}
     assert len(runtimes) <= 1, runtimes
@@ -67,7 +58,7 @@ def test_kernels_share_torchs_threads():
 
 def test_mismatched_shapes_raise_instead_of_reaching_the_kernels():
     """The kernels read through raw pointers: a mismatch must be an error, never a read past a tensor's end."""
-    kernels()
+    needs_kernels()
     w = torch.randn(64, 48)
     with pytest.raises(RuntimeError):
         products.linear(torch.randn(5, 40), w)  # torch's own shape error
@@ -98,7 +89,7 @@ def test_other_tensors_take_torchs_path():
 def test_fused_adam_steps_match_torch_adam(out_features, in_features):
     """Three Adam steps on the fused kernel (first: moments not read, original not written; last: moments not
     kept) against torch.optim.Adam on the full gradient: the same weights, moments and products."""
-    kernels()
+    needs_kernels()
     g = torch.Generator().manual_seed(out_features * 11 + in_features)
     original = 0.02 * torch.randn(out_features, in_features, generator=g)  # the scale of CLIP's weights
     pristine, bias, lr = original.clone(), torch.randn(out_features, generator=g), 1e-3

@@ -5,7 +5,7 @@ import gc
 
 import pytest
 import torch
-from conftest import text_with_projection
+from conftest import needs_kernels, text_with_projection
 from tiny import PROJ, tiny_clip, tiny_pipeline
 
 from stylegrad import AestheticEncoder, Style, StyleOptions, StylegradError
@@ -83,8 +83,7 @@ def test_pending_steps_fall_back_where_the_kernels_stop(pipe, clip_text, style, 
     the limit lowered below 77) is taken on torch's Adam first: the same result."""
     import stylegrad.products as products
 
-    if products._KERNELS is None:
-        pytest.skip("stylegrad's compiled kernels are not built here")
+    needs_kernels()
     monkeypatch.setattr(products, "_KERNEL_ROWS", 16)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=3e-3))
@@ -101,9 +100,9 @@ def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kerne
     from stylegrad.eos_forward import EosForward, is_matrix
     from stylegrad.tuning import adam_kwargs
 
-    if kernels and products._KERNELS is None:
-        pytest.skip("stylegrad's compiled kernels are not built here")
-    if not kernels:
+    if kernels:
+        needs_kernels()
+    else:
         monkeypatch.setattr(products, "_KERNELS", None)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     original = dict(enc.tower.base)
