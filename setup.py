@@ -1,4 +1,4 @@
-"""The optional compiled kernels (stylegrad/_fewrows.c); everything else is in pyproject.toml.
+"""The optional compiled kernels (stylegrad/aesthetic/_fewrows.c); everything else is in pyproject.toml.
 
 Built on x86-64 with GCC or Clang and OpenMP; the kernels inside are compiled for AVX2 + FMA and used only on
 CPUs that have them. If this platform or compiler can't build it, the install goes on without it
@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 
 ext_modules = []
 if platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32":
-    ext_modules.append(Extension("stylegrad._fewrows", ["stylegrad/_fewrows.c"], extra_compile_args=["-O3", "-fopenmp"],
+    ext_modules.append(Extension("stylegrad.aesthetic._fewrows", ["stylegrad/aesthetic/_fewrows.c"], extra_compile_args=["-O3", "-fopenmp"],
                                  extra_link_args=["-fopenmp"], optional=True))
 
 setup(ext_modules=ext_modules)

@@ -19,8 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from stylegrad import products  # noqa: E402
-from stylegrad.eos_forward import adam_step  # noqa: E402
+from stylegrad.aesthetic import products  # noqa: E402
+from stylegrad.aesthetic.eos_forward import adam_step  # noqa: E402
 
 ROWS, ROUNDS, LR = 17, 7, 1e-4
 HYPER = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, fused=True)

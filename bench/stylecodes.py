@@ -46,8 +46,8 @@ def base_unet(manifest: dict):
 
 
 def step_times(manifest: dict, runs: int, size: int) -> dict:
-    from stylegrad.stylecode_model import StylecodesModel
-    from stylegrad.stylecode_unet import StylecodeUNet
+    from stylegrad.stylecodes.model import StylecodesModel
+    from stylegrad.stylecodes.unet import StylecodeUNet
 
     unet = base_unet(manifest)
     torch.manual_seed(1)
@@ -90,11 +90,11 @@ def load_once(manifest: dict, path: Path, how: str) -> dict:
     start_mb = rss_mb("VmRSS")
     t = time.perf_counter()
     if how == "stylegrad":
-        from stylegrad.stylecode_model import load_stylecodes
+        from stylegrad.stylecodes.model import load_stylecodes
 
         model = load_stylecodes(str(path), unet)
     else:  # the published code: a randomly initialised model, then the whole file, then a non-strict copy
-        from stylegrad.stylecode_model import StylecodesModel
+        from stylegrad.stylecodes.model import StylecodesModel
 
         model = StylecodesModel(unet)
         if path.suffix == ".safetensors":

@@ -65,7 +65,7 @@ def main() -> None:
 
 def _per_prompt(row, embedder, style, seeds: int):
     """Style similarity of each prompt's images (spread across prompts: does the target even them out?)."""
-    from stylegrad.metrics import style_similarity
+    from stylegrad.evaluation.metrics import style_similarity
 
     sims = style_similarity(embedder.images(row.images), style.direction).tolist()
     return [sims[i : i + seeds] for i in range(0, len(sims), seeds)]

@@ -13,16 +13,16 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .encoder import AestheticEncoder  # noqa: E402
-from .errors import StylegradError  # noqa: E402
-from .images import embed_images, find_images  # noqa: E402
-from .metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity  # noqa: E402
-from .options import StyleOptions  # noqa: E402
-from .predictors import AestheticPredictor, load_predictor  # noqa: E402
-from .tuning import personalize  # noqa: E402
-from .style import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
-from .stylecodes import Stylecodes  # noqa: E402
-from .tower import TextTower, detect_family  # noqa: E402
+from stylegrad.aesthetic.encoder import AestheticEncoder  # noqa: E402
+from stylegrad.errors import StylegradError  # noqa: E402
+from stylegrad.aesthetic.embedding import embed_images, find_images  # noqa: E402
+from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity  # noqa: E402
+from stylegrad.aesthetic.options import StyleOptions  # noqa: E402
+from stylegrad.evaluation.predictors import AestheticPredictor, load_predictor  # noqa: E402
+from stylegrad.aesthetic.tuning import personalize  # noqa: E402
+from stylegrad.files.styles import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
+from stylegrad.stylecodes.facade import Stylecodes  # noqa: E402
+from stylegrad.aesthetic.tower import TextTower, detect_family  # noqa: E402
 
 __all__ = [
     "AestheticEncoder",

@@ -31,7 +31,7 @@ def shared() -> Path:
 def needs_kernels():
     """stylegrad's compiled kernels, or a skip where they were not built; CI on x86-64
     (STYLEGRAD_REQUIRE_KERNELS=1, set by .ci/run) fails instead of skipping."""
-    from stylegrad import products
+    from stylegrad.aesthetic import products
 
     if products._KERNELS is None:
         if os.environ.get("STYLEGRAD_REQUIRE_KERNELS") == "1":

@@ -12,9 +12,9 @@ from PIL import Image
 from tiny import PROJ
 
 from stylegrad import Style, StylegradError, load_style, save_style
-from stylegrad.cli import main
-from stylegrad.metrics import ClipEmbedder, clip_score, style_similarity
-from stylegrad.predictors import load_predictor
+from stylegrad.apps.cli import main
+from stylegrad.evaluation.metrics import ClipEmbedder, clip_score, style_similarity
+from stylegrad.evaluation.predictors import load_predictor
 
 
 def _vectors(d, n=6):
@@ -174,7 +174,7 @@ def test_evaluate_bad_input_is_one_line(world, tmp_path, tiny_predictor, capsys)
 
 
 def test_shipped_prompt_set():
-    from stylegrad.evaluate import read_prompts
+    from stylegrad.evaluation.experiment import read_prompts
 
     prompts = read_prompts()
     assert len(prompts) >= 15 and len(set(prompts)) == len(prompts)

@@ -11,8 +11,8 @@ from sd_parsers import ParserManager
 from tiny import PROJ
 
 from stylegrad import AestheticEncoder, Style, StyleOptions, load_style
-from stylegrad.cli import main
-from stylegrad.generate import Settings, run_pipeline
+from stylegrad.apps.cli import main
+from stylegrad.pipelines.generation import Settings, run_pipeline
 
 SIZE = ["--width", "32", "--height", "32", "--steps", "2"]
 
@@ -118,7 +118,7 @@ def test_cli_embed_skips_unreadable_files(world, tmp_path, capsys, shared):
 
 
 def test_embed_raw_mean_points_the_same_way(world, tmp_path, shared):
-    from stylegrad.images import embed_images, load_image_encoder
+    from stylegrad.aesthetic.embedding import embed_images, load_image_encoder
 
     clip_dir, _ = world
     encoder = load_image_encoder(str(clip_dir), "cpu")
@@ -162,7 +162,7 @@ def test_console_script_has_help_and_no_traceback(tmp_path):
 def test_embed_streams_with_a_bounded_number_of_batches(world, tmp_path, monkeypatch):
     """Bounded memory for big folders: decoding runs at most two batches ahead of the model (three batches of
     pixels exist at once however many images), and only a running sum of features is kept."""
-    import stylegrad.images as images
+    import stylegrad.aesthetic.embedding as images
 
     clip_dir, _ = world
     folder = tmp_path / "many"
@@ -193,7 +193,7 @@ def test_grid_row_labels_are_not_cut_off():
     import numpy as np
     from PIL import Image, ImageFont
 
-    from stylegrad.generate import label_grid
+    from stylegrad.pipelines.generation import label_grid
 
     cell = Image.new("RGB", (32, 32), "red")
     label = "yellow triangle, seed 0"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import needs_kernels
 
-from stylegrad import products
+from stylegrad.aesthetic import products
 
 # shapes that reach every branch of _fewrows.c: token counts around its blocks of 3 and 6, weights whose sides
 # are and are not multiples of its 4-row, 8-column and 16-column blocks, more than one 128-row block, and the

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from stylegrad import Style, StylegradError, inspect_file, load_style, mix_styles, save_style
-from stylegrad.cli import main
+from stylegrad.apps.cli import main
 
 PUBLISHED = ["aivazovsky", "cloudcore", "fantasy", "flower_plant", "gloomcore", "glowwave", "laion_7plus",
              "sac_8plus", "watercolor"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from stylegrad import StylegradError
-from stylegrad.cli import main
-from stylegrad.stylecode import (ALPHABET, DIM, Code, blend, decode, dequantize, encode, parse_weighted, quantize,
+from stylegrad.apps.cli import main
+from stylegrad.stylecodes.codec import (ALPHABET, DIM, Code, blend, decode, dequantize, encode, parse_weighted, quantize,
                                  random_code)
 
 

@@ -9,16 +9,16 @@ from PIL import Image
 from tiny import tiny_siglip, tiny_stylecodes
 
 from stylegrad import StylegradError
-from stylegrad.stylecode import decode, encode, random_code
-from stylegrad.stylecode_model import (
+from stylegrad.stylecodes.codec import decode, encode, random_code
+from stylegrad.stylecodes.model import (
     StylecodesModel,
     load_autoencoder,
     load_stylecodes,
     read_checkpoint,
     save_stylecodes,
 )
-from stylegrad.stylecode_unet import controlled_forward
-from stylegrad.stylecodes import Stylecodes
+from stylegrad.stylecodes.unet import controlled_forward
+from stylegrad.stylecodes.facade import Stylecodes
 
 
 def _state(model):
@@ -181,7 +181,7 @@ def test_cli_encode_and_generate_with_a_code(tmp_path, world, shared, capsys):
     """code encode -> generate --stylecode (with an aesthetic style too) -> PNG records the code; --style-image."""
     from types import SimpleNamespace
 
-    from stylegrad.cli import main
+    from stylegrad.apps.cli import main
 
     def _cli(*args):
         capsys.readouterr()
@@ -247,7 +247,7 @@ def triples(tmp_path, world):
 
 
 def _config(triples, out, **kw):
-    from stylegrad.stylecode_train import TrainConfig
+    from stylegrad.stylecodes.training import TrainConfig
 
     data, siglip, sd = triples
     base = dict(data=str(data), out=str(out), model=str(sd), siglip=str(siglip), batch_size=4, lr=1e-3,
@@ -257,7 +257,7 @@ def _config(triples, out, **kw):
 
 
 def test_training_lowers_the_loss_on_a_small_set(triples, tmp_path):
-    from stylegrad.stylecode_train import Trainer
+    from stylegrad.stylecodes.training import Trainer
 
     trainer = Trainer(_config(triples, tmp_path / "run", grad_accum=2, gradient_checkpointing=True, lr=5e-3))
     frozen = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
@@ -269,7 +269,7 @@ def test_training_lowers_the_loss_on_a_small_set(triples, tmp_path):
 
 
 def test_resumed_training_continues_exactly(triples, tmp_path):
-    from stylegrad.stylecode_train import train
+    from stylegrad.stylecodes.training import train
 
     whole = train(_config(triples, tmp_path / "a", steps=4))
     assert train(_config(triples, tmp_path / "b", steps=4), stop_after=2) == tmp_path / "b" / "stylecodes.safetensors"
@@ -277,7 +277,7 @@ def test_resumed_training_continues_exactly(triples, tmp_path):
     resumed = train(_config(triples, tmp_path / "b", steps=4))
     a, b = read_checkpoint(whole), read_checkpoint(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from stylegrad.cli import main  # the same run through the command line, two steps only
+    from stylegrad.apps.cli import main  # the same run through the command line, two steps only
 
     data, siglip, sd = triples
     assert main(["train", "stylecodes", str(data), "--out", str(tmp_path / "c"), "--model", str(sd),
@@ -290,7 +290,7 @@ def test_resumed_training_continues_exactly(triples, tmp_path):
 
 
 def test_training_data_errors_are_one_line(tmp_path, triples):
-    from stylegrad.stylecode_train import read_index
+    from stylegrad.stylecodes.training import read_index
 
     with pytest.raises(StylegradError, match="no index.csv or index.jsonl"):
         read_index(tmp_path)

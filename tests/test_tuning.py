@@ -9,8 +9,8 @@ from conftest import needs_kernels, text_with_projection
 from tiny import PROJ, tiny_clip, tiny_pipeline
 
 from stylegrad import AestheticEncoder, Style, StyleOptions, StylegradError
-from stylegrad.targets import blend, style_target
-from stylegrad.vectors import normalize
+from stylegrad.aesthetic.targets import blend, style_target
+from stylegrad.aesthetic.vectors import normalize
 
 # Float32 runs of the same maths on different tensor shapes (E tokens vs 77) differ by rounding only.
 REFERENCE_ATOL = 1e-5
@@ -62,8 +62,8 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
     """Where stylegrad's compiled kernels were not built, and torch's private oneDNN linear or fused Adam kernel
     is missing or differs (other builds, other versions), the fast path falls back to F.linear and
     torch.optim's adam: the same method, to the reference's precision."""
-    import stylegrad.eos_forward as eos_forward
-    import stylegrad.products as products
+    import stylegrad.aesthetic.eos_forward as eos_forward
+    import stylegrad.aesthetic.products as products
 
     def broken(*args, **kwargs):  # a torch whose private op has another signature
         raise TypeError("incompatible function arguments")
@@ -81,7 +81,7 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
 def test_pending_steps_fall_back_where_the_kernels_stop(pipe, clip_text, style, monkeypatch):
     """A deferred Adam step whose next product has more rows than the kernels take (here the full pass, with
     the limit lowered below 77) is taken on torch's Adam first: the same result."""
-    import stylegrad.products as products
+    import stylegrad.aesthetic.products as products
 
     needs_kernels()
     monkeypatch.setattr(products, "_KERNEL_ROWS", 16)
@@ -96,9 +96,9 @@ def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kerne
     """The large weights are read in place until their first Adam step, which tunes a copy; the pipeline's
     weights never move. With the compiled kernels the step waits for the next forward product, without them it
     is taken in the backward pass: either way it is taken once, before the next product reads the weight."""
-    import stylegrad.products as products
-    from stylegrad.eos_forward import EosForward, is_matrix
-    from stylegrad.tuning import adam_kwargs
+    import stylegrad.aesthetic.products as products
+    from stylegrad.aesthetic.eos_forward import EosForward, is_matrix
+    from stylegrad.aesthetic.tuning import adam_kwargs
 
     if kernels:
         needs_kernels()
@@ -215,7 +215,7 @@ def test_does_not_copy_the_model(style):
 
 
 def test_cache_personalises_once(pipe, clip_text, style, monkeypatch):
-    import stylegrad.encoder as encoder_module
+    import stylegrad.aesthetic.encoder as encoder_module
 
     calls = []
     real = encoder_module.personalize

@@ -40,13 +40,13 @@ def test_char_tokenizer_keeps_captions_within_77_tokens():
 
 
 def test_measure_effect_runs_the_real_path(pipe, clip_text, world):
-    from stylegrad.metrics import ClipEmbedder
+    from stylegrad.evaluation.metrics import ClipEmbedder
 
     clip_dir, _ = world
     embedder = ClipEmbedder(str(clip_dir))
     encoder = AestheticEncoder.from_pipeline(pipe, clip_text)
     pipe.set_progress_bar_config(disable=True)
-    from stylegrad.generate import Settings
+    from stylegrad.pipelines.generation import Settings
 
     rows = measure_effect(pipe, encoder, embedder, Style(torch.randn(PROJ)), prompts=("a red circle",),
                           seeds=range(2), steps=(0, 2), options=StyleOptions(lr=1e-2),

@@ -60,7 +60,7 @@ def test_style_rises_while_the_prompt_survives(effect):
 
 
 def test_demo_writes_grid_and_results(tmp_path):
-    from stylegrad.cli import main
+    from stylegrad.apps.cli import main
 
     assert main(["demo", "--out", str(tmp_path), "--style-steps", "0,5", "--seeds", "1"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -101,7 +101,7 @@ def tiny_stylecodes(unet, seed: int = 0, trained_look: bool = True):
     """A Stylecodes model for ``unet`` with a small autoencoder (width 32) reading tiny SigLIP tokens. The collab
     weights start at the identity, where the control stream cannot reach the base; they are moved off it, as
     training would, so the style acts."""
-    from stylegrad.stylecode_model import StylecodesModel
+    from stylegrad.stylecodes.model import StylecodesModel
 
     torch.manual_seed(seed)
     model = StylecodesModel(unet, dict(input_dim=HIDDEN, width=32, feedforward=64, max_len=128))

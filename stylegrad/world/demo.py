@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..generate import label_grid
-from ..options import StyleOptions
+from stylegrad.pipelines.generation import label_grid
+from stylegrad.aesthetic.options import StyleOptions
 from .measure import DEMO_LR, PROMPTS, STEPS, measure_effect
 
 HERE = Path(__file__).resolve().parent
@@ -26,9 +26,9 @@ def load_world(weights: Path = WEIGHTS):
     """(pipeline, aesthetic encoder, evaluation CLIP) of the small world, from the bundled weights."""
     from diffusers import StableDiffusionPipeline
 
-    from ..encoder import AestheticEncoder
-    from ..errors import StylegradError
-    from ..metrics import ClipEmbedder
+    from stylegrad.aesthetic.encoder import AestheticEncoder
+    from stylegrad.errors import StylegradError
+    from stylegrad.evaluation.metrics import ClipEmbedder
 
     if not (weights / "sd" / "model_index.json").is_file():
         raise StylegradError(f"the small world's weights are missing from {weights} (retrain: see docs/world.md)")
@@ -41,7 +41,7 @@ def load_world(weights: Path = WEIGHTS):
 def run_demo(out: str | Path = "stylegrad-demo", steps=STEPS, seeds: int = 2, prompts=PROMPTS,
              lr: float = DEMO_LR, log=print) -> dict:
     """Write ``grid.png`` and ``results.json`` into ``out``; return the results."""
-    from ..images import embed_images
+    from stylegrad.aesthetic.embedding import embed_images
 
     t0 = time.perf_counter()
     out = Path(out)

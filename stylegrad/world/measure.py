@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..encoder import AestheticEncoder
-from ..generate import Settings, run_pipeline
-from ..metrics import ClipEmbedder, style_similarity
-from ..options import StyleOptions
-from ..style import Style
+from stylegrad.aesthetic.encoder import AestheticEncoder
+from stylegrad.pipelines.generation import Settings, run_pipeline
+from stylegrad.evaluation.metrics import ClipEmbedder, style_similarity
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.files.styles import Style
 from .data import caption_facts, class_captions
 
 PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a green cross",

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import StylegradError
-from .hub import from_pretrained
-from .stylecode_model import SIGLIP, StylecodesModel, check_state, load_stylecodes, read_checkpoint, save_stylecodes
-from .stylecode_unet import controlled_forward, mid_size
-from .stylecodes import image_tokens, load_siglip
+from stylegrad.errors import StylegradError
+from stylegrad.files.hub import from_pretrained
+from stylegrad.stylecodes.model import SIGLIP, StylecodesModel, check_state, load_stylecodes, read_checkpoint, save_stylecodes
+from stylegrad.stylecodes.unet import controlled_forward, mid_size
+from stylegrad.stylecodes.facade import image_tokens, load_siglip
 
 COLUMNS = ("style_image", "prompt", "target_image")
 

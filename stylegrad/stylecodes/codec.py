@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from .errors import StylegradError
+from stylegrad.errors import StylegradError
 
 DIM = 20
 LEVELS = 64

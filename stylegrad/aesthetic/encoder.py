@@ -9,12 +9,12 @@ from collections import OrderedDict
 import torch
 from transformers import CLIPTextModelWithProjection
 
-from .errors import StylegradError
-from .options import StyleOptions
-from .tuning import first_eos, personalize
-from .style import Style
-from .targets import blend, style_target
-from .tower import TextTower, tower_for
+from stylegrad.errors import StylegradError
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.aesthetic.tuning import first_eos, personalize
+from stylegrad.files.styles import Style
+from stylegrad.aesthetic.targets import blend, style_target
+from stylegrad.aesthetic.tower import TextTower, tower_for
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:

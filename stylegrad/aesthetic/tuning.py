@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .eos_forward import EosForward, full_pass, is_matrix
-from .tower import TextTower
+from stylegrad.aesthetic.eos_forward import EosForward, full_pass, is_matrix
+from stylegrad.aesthetic.tower import TextTower
 
 TOKEN = "embeddings.token_embedding.weight"
 

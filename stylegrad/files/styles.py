@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .errors import StylegradError
-from .vectors import normalize, slerp
+from stylegrad import __version__
+from stylegrad.errors import StylegradError
+from stylegrad.aesthetic.vectors import normalize, slerp
 
 FORMAT = "stylegrad.style"
 TENSOR_KEY = "aesthetic_embedding"

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import StylegradError
-from .style import Style
-from .tower import SD1
+from stylegrad import __version__
+from stylegrad.errors import StylegradError
+from stylegrad.files.styles import Style
+from stylegrad.aesthetic.tower import SD1
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MEANS = {
@@ -56,7 +56,7 @@ def load_image_encoder(clip_model: str, device: torch.device | str | None = None
     """(CLIPVisionModelWithProjection, its image processor) from a hub id or folder."""
     from transformers import CLIPVisionModelWithProjection
 
-    from .hub import from_pretrained
+    from stylegrad.files.hub import from_pretrained
 
     try:  # transformers 5 without torchvision: the PIL processor, same preprocessing
         from transformers import CLIPImageProcessorPil as Processor

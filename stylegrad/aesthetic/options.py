@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import StylegradError
+from stylegrad.errors import StylegradError
 
 
 def _opt(default, help: str):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import StylegradError
-from .stylecode import DIM
+from stylegrad.errors import StylegradError
+from stylegrad.stylecodes.codec import DIM
 
 PUBLISHED_REPO = "CiaraRowles/stylecodes"
 PUBLISHED_FILE = "stylecodes_sd15_v1.bin"

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .errors import StylegradError
-from .stylecode import Code, blend, dequantize, encode, parse_weighted, quantize
-from .stylecode_model import SIGLIP, StyleAutoencoder, StylecodesModel, load_autoencoder, load_stylecodes
-from .stylecode_unet import with_stylecode
+from stylegrad.errors import StylegradError
+from stylegrad.stylecodes.codec import Code, blend, dequantize, encode, parse_weighted, quantize
+from stylegrad.stylecodes.model import SIGLIP, StyleAutoencoder, StylecodesModel, load_autoencoder, load_stylecodes
+from stylegrad.stylecodes.unet import with_stylecode
 
 
 def load_siglip(name_or_path: str = SIGLIP, device=None, dtype=None):
     """(SiglipVisionModel, its image processor), from a hub id or a local folder."""
     from transformers import SiglipVisionModel
 
-    from .hub import from_pretrained
+    from stylegrad.files.hub import from_pretrained
 
     try:
         from transformers import SiglipImageProcessorPil as Processor

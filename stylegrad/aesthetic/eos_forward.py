@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.optim.adam import adam
 from transformers.activations import ACT2FN
 
-from .products import can_fuse_adam, fused_adam_linear, input_grad, linear
-from .tower import TextTower
+from stylegrad.aesthetic.products import can_fuse_adam, fused_adam_linear, input_grad, linear
+from stylegrad.aesthetic.tower import TextTower
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 

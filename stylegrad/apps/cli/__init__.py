@@ -10,9 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .errors import StylegradError
-from .options import StyleOptions
+from stylegrad import __version__
+from stylegrad.errors import StylegradError
+from stylegrad.aesthetic.options import StyleOptions
 
 H = StyleOptions.help
 
@@ -54,9 +54,9 @@ def _output_format(requested: str | None, out: Path) -> str:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
-    from .images import embed_images
-    from .style import save_style
-    from .tower import FAMILIES
+    from stylegrad.aesthetic.embedding import embed_images
+    from stylegrad.files.styles import save_style
+    from stylegrad.aesthetic.tower import FAMILIES
 
     clip = a.clip_model or FAMILIES[a.family].clip_model
     out = Path(a.output)
@@ -78,7 +78,7 @@ def _parse_weighted(spec: str) -> tuple[str, float]:
 
 
 def cmd_mix(a: argparse.Namespace) -> None:
-    from .style import load_style, mix_styles, save_style
+    from stylegrad.files.styles import load_style, mix_styles, save_style
 
     parts = [(load_style(path), w) for path, w in map(_parse_weighted, a.styles)]
     out = Path(a.output)
@@ -89,7 +89,7 @@ def cmd_mix(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from .style import describe_width, inspect_file
+    from stylegrad.files.styles import describe_width, inspect_file
 
     infos = [inspect_file(f) for f in a.files]
     if a.json:
@@ -120,9 +120,9 @@ def _check_generation(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from .encoder import AestheticEncoder
-    from .generate import Settings, compare, generate, load_init_image, load_pipeline
-    from .style import load_style
+    from stylegrad.aesthetic.encoder import AestheticEncoder
+    from stylegrad.pipelines.generation import Settings, compare, generate, load_init_image, load_pipeline
+    from stylegrad.files.styles import load_style
 
     options = _style_options(a)
     style = load_style(a.style) if a.style else None
@@ -138,7 +138,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if a.stylecode and a.style_image:
         raise StylegradError("give --stylecode or --style-image, not both")
     if a.stylecode:
-        from .stylecode import parse_weighted
+        from stylegrad.stylecodes.codec import parse_weighted
 
         parse_weighted(a.stylecode)  # a bad code fails before any model loads
     style_image = load_init_image(a.style_image, None, None) if a.style_image else None
@@ -162,7 +162,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def _with_stylecode(pipe, a: argparse.Namespace, style_image):
     """The pipeline with the Stylecodes control stream, and the PNG fields that record the code."""
-    from .stylecodes import Stylecodes
+    from stylegrad.stylecodes.facade import Stylecodes
 
     sc = Stylecodes.load(pipe.unet, a.stylecodes_model, a.siglip_model if style_image is not None else None)
     codes = a.stylecode or sc.code_for(style_image)
@@ -177,10 +177,10 @@ def _with_stylecode(pipe, a: argparse.Namespace, style_image):
 
 
 def cmd_score(a: argparse.Namespace) -> None:
-    from .images import IMAGE_SUFFIXES
-    from .metrics import ClipEmbedder, aesthetic_score
-    from .predictors import load_predictor
-    from .style import load_style
+    from stylegrad.aesthetic.embedding import IMAGE_SUFFIXES
+    from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score
+    from stylegrad.evaluation.predictors import load_predictor
+    from stylegrad.files.styles import load_style
 
     predictor = load_predictor(a.predictor)
     images = [f for f in a.files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
@@ -214,12 +214,12 @@ def cmd_score(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .encoder import AestheticEncoder
-    from .evaluate import evaluate, read_prompts, seeds_from
-    from .generate import Settings, load_pipeline
-    from .metrics import ClipEmbedder
-    from .predictors import load_predictor
-    from .style import load_style
+    from stylegrad.aesthetic.encoder import AestheticEncoder
+    from stylegrad.evaluation.experiment import evaluate, read_prompts, seeds_from
+    from stylegrad.pipelines.generation import Settings, load_pipeline
+    from stylegrad.evaluation.metrics import ClipEmbedder
+    from stylegrad.evaluation.predictors import load_predictor
+    from stylegrad.files.styles import load_style
 
     _check_generation(a)
     prompts = read_prompts(a.prompts)
@@ -239,7 +239,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     pipe = load_pipeline(a.model, a.device, a.sampler)
     pipe.set_progress_bar_config(disable=True)
     encoder = AestheticEncoder.from_pipeline(pipe, a.clip_model)
-    from .tower import detect_family
+    from stylegrad.aesthetic.tower import detect_family
 
     clip = a.clip_model or detect_family(pipe.text_encoder).clip_model
     embedder = ClipEmbedder(clip, pipe.device)
@@ -255,7 +255,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_code_decode(a: argparse.Namespace) -> None:
-    from .stylecode import decode
+    from stylegrad.stylecodes.codec import decode
 
     code = decode(a.code)
     if a.json:
@@ -266,8 +266,8 @@ def cmd_code_decode(a: argparse.Namespace) -> None:
 
 
 def cmd_code_encode(a: argparse.Namespace) -> None:
-    from .generate import load_init_image
-    from .stylecodes import Stylecodes
+    from stylegrad.pipelines.generation import load_init_image
+    from stylegrad.stylecodes.facade import Stylecodes
 
     image = load_init_image(a.image, None, None)
     sc = Stylecodes.load(None, a.stylecodes_model, a.siglip_model, device=a.device)
@@ -275,7 +275,7 @@ def cmd_code_encode(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from .world.demo import run_demo
+    from stylegrad.world.demo import run_demo
 
     steps = [int(x) for x in a.style_steps.split(",") if x.strip()]
     if a.seeds < 1 or any(k < 0 for k in steps):
@@ -284,7 +284,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_train_stylecodes(a: argparse.Namespace) -> None:
-    from .stylecode_train import TrainConfig, train
+    from stylegrad.stylecodes.training import TrainConfig, train
 
     cfg = TrainConfig(data=a.data, out=a.out, model=a.model, siglip=a.siglip_model, init=a.init, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, resolution=a.resolution, grad_accum=a.grad_accum,
@@ -295,7 +295,7 @@ def cmd_train_stylecodes(a: argparse.Namespace) -> None:
 
 
 def cmd_code_random(a: argparse.Namespace) -> None:
-    from .stylecode import random_code
+    from stylegrad.stylecodes.codec import random_code
 
     print(random_code(a.seed, a.format))
 

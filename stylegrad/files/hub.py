@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import StylegradError
+from stylegrad.errors import StylegradError
 
 
 def from_pretrained(cls, name_or_path: str, what: str = "model", **kwargs):

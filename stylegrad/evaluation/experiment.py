@@ -23,15 +23,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
-from .encoder import AestheticEncoder
-from .errors import StylegradError
-from .generate import Settings, label_grid, run_pipeline
-from .metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity
-from .options import StyleOptions
-from .pnginfo import save_png
-from .predictors import AestheticPredictor
-from .style import Style
+from stylegrad import __version__
+from stylegrad.aesthetic.encoder import AestheticEncoder
+from stylegrad.errors import StylegradError
+from stylegrad.pipelines.generation import Settings, label_grid, run_pipeline
+from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.files.pnginfo import save_png
+from stylegrad.evaluation.predictors import AestheticPredictor
+from stylegrad.files.styles import Style
 
 METRICS = ("aesthetic", "clip_score", "style_similarity")
 LABELS = {"aesthetic": "aesthetic score", "clip_score": "CLIP score (prompt)", "style_similarity": "style similarity"}

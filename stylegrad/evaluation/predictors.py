@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import StylegradError
+from stylegrad.errors import StylegradError
 
 _SAC = "https://github.com/crowsonkb/simulacra-aesthetic-models/raw/master/models/"
 _LAION = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"

@@ -10,13 +10,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from . import __version__
-from .encoder import AestheticEncoder
-from .errors import StylegradError
-from .hub import from_pretrained
-from .options import StyleOptions
-from .pnginfo import A1111_SAMPLERS, parameters_text, save_png
-from .style import Style
+from stylegrad import __version__
+from stylegrad.aesthetic.encoder import AestheticEncoder
+from stylegrad.errors import StylegradError
+from stylegrad.files.hub import from_pretrained
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.files.pnginfo import A1111_SAMPLERS, parameters_text, save_png
+from stylegrad.files.styles import Style
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SAMPLERS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .vectors import normalize, slerp
+from stylegrad.aesthetic.vectors import normalize, slerp
 
 
 def style_target(style: torch.Tensor, text: torch.Tensor | None = None, angle: float = 0.1,

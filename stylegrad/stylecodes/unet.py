@@ -13,8 +13,8 @@ import inspect
 import torch
 from torch import nn
 
-from .errors import StylegradError
-from .stylecode_model import StylecodesModel
+from stylegrad.errors import StylegradError
+from stylegrad.stylecodes.model import StylecodesModel
 
 
 def _mix(collab: nn.Linear, ctrl: torch.Tensor, base: torch.Tensor, strength: torch.Tensor):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import StylegradError
-from .hub import from_pretrained
-from .predictors import AestheticPredictor
+from stylegrad.errors import StylegradError
+from stylegrad.files.hub import from_pretrained
+from stylegrad.evaluation.predictors import AestheticPredictor
 
 
 def aesthetic_score(predictor: AestheticPredictor, image_embeds: torch.Tensor) -> torch.Tensor:

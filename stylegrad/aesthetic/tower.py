@@ -21,7 +21,7 @@ import torch
 from torch.func import functional_call
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .errors import StylegradError
+from stylegrad.errors import StylegradError
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _layer_index(name: str) -> int | None:
 
 def load_clip_text(clip_model: str, device: torch.device | str = "cpu") -> CLIPTextModelWithProjection:
     """The CLIP text tower with its projection, from a hub id or a local folder (offline-friendly errors)."""
-    from .hub import from_pretrained
+    from stylegrad.files.hub import from_pretrained
 
     return from_pretrained(CLIPTextModelWithProjection, clip_model, what="CLIP model").to(device).eval()
 
