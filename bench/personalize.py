@@ -1,4 +1,4 @@
-"""Aesthetic-gradient personalisation: the reference loop vs stylegrad, on the real SD1.x text-encoder size.
+"""Aesthetic-gradient personalization: the reference loop vs stylegrad, on the real SD1.x text-encoder size.
 
 Builds CLIP ViT-L/14 (text tower 12x768 with projection, vision tower 24x1024) with random weights (speed does
 not depend on the values), a typical 15-token prompt, T = 10 Adam steps, lr 1e-4. Each side runs in its own
@@ -90,12 +90,12 @@ def run_reference(clip: CLIPModel, ids: torch.Tensor, negative_ids: torch.Tensor
         optimizer.step()
     with torch.no_grad():
         z = model.text_model(input_ids=ids).last_hidden_state
-        clip.text_model(input_ids=negative_ids)  # the unconditional prompt, unpersonalised, as stylegrad does
+        clip.text_model(input_ids=negative_ids)  # the unconditional prompt, unpersonalized, as stylegrad does
         return z
 
 
 class Side:
-    """One side of the comparison, loaded and warmed up; ``run`` personalises the prompt once."""
+    """One side of the comparison, loaded and warmed up; ``run`` personalizes the prompt once."""
 
     def __init__(self, role: str):
         clip = vit_l14()
@@ -131,7 +131,7 @@ class Side:
         return time.perf_counter() - t0, z
 
     def cached(self) -> float:
-        """Seconds per repeat of a prompt already personalised (the seed sweep / batch case)."""
+        """Seconds per repeat of a prompt already personalized (the seed sweep / batch case)."""
         self.enc.encode(PROMPT, self.style, self.options)
         repeats, t0 = 20, time.perf_counter()
         for _ in range(repeats):

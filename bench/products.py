@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from stylegrad.aesthetic import products  # noqa: E402
-from stylegrad.aesthetic.eos_forward import adam_step  # noqa: E402
+from stylegrad.aesthetic.adam import AdamSettings, adam_step  # noqa: E402
 
 ROWS, ROUNDS, LR = 17, 7, 1e-4
-HYPER = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, fused=True)
+ADAM = AdamSettings(lr=LR)
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # q, k, v, out, fc1, fc2 of one layer
 
 
@@ -63,11 +63,11 @@ def main() -> None:
         for d in mats:
             if on:
                 products.fused_adam_linear(d["w"], d["w"], d["m"], d["v"], d["g"], d["x"], d["x"], d["b"],
-                                           first=False, keep=True, step=2, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8)
+                                           first=False, keep=True, step=2, adam=ADAM)
             else:
                 buf = scratch.setdefault(d["w"].shape, torch.empty_like(d["w"]))
                 torch.mm(d["g"].T, d["x"], out=buf)
-                adam_step(d["w"], buf, d["m"], d["v"], d["step"], HYPER)  # torch's fused Adam, as tuning calls it
+                adam_step(d["w"], buf, d["m"], d["v"], d["step"], ADAM)  # torch's fused Adam, as tuning calls it
                 products.linear(d["x"], d["w"], d["b"])
 
     params = sum(d["w"].numel() for d in mats)

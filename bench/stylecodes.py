@@ -5,7 +5,7 @@
 2. Loading a checkpoint built from ../shared/fixtures/stylecodes/reference_state_dict.json (every key and shape
    of the published model, random fp16 values), in both published containers: stylegrad's strict loader
    (meta-device build, tensors cast one at a time) vs the published code's way (build the model with random
-   initialisation, read the whole file, load_state_dict). Load time and peak extra memory, each in its own process.
+   initialization, read the whole file, load_state_dict). Load time and peak extra memory, each in its own process.
 
     python bench/stylecodes.py                # prints a table, then one JSON line
 """
@@ -93,7 +93,7 @@ def load_once(manifest: dict, path: Path, how: str) -> dict:
         from stylegrad.stylecodes.model import load_stylecodes
 
         model = load_stylecodes(str(path), unet)
-    else:  # the published code: a randomly initialised model, then the whole file, then a non-strict copy
+    else:  # the published code: a randomly initialized model, then the whole file, then a non-strict copy
         from stylegrad.stylecodes.model import StylecodesModel
 
         model = StylecodesModel(unet)

@@ -1,5 +1,5 @@
 """The paper's claim, measured on the bundled small world: style similarity and prompt fidelity against the number
-of aesthetic-gradient steps, and what the regulariser and the target similarity change.
+of aesthetic-gradient steps, and what the regularizer and the target similarity change.
 
 Reference in the same run: the unstyled images (0 steps). Ratios are style-similarity gain over it and fidelity
 kept relative to it. Prompts x seeds images per row; the style is made from the bundled striped examples.
@@ -20,7 +20,6 @@ import torch
 from stylegrad import StyleOptions, embed_images
 from stylegrad.world.demo import EXAMPLES, WEIGHTS, load_world
 from stylegrad.world.measure import DEMO_LR, PROMPTS, measure_effect
-
 
 
 def main() -> None:
@@ -44,7 +43,7 @@ def main() -> None:
             per_prompt = [statistics.fmean(r_sim) for r_sim in _per_prompt(r, embedder, style, a.seeds)]
             row = {"variant": name, "steps": r.steps, "style_similarity": round(r.style_similarity, 4),
                    "prompt_kept": round(r.accuracy, 4), "shape": round(r.shape_accuracy, 4),
-                   "colour": round(r.colour_accuracy, 4),
+                   "color": round(r.color_accuracy, 4),
                    "similarity_spread": round(statistics.pstdev(per_prompt), 4)}
             if name == "plain" and r.steps == 0:
                 reference = row
@@ -53,12 +52,12 @@ def main() -> None:
         row["similarity_gain"] = round(row["style_similarity"] - reference["style_similarity"], 4)
         row["prompt_kept_ratio"] = round(row["prompt_kept"] / reference["prompt_kept"], 3)
     head = f"{'variant':24} {'steps':>5} {'style sim':>9} {'gain':>7} {'spread':>7} {'kept':>5} {'ratio':>5} " \
-           f"{'shape':>5} {'colour':>6}"
+           f"{'shape':>5} {'color':>6}"
     print(head)
     for r in table:
         print(f"{r['variant']:24} {r['steps']:>5} {r['style_similarity']:>9.3f} {r['similarity_gain']:>+7.3f} "
               f"{r['similarity_spread']:>7.3f} {r['prompt_kept']:>5.2f} {r['prompt_kept_ratio']:>5.2f} "
-              f"{r['shape']:>5.2f} {r['colour']:>6.2f}")
+              f"{r['shape']:>5.2f} {r['color']:>6.2f}")
     print(f"({len(PROMPTS)} prompts x {a.seeds} seeds per row, lr {DEMO_LR:g}, {time.perf_counter() - t0:.0f} s)")
     print(json.dumps({"lr": DEMO_LR, "prompts": len(PROMPTS), "seeds": a.seeds, "rows": table}))
 

@@ -2,47 +2,48 @@
 
 Public API::
 
-    style = embed_images(["my_pictures/"], clip_model="openai/clip-vit-large-patch14")   # images -> Style
-    save_style(style, "mine.safetensors");  style = load_style("watercolor.pt")
-    enc = AestheticEncoder.from_pipeline(pipe)                                          # any diffusers pipeline
+    style = embed_images(["my_pictures/"])                        # images -> Style (CLIP ViT-L/14 for SD1.x)
+    save_style(style, "mine.safetensors");  style = load_style("watercolor.pt");  inspect_file("any.file")
+    enc = AestheticEncoder.from_pipeline(pipe)                    # any diffusers pipeline that takes prompt_embeds
     prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
     image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
-    aesthetic_score(load_predictor("laion-l14"), image_embeds); clip_score(...); style_similarity(...)
-    sc = Stylecodes.load(pipe.unet); code = sc.code_for(image); styled = sc.pipeline(pipe, code)  # stylecodes
+    gen = Generator.load("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or Generator(pipe)
+    gen.generate(GenerationRequest("a lighthouse", style="mine.safetensors"), "outputs")   # PNGs with metadata
+    sc = Stylecodes.load(pipe.unet); code = sc.code_for(image); styled = sc.pipeline(pipe, code)
+    read_generation_info("image.png")                             # A1111, ComfyUI, NovelAI, kohya, stylegrad
 """
 
 __version__ = "0.1.0"
 
+from stylegrad.aesthetic.embedding import embed_images  # noqa: E402
 from stylegrad.aesthetic.encoder import AestheticEncoder  # noqa: E402
-from stylegrad.errors import StylegradError  # noqa: E402
-from stylegrad.aesthetic.embedding import embed_images, find_images  # noqa: E402
-from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity  # noqa: E402
 from stylegrad.aesthetic.options import StyleOptions  # noqa: E402
-from stylegrad.evaluation.predictors import AestheticPredictor, load_predictor  # noqa: E402
-from stylegrad.aesthetic.tuning import personalize  # noqa: E402
-from stylegrad.files.styles import Style, inspect_file, load_style, mix_styles, save_style  # noqa: E402
+from stylegrad.errors import StylegradError  # noqa: E402
+from stylegrad.evaluation.metrics import aesthetic_score, clip_score, style_similarity  # noqa: E402
+from stylegrad.evaluation.predictors import load_predictor  # noqa: E402
+from stylegrad.files.pnginfo import read_generation_info  # noqa: E402
+from stylegrad.files.recognize import inspect_file  # noqa: E402
+from stylegrad.files.styles import Style, load_style, mix_styles, save_style  # noqa: E402
+from stylegrad.pipelines.generation import Generator  # noqa: E402
+from stylegrad.pipelines.request import GenerationRequest  # noqa: E402
 from stylegrad.stylecodes.facade import Stylecodes  # noqa: E402
-from stylegrad.aesthetic.tower import TextTower, detect_family  # noqa: E402
 
 __all__ = [
     "AestheticEncoder",
-    "AestheticPredictor",
-    "ClipEmbedder",
-    "aesthetic_score",
-    "clip_score",
-    "load_predictor",
-    "style_similarity",
+    "GenerationRequest",
+    "Generator",
     "Style",
     "StyleOptions",
     "Stylecodes",
     "StylegradError",
-    "TextTower",
-    "detect_family",
+    "aesthetic_score",
+    "clip_score",
     "embed_images",
-    "find_images",
     "inspect_file",
+    "load_predictor",
     "load_style",
     "mix_styles",
-    "personalize",
+    "read_generation_info",
     "save_style",
+    "style_similarity",
 ]

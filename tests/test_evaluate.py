@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,11 @@ from stylegrad import Style, StylegradError, load_style, save_style
 from stylegrad.apps.cli import main
 from stylegrad.evaluation.metrics import ClipEmbedder, clip_score, style_similarity
 from stylegrad.evaluation.predictors import load_predictor
+from stylegrad.pipelines.grids import grid_cell
 
 
 def _vectors(d, n=6):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(11)) * 7.0  # unnormalised on purpose
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(11)) * 7.0  # unnormalized on purpose
 
 
 @pytest.mark.parametrize("name,width", [("sac_public_2022_06_29_vit_l_14_linear", 768),
@@ -47,7 +49,8 @@ def test_laion_mlp_formula(shared):
 
 def test_short_names_use_the_cache_and_fail_clearly_offline(shared, tmp_path, monkeypatch):
     monkeypatch.setenv("STYLEGRAD_CACHE", str(tmp_path))
-    with pytest.raises(StylegradError, match=r"not downloaded and downloads are off \(offline\).*sac_public_2022_06_29_vit_b_32"):
+    offline = r"not downloaded and downloads are off \(offline\).*sac_public_2022_06_29_vit_b_32"
+    with pytest.raises(StylegradError, match=offline):
         load_predictor("sac-b32")
     (tmp_path / "predictors").mkdir()
     shutil.copy(shared / "aesthetic_predictors" / "sac_public_2022_06_29_vit_b_32_linear.pth", tmp_path / "predictors")
@@ -138,8 +141,12 @@ def test_evaluate_writes_everything_and_resumes(world, tmp_path, tiny_predictor,
             assert entry["style_similarity"]["mean"] == pytest.approx(sum(mine) / 4)
     with Image.open(out / "plots" / "metrics.png") as im:
         assert im.width > 200
-    with Image.open(out / "grids" / "warm.png") as im:
-        assert im.size == (90 + 2 * 32, 24 + 2 * 32)  # columns: steps 0, 3; rows: prompts
+    with Image.open(out / "grids" / "warm.png") as im:  # rows: prompts (first seed); columns: steps 0, 3
+        grid = im.convert("RGB")
+    for i in range(2):
+        for j, folder in enumerate(["no-style", "warm/steps003"]):
+            with Image.open(out / "images" / folder / f"p{i:03d}-seed0.png") as cell:
+                assert np.array_equal(np.asarray(grid_cell(grid, (32, 32), 2, i, j)), np.asarray(cell.convert("RGB")))
     page = (out / "report.html").read_text()
     assert page.count("data:image/") == 3 and "src='http" not in page and 'src="http' not in page
     assert "a blue boat on the sea" in page and "±" in page
@@ -161,12 +168,42 @@ def test_evaluate_writes_everything_and_resumes(world, tmp_path, tiny_predictor,
         assert list(csv.DictReader(f)) == rows
 
 
+def test_evaluate_refuses_other_settings_in_the_same_folder(world, tmp_path, tiny_predictor, capsys):
+    """Resuming on file names alone would pass old images off under new settings: the manifest names what differs."""
+    out = tmp_path / "eval"
+    args = _evaluate_args(world, tmp_path, tiny_predictor, out)
+    args[args.index("--style-steps") + 1] = "0"  # only the shared no-style images: quick
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompts"] == ["a red house", "a blue boat on the sea"]
+    assert set(manifest["styles"]) == {"warm", "cool"}
+    capsys.readouterr()
+    for flag, value, named in [("--style-lr", "1e-3", "style_options.lr"), ("--model", str(tmp_path), "settings.model"),
+                               ("--steps", "3", "settings.steps")]:
+        changed = list(args)
+        changed[changed.index(flag) + 1] = value
+        assert main(changed) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("Error: ") and named in err and len(err.splitlines()) == 1
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red house\na green boat on the sea\n")  # a prompt's text changed, not its index
+    assert main(args) == 1
+    assert "prompts[1]" in capsys.readouterr().err
+    prompts.write_text("a red house\na blue boat on the sea\n")
+    assert main(args) == 0  # the same settings resume
+
+
 def test_evaluate_bad_input_is_one_line(world, tmp_path, tiny_predictor, capsys):
     args = _evaluate_args(world, tmp_path, tiny_predictor, tmp_path / "o")
     bad = list(args)
     bad[bad.index("--style-steps") + 1] = "0,x"
+    assert main(bad) == 2  # a usage error
+    assert capsys.readouterr().err.strip().startswith("Error: argument --style-steps: '0,x' is not")
+    bad = list(args)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    bad[bad.index("--prompts") + 1] = str(tmp_path / "latin1.txt")
     assert main(bad) == 1
-    assert capsys.readouterr().err.strip().startswith("Error: --style-steps takes")
+    assert "is not UTF-8 text" in capsys.readouterr().err
     bad = list(args)
     bad[bad.index("--prompts") + 1] = str(tmp_path / "missing.txt")
     assert main(bad) == 1

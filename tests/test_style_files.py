@@ -85,17 +85,17 @@ def _write_bad(kind: str, tmp: Path) -> Path:
 
 
 BAD = [  # (case, expected kind, expected words in the message)
-    ("a1111-ti", "textual-inversion", "textual-inversion embedding with 4 vector"),
-    ("diffusers-ti", "textual-inversion", "textual-inversion embedding for the token '<cat-toy>'"),
-    ("lora", "lora", "a LoRA"),
+    ("a1111-ti", "textual-inversion", "textual-inversion embedding (a1111) with 4 vector"),
+    ("diffusers-ti", "textual-inversion", "textual-inversion embedding (diffusers)"),
+    ("lora", "lora", "LoRA"),
     ("checkpoint", "checkpoint", "Stable Diffusion checkpoint"),
-    ("pickle", "other", "does not unpickle arbitrary objects"),
-    ("truncated", "corrupt", "truncated or corrupt"),
+    ("pickle", "other", "stylegrad loads plain tensors only"),
+    ("truncated", "other", "truncated or corrupt"),
     ("nan", "style", "NaN or infinite"),
     ("zero", "style", "all zeros"),
-    ("many", "tensor", "5 vectors, not one style"),
-    ("text", "corrupt", "truncated or corrupt"),
-    ("empty", "corrupt", "empty"),
+    ("many", "other", "5 vectors"),
+    ("text", "other", "a text file"),
+    ("empty", "other", "empty"),
     ("list", "other", "holds a list"),
 ]
 
@@ -137,7 +137,7 @@ def test_pt_format_is_a_bare_fp32_tensor_the_reference_code_loads(tmp_path):
     assert torch.equal(raw[0], style.vector)
 
 
-def test_mix_is_a_normalised_weighted_mean(shared):
+def test_mix_is_a_normalized_weighted_mean(shared):
     a = load_style(shared / "aesthetic_embeddings" / "aivazovsky.pt")
     b = load_style(shared / "aesthetic_embeddings" / "laion_7plus.pt")  # norm 0.54 vs 15: scale must not matter
     mixed = mix_styles([(a, 0.7), (b, 0.3)])
@@ -175,3 +175,130 @@ def test_cli_refuses_bad_style_with_one_line(tmp_path, capsys):
     assert main(["mix", str(bad), "-o", str(tmp_path / "o.safetensors")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ") and "textual-inversion" in err and len(err.splitlines()) == 1
+
+
+COMMUNITY = [  # (file under community/, kind, format, family, width, vectors)
+    ("textual_inversion/bad_prompt_version2.pt", "textual-inversion", "a1111", "sd1", 768, 8),
+    ("textual_inversion/eastonhill_embeddings.pt", "textual-inversion", "a1111", "sd1", 768, 1),
+    ("textual_inversion/Birch-san_embeddings.pt", "textual-inversion", "a1111", "sd1", 768, 1),
+    ("textual_inversion/test_embedding.safetensors", "textual-inversion", "kohya", "sd1", 768, 5),
+    ("textual_inversion/fastai_learned_embeds.bin", "textual-inversion", "diffusers", "sd1", 768, 1),
+    ("textual_inversion/lora_kiriko2.ti.pt", "textual-inversion", "diffusers", "sd1", 768, 1),
+    ("lora/catundchat_pytorch_lora_weights.safetensors", "lora", "diffusers-attn-procs", "sd1", None, None),
+    ("lora/catundchat_pytorch_lora_weights.bin", "lora", "diffusers-attn-procs", "sd1", None, None),
+    ("lora/adapter_model.safetensors", "lora", "peft", "sd1", None, None),
+    ("lora/lora_disney.safetensors", "lora", "lora-diffusion", "sd1", None, None),
+    ("lora/analog_svd_rank4.safetensors", "lora", "lora-diffusion", "sd1", None, None),
+    ("lora/lora_pop.pt", "lora", "lora-diffusion-list", None, None, None),
+    ("lora/adapter_config.json", "other", "json", None, None, None),
+    ("png/automatic1111_cropped.png", "image", "png", None, None, None),
+    ("aesthetic/ainightbirds.pt", "style", "a1111", "sd1", 768, None),
+]
+
+
+@pytest.mark.parametrize("name,kind,fmt,family,width,vectors", COMMUNITY, ids=[c[0] for c in COMMUNITY])
+def test_the_files_people_share_are_named(shared, name, kind, fmt, family, width, vectors):
+    info = inspect_file(shared / "community" / name)
+    assert (info.kind, info.format, info.family, info.width, info.vectors) == (kind, fmt, family, width, vectors)
+    if kind == "textual-inversion":
+        assert info.trigger == Path(name).stem and info.shape[-1] == 768 and info.dtype == "float32"
+    if kind != "style":
+        with pytest.raises(StylegradError) as err:
+            load_style(shared / "community" / name)
+        assert kind.replace("-", " ").split()[0].lower() in str(err.value).lower() or "not" in str(err.value)
+
+
+def test_a1111_embedding_fields(shared):
+    info = inspect_file(shared / "community" / "textual_inversion" / "bad_prompt_version2.pt")
+    assert (info.name, info.step, info.trigger) == ("bad_prompt_version2", 12000, "bad_prompt_version2")
+
+
+def _written_formats(tmp: Path) -> list[tuple[Path, str, str, str | None]]:
+    """Formats with no small shared file, written with their documented key names."""
+    out = []
+    r = 4
+
+    def save(name, tensors, meta=None):
+        p = tmp / name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta)
+        return p
+
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    out.append((save("kohya.safetensors", {f"{te}.lora_down.weight": torch.randn(r, 768),
+                                           f"{te}.lora_up.weight": torch.randn(768, r), f"{te}.alpha": torch.tensor(4.0)}),
+                "lora", "kohya", "sd1"))
+    unet = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    out.append((save("sdxl_kohya.safetensors", {f"{unet}.lora_down.weight": torch.randn(r, 2048),
+                                                f"{unet}.lora_up.weight": torch.randn(640, r),
+                                                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
+                                                torch.randn(r, 1280)}), "lora", "kohya", "sdxl"))
+    out.append((save("loha.safetensors", {f"{te}.hada_w1_a": torch.randn(768, r), f"{te}.hada_w1_b": torch.randn(r, 768),
+                                          f"{te}.hada_w2_a": torch.randn(768, r), f"{te}.hada_w2_b": torch.randn(r, 768)}),
+                "lora", "lycoris-loha", "sd1"))
+    out.append((save("lokr.safetensors", {f"{te}.lokr_w1": torch.randn(8, 8), f"{te}.lokr_w2": torch.randn(96, 96)}),
+                "lora", "lycoris-lokr", None))
+    out.append((save("locon.safetensors", {f"{te}.lora_down.weight": torch.randn(r, 768),
+                                           f"{te}.lora_up.weight": torch.randn(768, r)},
+                     {"ss_network_module": "lycoris.kohya"}), "lora", "lycoris-locon", "sd1"))
+    out.append((save("sdxl_emb.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}),
+                "textual-inversion", "sdxl", "sdxl"))
+    out.append((save("sd15.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(4, 4, 3, 3),
+                                          "cond_stage_model.transformer.text_model.final_layer_norm.weight":
+                                          torch.ones(768)}), "checkpoint", "original", "sd1"))
+    out.append((save("sdxl.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(4, 4, 3, 3),
+                                          "conditioner.embedders.1.model.ln_final.weight": torch.ones(1280)}),
+                "checkpoint", "original", "sdxl"))
+    return out
+
+
+def test_formats_written_by_other_tools_are_named(tmp_path):
+    for path, kind, fmt, family in _written_formats(tmp_path):
+        info = inspect_file(path)
+        assert (info.kind, info.format, info.family) == (kind, fmt, family), path.name
+        assert info.dtype == "float32" and not info.usable
+    sdxl = inspect_file(tmp_path / "sdxl_emb.safetensors")
+    assert sdxl.widths == [768, 1280] and sdxl.vectors == 2
+
+
+def test_info_json_and_text_for_refused_files(shared, tmp_path, capsys):
+    from stylegrad.apps.cli import main
+
+    ti = shared / "community" / "textual_inversion" / "test_embedding.safetensors"
+    long_meta = tmp_path / "kohya_lora.safetensors"
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{te}.lora_down.weight": torch.randn(4, 768), f"{te}.lora_up.weight": torch.randn(768, 4)},
+              str(long_meta), metadata={"ss_tag_frequency": "x" * 15000})
+    png = shared / "community" / "png" / "automatic1111_cropped.png"
+    assert main(["info", str(ti), str(long_meta), str(png), str(tmp_path / "missing.pt"), "--json"]) == 1
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
+    assert [r["kind"] for r in rows] == ["textual-inversion", "lora", "image"]
+    assert rows[0]["shape"] == [5, 768] and rows[0]["dtype"] == "float32" and rows[0]["width"] == 768
+    assert rows[0]["trigger"] == "test_embedding" and rows[0]["format"] == "kohya"
+    assert rows[2]["generation"]["tool"] == "automatic1111" and rows[2]["generation"]["prompt"]
+    assert "no such file" in out.err and len(out.err.strip().splitlines()) == 1
+    assert main(["info", str(long_meta)]) == 0
+    text = capsys.readouterr().out
+    assert "(15000 characters)" in text and len(text) < 2000
+
+
+@pytest.mark.parametrize("command", ["info", "load", "mix", "score", "generate"])
+def test_kohya_embedding_is_one_clear_line_everywhere(shared, tmp_path, capsys, command):
+    """The file that crashed every command ('Boolean value of Tensor...') is named in each of them."""
+    from stylegrad.apps.cli import main
+
+    ti = str(shared / "community" / "textual_inversion" / "test_embedding.safetensors")
+    if command == "load":
+        with pytest.raises(StylegradError, match="textual-inversion embedding"):
+            load_style(ti)
+        return
+    args = {"info": ["info", ti], "mix": ["mix", ti, "-o", str(tmp_path / "m.safetensors")],
+            "score": ["score", ti, "--predictor", str(shared / "aesthetic_predictors" /
+                                                    "sac_public_2022_06_29_vit_l_14_linear.pth")],
+            "generate": ["generate", "x", "--style", ti]}[command]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    if command == "info":
+        assert code == 0
+    else:
+        assert code == 1 and err.startswith("Error:") and "textual-inversion" in err and len(err.splitlines()) == 1

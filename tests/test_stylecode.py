@@ -7,8 +7,18 @@ import pytest
 
 from stylegrad import StylegradError
 from stylegrad.apps.cli import main
-from stylegrad.stylecodes.codec import (ALPHABET, DIM, Code, blend, decode, dequantize, encode, parse_weighted, quantize,
-                                 random_code)
+from stylegrad.stylecodes.codec import (
+    ALPHABET,
+    DIM,
+    Code,
+    blend,
+    decode,
+    dequantize,
+    encode,
+    parse_weighted,
+    quantize,
+    random_code,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +35,7 @@ def test_reference_codes_decode_to_their_levels_and_latents(vectors):
         assert np.allclose(np.float32(code.latent), np.float32(v["decoded_latent_float32"]), atol=0, rtol=0)
 
 
-def test_quantiser_matches_reference_on_its_inputs(vectors):
+def test_quantizer_matches_reference_on_its_inputs(vectors):
     for v in vectors["vectors"]:
         assert list(quantize(v["latent_used_float32"])) == v["q"], v["name"]
     for lat in vectors["latents"]:

@@ -2,6 +2,7 @@
 control stream is deterministic and honours seeds, images make stable codes, and the CLI runs end to end."""
 
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tiny import tiny_siglip, tiny_stylecodes
 
 from stylegrad import StylegradError
 from stylegrad.stylecodes.codec import decode, encode, random_code
+from stylegrad.stylecodes.facade import Stylecodes
 from stylegrad.stylecodes.model import (
     StylecodesModel,
     load_autoencoder,
@@ -18,7 +20,6 @@ from stylegrad.stylecodes.model import (
     save_stylecodes,
 )
 from stylegrad.stylecodes.unet import controlled_forward
-from stylegrad.stylecodes.facade import Stylecodes
 
 
 def _state(model):
@@ -191,7 +192,6 @@ def test_cli_encode_and_generate_with_a_code(tmp_path, world, shared, capsys):
 
     from diffusers import UNet2DConditionModel
     from sd_parsers import ParserManager
-
     from tiny import PROJ
 
     from stylegrad import Style, save_style
@@ -219,9 +219,14 @@ def test_cli_encode_and_generate_with_a_code(tmp_path, world, shared, capsys):
     assert f'Stylecode: "{code}::2 {other}::1"' in text and "Stylecode strength: 0.7" in text
     assert "Aesthetic steps: 2" in text and params is not None  # both methods in one generation
     r = _cli("generate", "a red circle", "--model", str(sd_dir), "--clip-model", str(clip_dir), "--steps", "2",
-             "--out", str(tmp_path / "out"), "--style-image", str(image), "--stylecodes-model", str(ckpt), "--siglip-model", str(tmp_path / "siglip"))
+             "--out", str(tmp_path / "out"), "--stylecode-image", str(image), "--stylecodes-model", str(ckpt),
+             "--siglip-model", str(tmp_path / "siglip"))
     assert r.returncode == 0, r.stderr
-    assert f"Stylecode: {code}," in Image.open(r.stdout.strip().splitlines()[-1]).info["parameters"]
+    made = r.stdout.strip().splitlines()[-1]
+    assert f"Stylecode: {code}," in Image.open(made).info["parameters"]
+    r = _cli("generate", "--from", png, "--model", str(sd_dir), "--out", str(tmp_path / "again"))  # code and style
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(r.stdout.strip())), np.asarray(Image.open(png)))
     r = _cli("generate", "x", "--model", str(sd_dir), "--stylecode", "not-a-code")
     assert r.returncode == 1 and r.stderr.strip().startswith("Error:") and "Traceback" not in r.stderr
     r = _cli("code", "encode", str(image), "--stylecodes-model", str(tmp_path / "missing.bin"))
@@ -301,6 +306,13 @@ def test_training_data_errors_are_one_line(tmp_path, triples):
         read_index(bad)
     (bad / "index.csv").write_text("style_image,prompt\na.png,a cat\n")
     with pytest.raises(StylegradError, match="row 1: missing target_image"):
+        read_index(bad)
+    (bad / "index.csv").unlink()
+    (bad / "index.jsonl").write_text('{"style_image": "a.png", "prompt": "x", "target_image": "a.png"}\n{oops\n')
+    with pytest.raises(StylegradError, match="index.jsonl line 2 is not JSON"):
+        read_index(bad)
+    (bad / "index.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(StylegradError, match="is not UTF-8 text"):
         read_index(bad)
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import needs_kernels, text_with_projection
 from tiny import PROJ, tiny_clip, tiny_pipeline
 
-from stylegrad import AestheticEncoder, Style, StyleOptions, StylegradError
+from stylegrad import AestheticEncoder, Style, StylegradError, StyleOptions
 from stylegrad.aesthetic.targets import blend, style_target
 from stylegrad.aesthetic.vectors import normalize
 
@@ -17,25 +17,34 @@ REFERENCE_ATOL = 1e-5
 PROMPT = "a red house by the sea"
 
 
-def reference_loop(clip_text, input_ids, style, steps, lr, clip_skip=None, layers=None):
+def reference_loop(clip_text, input_ids, style, steps, lr, clip_skip=None, layers=None, regularization=0.0):
     """The paper's code, plainly: a fresh copy of the CLIP text model, Adam over the text transformer,
-    loss -cos(projection(pooled EOS state), style) on the full 77-token prompt."""
+    loss -cos(projection(pooled EOS state), style) on the full 77-token prompt; with ``regularization``, plus
+    lambda * the mean squared distance of the 77 conditioning states from the original model's."""
     model = copy.deepcopy(clip_text)
     model.requires_grad_(True)
     optimizer = torch.optim.Adam(model.text_model.parameters(), lr=lr)
     s = normalize(style)[None]
+    layers = layers or model.config.num_hidden_layers
+
+    def condition(out):
+        if clip_skip is None and layers == model.config.num_hidden_layers:
+            return out.last_hidden_state
+        return model.text_model.final_layer_norm(out.hidden_states[layers - (clip_skip or 0)])
+
+    with torch.no_grad():
+        z0 = condition(model.text_model(input_ids=input_ids, output_hidden_states=True))
     for _ in range(steps):
-        e = model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
+        out = model.text_model(input_ids=input_ids, output_hidden_states=True)
+        e = model.text_projection(out.pooler_output)
         loss = -(normalize(e) @ s.T).mean()
+        if regularization:
+            loss = loss + regularization * ((condition(out) - z0) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        out = model.text_model(input_ids=input_ids, output_hidden_states=True)
-        layers = layers or model.config.num_hidden_layers
-        if clip_skip is None and layers == model.config.num_hidden_layers:
-            return out.last_hidden_state
-        return model.text_model.final_layer_norm(out.hidden_states[layers - (clip_skip or 0)])
+        return condition(model.text_model(input_ids=input_ids, output_hidden_states=True))
 
 
 def ids_of(pipe, text):
@@ -62,7 +71,7 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
     """Where stylegrad's compiled kernels were not built, and torch's private oneDNN linear or fused Adam kernel
     is missing or differs (other builds, other versions), the fast path falls back to F.linear and
     torch.optim's adam: the same method, to the reference's precision."""
-    import stylegrad.aesthetic.eos_forward as eos_forward
+    import stylegrad.aesthetic.adam as adam_module
     import stylegrad.aesthetic.products as products
 
     def broken(*args, **kwargs):  # a torch whose private op has another signature
@@ -70,12 +79,12 @@ def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
 
     monkeypatch.setattr(products, "_KERNELS", None)
     monkeypatch.setattr(products, "_ONEDNN", broken)
-    monkeypatch.setattr(eos_forward, "_FUSED", broken)
+    monkeypatch.setattr(adam_module, "_FUSED", broken)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
     ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
-    assert products._ONEDNN is None and eos_forward._FUSED is None  # tried once, then the public path
+    assert products._ONEDNN is None and adam_module._FUSED is None  # tried once, then the public path
 
 
 def test_pending_steps_fall_back_where_the_kernels_stop(pipe, clip_text, style, monkeypatch):
@@ -97,8 +106,8 @@ def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kerne
     weights never move. With the compiled kernels the step waits for the next forward product, without them it
     is taken in the backward pass: either way it is taken once, before the next product reads the weight."""
     import stylegrad.aesthetic.products as products
-    from stylegrad.aesthetic.eos_forward import EosForward, is_matrix
-    from stylegrad.aesthetic.tuning import adam_kwargs
+    from stylegrad.aesthetic.adam import AdamSettings
+    from stylegrad.aesthetic.eos_forward import TunedWeights, is_matrix
 
     if kernels:
         needs_kernels()
@@ -107,17 +116,17 @@ def test_matrices_are_copied_at_their_first_update(pipe, clip_text, style, kerne
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     original = dict(enc.tower.base)
     params = {n: t if is_matrix(n) else t.clone().requires_grad_(True) for n, t in original.items()}
-    forward = EosForward(enc.tower, params, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **adam_kwargs(pipe.device)))
+    forward = TunedWeights(enc.tower, params, AdamSettings.for_device(pipe.device, 1e-3))
     names = [f"encoder.layers.0.mlp.{m}.weight" for m in ("fc1", "fc2")]
     assert all(forward.matrices[n].deferred == kernels for n in names)
 
     ids = ids_of(pipe, PROMPT)[0, :8]
-    state = forward(ids)
+    state = forward.eos_state(ids)
     assert all(params[n] is original[n] for n in names)  # no copy before an update
     before = {n: original[n].clone() for n in names}
     (state @ enc.tower.projection.T @ style.vector).sum().backward()
     assert all((params[n] is original[n]) == kernels for n in names)  # deferred: not yet
-    forward(ids)  # the next forward reads every weight after its step
+    forward.eos_state(ids)  # the next forward reads every weight after its step
 
     for n in names:
         assert params[n].data_ptr() != original[n].data_ptr()  # a copy was tuned
@@ -214,7 +223,7 @@ def test_does_not_copy_the_model(style):
     assert 0 < extra < 0.25 * text_bytes
 
 
-def test_cache_personalises_once(pipe, clip_text, style, monkeypatch):
+def test_cache_personalizes_once(pipe, clip_text, style, monkeypatch):
     import stylegrad.aesthetic.encoder as encoder_module
 
     calls = []
@@ -317,3 +326,18 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, clip_text, style):
     with pytest.warns(UserWarning, match="truncated"):
         pe, _ = enc.encode(long, style, StyleOptions(steps=1))
     assert pe.shape == (1, 77, pipe.text_encoder.config.hidden_size)
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_regularized_path_matches_the_reference_loop(pipe, clip_text, style, clip_skip):
+    """The penalty holds the 77 conditioning states the UNet reads (a mean, so lambda is independent of the
+    prompt's length): the same optimization as the plain loop with the penalty, at the unregularized tolerance."""
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
+    options = StyleOptions(steps=6, lr=3e-3, regularization=50.0)
+    pe, _ = enc.encode(PROMPT, style, options, clip_skip=clip_skip)
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 6, 3e-3, clip_skip, regularization=50.0)
+    free = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 6, 3e-3, clip_skip)
+    assert (pe - ref).abs().max() < REFERENCE_ATOL
+    assert (ref - free).abs().max() > 100 * REFERENCE_ATOL  # the penalty acted
+    z0 = enc.plain([PROMPT], clip_skip)
+    assert (ref - z0).pow(2).mean() < (free - z0).pow(2).mean()  # ... and held the states closer

@@ -6,7 +6,7 @@ import torch
 from tiny import PROJ
 
 from stylegrad import AestheticEncoder, Style, StyleOptions
-from stylegrad.world.data import COLOURS, SHAPES, class_captions, dataset, render
+from stylegrad.world.data import COLORS, SHAPES, class_captions, dataset, render
 from stylegrad.world.measure import measure_effect, split_caption
 from stylegrad.world.tokenizer import char_tokenizer
 
@@ -17,16 +17,16 @@ def test_dataset_is_reproducible_and_captions_match_scenes():
     assert all(np.array_equal(np.asarray(x[0]), np.asarray(y[0])) for x, y in zip(a, b))
     assert any(not np.array_equal(np.asarray(x[0]), np.asarray(y[0])) for x, y in zip(a, c))
     for image, caption, scene in a:
-        assert split_caption(caption) == (scene.colour, scene.shape)
+        assert split_caption(caption) == (scene.color, scene.shape)
         assert np.array_equal(np.asarray(image), np.asarray(render(scene)))
-    assert len(class_captions()) == len(COLOURS) * len(SHAPES)
+    assert len(class_captions()) == len(COLORS) * len(SHAPES)
 
 
 def test_styles_look_different():
     (im, _, scene), = dataset(1, 3)
     looks = {}
     for style in ("plain", "striped", "dotted", "outlined", "blurry"):
-        looks[style] = np.asarray(render(type(scene)(scene.shape, scene.colour, style, 0, 16.0, 16.0, 10.0)), float)
+        looks[style] = np.asarray(render(type(scene)(scene.shape, scene.color, style, 0, 16.0, 16.0, 10.0)), float)
     for a in looks:
         for b in looks:
             if a < b:
@@ -46,13 +46,13 @@ def test_measure_effect_runs_the_real_path(pipe, clip_text, world):
     embedder = ClipEmbedder(str(clip_dir))
     encoder = AestheticEncoder.from_pipeline(pipe, clip_text)
     pipe.set_progress_bar_config(disable=True)
-    from stylegrad.pipelines.generation import Settings
+    from stylegrad.pipelines.request import GenerationRequest as Settings
 
     rows = measure_effect(pipe, encoder, embedder, Style(torch.randn(PROJ)), prompts=("a red circle",),
                           seeds=range(2), steps=(0, 2), options=StyleOptions(lr=1e-2),
                           settings=Settings("", steps=2, width=32, height=32))
     assert [r.steps for r in rows] == [0, 2] and all(len(r.images) == 2 for r in rows)
-    assert all(0 <= r.shape_accuracy <= 1 and 0 <= r.colour_accuracy <= 1 for r in rows)
+    assert all(0 <= r.shape_accuracy <= 1 and 0 <= r.color_accuracy <= 1 for r in rows)
     assert rows[0].images[0].size == (32, 32)
     assert not np.array_equal(np.asarray(rows[0].images[0]), np.asarray(rows[1].images[0]))  # the style acted
 

@@ -1,4 +1,4 @@
-"""The small world, trained and shipped: its CLIP recognises scenes, its generator draws what is asked, and the
+"""The small world, trained and shipped: its CLIP recognizes scenes, its generator draws what is asked, and the
 paper's claim holds on it (a style raises style similarity while the prompt survives). The floors were set below
 the figures measured on the shipped weights (docs/world.md); together these tests take about a minute."""
 
@@ -14,8 +14,8 @@ from stylegrad.world.demo import EXAMPLES, WEIGHTS, load_world
 from stylegrad.world.measure import DEMO_LR, PROMPTS, measure_effect, split_caption, zero_shot
 
 CLIP_FLOOR = 0.80  # held-out 16-way zero-shot (chance 1/16); measured 0.93
-DRAWN_FLOOR = 0.80  # generated images recognised as the prompt asked (the issue's floor); measured 0.97
-FIDELITY_FLOOR = 0.60  # shape and colour both right at 10 style steps, lr 3e-5; measured 0.72
+DRAWN_FLOOR = 0.80  # generated images recognized as the prompt asked (the issue's floor); measured 0.97
+FIDELITY_FLOOR = 0.60  # shape and color both right at 10 style steps, lr 3e-5; measured 0.72
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,17 @@ def test_shipped_weights_are_small():
     assert size <= 25 * 2**20, size
 
 
-def test_small_clip_recognises_held_out_scenes(world_models):
+def test_small_clip_recognizes_held_out_scenes(world_models):
     _, _, embedder = world_models
     items = dataset(320, seed=424242)  # training used seed 0
     got = zero_shot(embedder, [im for im, _, _ in items])
-    right = [split_caption(g) == (s.colour, s.shape) for g, (_, _, s) in zip(got, items)]
+    right = [split_caption(g) == (s.color, s.shape) for g, (_, _, s) in zip(got, items)]
     assert statistics.fmean(right) >= CLIP_FLOOR
 
 
 def test_generated_images_show_what_the_prompt_asks(effect):
     plain = effect[0]
-    assert plain.accuracy >= DRAWN_FLOOR, (plain.shape_accuracy, plain.colour_accuracy)
+    assert plain.accuracy >= DRAWN_FLOOR, (plain.shape_accuracy, plain.color_accuracy)
 
 
 def test_style_rises_while_the_prompt_survives(effect):

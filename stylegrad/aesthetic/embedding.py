@@ -7,7 +7,6 @@ only a running sum is kept, so 10,000 images take the memory of three batches.
 from __future__ import annotations
 
 import os
-import warnings
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,23 +17,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stylegrad import __version__
-from stylegrad.errors import StylegradError
-from stylegrad.files.styles import Style
 from stylegrad.aesthetic.tower import SD1
+from stylegrad.devices import default_dtype, resolve_device
+from stylegrad.errors import StylegradError
+from stylegrad.files.styles import Style, save_style
+from stylegrad.notes import note
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MEANS = {
-    "normalized": "L2-normalised mean of the CLIP image embeddings (the paper)",
+    "normalized": "L2-normalized mean of the CLIP image embeddings (the paper)",
     "raw": "raw mean of the CLIP image embeddings (the reference script and the AUTOMATIC1111 extension)",
 }
-
-
-class SkippedImagesWarning(UserWarning):
-    """Some inputs were not readable images; they were left out of the mean."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
@@ -62,9 +55,9 @@ def load_image_encoder(clip_model: str, device: torch.device | str | None = None
         from transformers import CLIPImageProcessorPil as Processor
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Processor
-    device = torch.device(device) if device else default_device()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = from_pretrained(CLIPVisionModelWithProjection, clip_model, what="CLIP model", torch_dtype=dtype)
+    device = resolve_device(device)
+    model = from_pretrained(CLIPVisionModelWithProjection, clip_model, what="CLIP model",
+                            dtype=default_dtype(device))
     processor = from_pretrained(Processor, clip_model, what="CLIP image processor")
     return model.to(device).eval(), processor
 
@@ -97,14 +90,14 @@ def embed_images(
     """A style from images: the mean of their CLIP image embeddings (projection space).
 
     ``mean="normalized"`` stores the unit-length mean (the paper), ``"raw"`` the plain mean (the reference
-    script, A1111). Both point the same way and every use site normalises, so they generate the same images;
+    script, A1111). Both point the same way and every use site normalizes, so they generate the same images;
     the unit file is scale-free, so mixing weights mean what they say. ``encoder`` is an optional
     (model, processor) pair to reuse.
     """
     if mean not in MEANS:
-        raise StylegradError(f"unknown --mean '{mean}' (choose from {', '.join(MEANS)})")
+        raise StylegradError(f"unknown mean '{mean}' (choose from {', '.join(MEANS)})")
     if batch_size < 1:
-        raise StylegradError(f"--batch-size must be >= 1, got {batch_size}")
+        raise StylegradError(f"batch_size must be >= 1, got {batch_size}")
     paths = find_images(inputs, recursive)
     if not paths:
         raise StylegradError("no image files found in the given paths")
@@ -137,14 +130,12 @@ def embed_images(
     if skipped:
         listed = ", ".join(f"{p.name} ({why})" for p, why in skipped[:20])
         more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        warnings.warn(
-            SkippedImagesWarning(f"skipped {len(skipped)} file(s) that are not readable images: {listed}{more}")
-        )
+        note(f"skipped {len(skipped)} file(s) that are not readable images: {listed}{more}")
     if count == 0:
         raise StylegradError(f"none of the {len(paths)} files is a readable image")
     vector = (total / count).float()
     if mean == "normalized":
-        vector = vector / vector.norm()
+        vector = Style(vector).direction  # the raw mean's own direction, to the bit
     metadata = {
         "encoder": clip_model if isinstance(clip_model, str) else str(clip_model),
         "num_images": str(count),
@@ -152,3 +143,11 @@ def embed_images(
         "stylegrad_version": __version__,
     }
     return Style(vector, metadata, name)
+
+
+def embed_to_file(inputs: Iterable[str | os.PathLike], output: str | os.PathLike, clip_model: str = SD1.clip_model,
+                  *, format: str | None = None, name: str | None = None, **kwargs) -> Style:
+    """``embed_images`` saved to ``output`` (format from the suffix unless given); returns the style."""
+    style = embed_images(inputs, clip_model, name=name or Path(output).stem, **kwargs)
+    save_style(style, output, format)
+    return style

@@ -3,57 +3,65 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 
 import torch
-from transformers import CLIPTextModelWithProjection
 
-from stylegrad.errors import StylegradError
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.aesthetic.tuning import first_eos, personalize
-from stylegrad.files.styles import Style
 from stylegrad.aesthetic.targets import blend, style_target
-from stylegrad.aesthetic.tower import TextTower, tower_for
+from stylegrad.aesthetic.tower import TextTower, conditioning_layer, tower_for
+from stylegrad.aesthetic.tuning import first_eos, personalize
+from stylegrad.errors import StylegradError
+from stylegrad.files.styles import Style
+from stylegrad.notes import note
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
-    """As diffusers does: pad to the tokenizer's max length (77), truncate longer prompts (with a warning). (B, S)"""
+    """As diffusers does: pad to the tokenizer's max length (77), truncate longer prompts (with a note). (B, S)"""
     ids = tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
     for text in texts:
         if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
-            warnings.warn(f"prompt longer than {tokenizer.model_max_length} tokens was truncated: {text[:60]!r}...")
+            note(f"prompt longer than {tokenizer.model_max_length} tokens was truncated: {text[:60]!r}...")
     return ids.to(device)
 
 
 class AestheticEncoder:
-    """Prompt embeddings personalised towards a style, cached per (prompt, negative, style, options).
+    """Prompt embeddings personalized towards a style, cached per (prompt, negative, style, options). The family's
+    CLIP (its projection) is read on the first styled prompt, not before: plain prompts need none.
 
     >>> enc = AestheticEncoder.from_pipeline(pipe)
     >>> pe, ne = enc.encode("a lighthouse at dusk", load_style("watercolor.pt"))
     >>> image = pipe(prompt_embeds=pe, negative_prompt_embeds=ne).images[0]
     """
 
-    def __init__(self, text_encoder, tokenizer, clip_model: str | CLIPTextModelWithProjection | None = None,
-                 cache_size: int = 64, tower: TextTower | None = None):
+    def __init__(self, text_encoder, tokenizer, clip_model=None, cache_size: int = 64, tower: TextTower | None = None):
+        """``clip_model``: hub id, folder or loaded CLIP text model whose projection defines the style space
+        (default: the family's)."""
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.tower = tower or tower_for(text_encoder, tokenizer, clip_model)
+        self.clip_model = clip_model
+        self._tower = tower
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.last_similarities: list[list[float]] = []
 
     @classmethod
-    def from_pipeline(cls, pipe, clip_model: str | CLIPTextModelWithProjection | None = None, **kwargs):
+    def from_pipeline(cls, pipe, clip_model=None, **kwargs) -> AestheticEncoder:
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
-            raise StylegradError("the pipeline has no CLIP text encoder and tokenizer to personalise")
+            raise StylegradError("the pipeline has no CLIP text encoder and tokenizer to personalize")
         return cls(pipe.text_encoder, pipe.tokenizer, clip_model, **kwargs)
 
     @property
+    def tower(self) -> TextTower:
+        if self._tower is None:
+            self._tower = tower_for(self.text_encoder, self.tokenizer, self.clip_model)
+        return self._tower
+
+    @property
     def device(self) -> torch.device:
-        return self.tower.device
+        return self.text_encoder.device
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """CLIP text embedding (P,) of ``text`` with the original weights."""
@@ -64,11 +72,17 @@ class AestheticEncoder:
             return self.tower.text_embed(out, eos)[0].float()
 
     def plain(self, texts: list[str], clip_skip: int | None = None) -> torch.Tensor:
-        """What the pipeline would compute itself. (B, S, H)"""
+        """What the pipeline computes itself (diffusers' ``encode_prompt``), on its own encoder. (B, S, H)
+        ``clip_skip`` applies to every text given, the negative prompt too, as in A1111 (diffusers skips it
+        for the positive prompt only)."""
         ids = tokenize(self.tokenizer, texts, self.device)
+        enc = self.text_encoder
+        k = conditioning_layer(enc.config.num_hidden_layers, clip_skip)
         with torch.no_grad():
-            out = self.tower.run(self.tower.base, ids, self.tower.needs_hidden(clip_skip))
-            return self.tower.condition(self.tower.base, out, clip_skip)
+            if k == enc.config.num_hidden_layers:
+                return enc(ids)[0]
+            h = enc(ids, output_hidden_states=True).hidden_states[k]
+            return getattr(enc, "text_model", enc).final_layer_norm(h)  # transformers 5 dropped .text_model
 
     def encode(
         self,
@@ -85,7 +99,7 @@ class AestheticEncoder:
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negatives) != len(prompts):
             raise StylegradError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        if style is not None:
+        if style is not None and options.active:
             style.check_width(self.tower.width)
         self.last_similarities = []
         pos, neg = [], []
@@ -125,8 +139,8 @@ class AestheticEncoder:
                 continue
             ids = tokenize(self.tokenizer, [text_], self.device)
             result = personalize(
-                self.tower, ids, target, steps=options.steps, lr=options.lr, betas=options.betas,
-                eps=options.eps, regularization=options.regularization,
+                self.tower, ids, target, steps=options.steps, adam=options.adam(self.device),
+                regularization=options.regularization,
                 target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
             )
             self.last_similarities.append(result.similarities)

@@ -7,17 +7,17 @@ own Adam, so no 340 MB of gradients per step (SD1) is ever kept. With the compil
 waits for the matrix's next forward product and runs fused with it, one pass over the weight and its moments;
 without them it runs at once, from a reused buffer, on torch's fused Adam. The last layer, where only the EOS
 row reaches the loss, runs q, out, fc1 and fc2 on that one row. Each large weight is copied at its first step,
-not before the loop, and the full 77-token pass after tuning runs on the same products (``full_pass``), taking
-the last pending steps. The numbers are those of the plain loop (tested against a fresh-copy reference within
+not before the loop, and the full 77-token pass after tuning runs on the same products (``TunedWeights.finish``),
+taking the last pending steps. The numbers are those of the plain loop (tested against a fresh-copy reference within
 1e-5): Adam still sees every weight's full gradient before it moves."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.optim.adam import adam
 from transformers.activations import ACT2FN
 
+from stylegrad.aesthetic.adam import AdamSettings, adam_step
 from stylegrad.aesthetic.products import can_fuse_adam, fused_adam_linear, input_grad, linear
 from stylegrad.aesthetic.tower import TextTower
 
@@ -39,12 +39,12 @@ class AdamMatrix:
     full gradient is never stored. Elsewhere the step is taken at once, on torch's fused Adam. The numbers are
     Adam's either way."""
 
-    def __init__(self, params: dict, name: str, scratch: dict, hyper: dict):
+    def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings):
         self.params, self.name = params, name
         self.weight = params[name]  # (out, in)
         self.exp_avg = self.exp_avg_sq = None  # made with the copy
         self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
-        self.scratch, self.hyper = scratch, hyper
+        self.scratch, self.adam = scratch, adam
         self.pending = None  # (grad_out, x) of a step not yet taken
         if self.weight.dtype != torch.float32:
             self._take_copy()
@@ -70,7 +70,7 @@ class AdamMatrix:
         if buf is None:
             buf = self.scratch[self.weight.shape] = torch.empty_like(self.weight)
         torch.mm(grad_out.T, x, out=buf)
-        adam_step(self.weight, buf, self.exp_avg, self.exp_avg_sq, self.step, self.hyper)
+        adam_step(self.weight, buf, self.exp_avg, self.exp_avg_sq, self.step, self.adam)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool = False) -> torch.Tensor:
         """x W^T (+ bias) after any pending step. ``last``: no step follows, so the moments are not kept."""
@@ -88,7 +88,7 @@ class AdamMatrix:
         if first and not last:  # written before they are read
             self.exp_avg, self.exp_avg_sq = torch.empty_like(self.weight), torch.empty_like(self.weight)
         y = fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
-                              first=first, keep=not last, step=int(self.step), **self.hyper)
+                              first=first, keep=not last, step=int(self.step), adam=self.adam)
         if last:
             self.exp_avg = self.exp_avg_sq = None
         return y
@@ -100,32 +100,6 @@ _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
 def is_matrix(name: str) -> bool:
     """One of the large weights ``EosForward`` tunes as an ``AdamMatrix``."""
     return name.startswith("encoder.layers.") and name.endswith(_MATRIX_WEIGHTS)
-
-
-def _fused_kernel():
-    """torch's fused Adam kernel itself, where the build has it (``torch.optim.adam`` calls the same one)."""
-    return getattr(torch, "_fused_adam_", None)
-
-
-_FUSED = _fused_kernel()
-
-
-def adam_step(weight, grad, exp_avg, exp_avg_sq, step, hyper: dict) -> None:
-    """One Adam step of one tensor. Why not ``torch.optim.adam.adam``: for a single tensor its Python
-    bookkeeping (grouping by device and dtype, checks) cost as much as the fused kernel it ends in; with
-    ``fused=True`` this calls that kernel directly with the same arguments, so the numbers are the same."""
-    global _FUSED
-    if _FUSED is not None and hyper.get("fused"):
-        try:
-            step += 1
-            _FUSED([weight], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hyper["lr"], beta1=hyper["beta1"],
-                   beta2=hyper["beta2"], weight_decay=0.0, eps=hyper["eps"], amsgrad=False, maximize=False)
-            return
-        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
-            step -= 1
-            _FUSED = None
-    adam([weight], [grad], [exp_avg], [exp_avg_sq], [], [step],
-         amsgrad=False, maximize=False, weight_decay=0.0, **hyper)
 
 
 class _AdamLinear(torch.autograd.Function):
@@ -185,47 +159,56 @@ class _Layers:
         return h, (h if keep == self.layers else kept)
 
 
-class EosForward:
-    """The tower's transformer for one tokenised prompt cut at its first EOS, on ``params`` (a tuned copy)."""
+class TunedWeights:
+    """The tensors one prompt's tuning moves, and the Adam state of its large weights: their one owner.
 
-    def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam_options: dict):
-        """``adam_options``: torch.optim.Adam's keywords (lr, betas, eps, fused or foreach)."""
-        self.shape = _Layers(tower)
-        self.params = params
-        hyper = {k: v for k, v in adam_options.items() if k != "betas"}
-        hyper["beta1"], hyper["beta2"] = adam_options["betas"]
+    ``params`` maps names to the tensors the tuned tower runs on (copies, never the pipeline's own). With
+    ``matrices`` (the EOS path) each large weight is an ``AdamMatrix`` whose last step may still be pending;
+    ``finish`` takes it, runs every token through the tuned tower, and closes the state, so no step can be dropped
+    and none taken twice."""
+
+    def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam: AdamSettings | None = None):
+        """``adam``: given, the large weights are tuned here (``AdamMatrix``); None, they are ordinary tensors that
+        an optimizer outside moves."""
+        self.tower, self.params, self.shape = tower, params, _Layers(tower)
         scratch: dict = {}
-        self.matrices = {
-            name: AdamMatrix(params, name, scratch, hyper) for name in params if is_matrix(name)
-        }
+        self.matrices = {} if adam is None else {
+            name: AdamMatrix(params, name, scratch, adam) for name in params if is_matrix(name)}
+        self.finished = False
 
     def small_parameters(self) -> list[torch.Tensor]:
-        """Everything Adam updates the usual way: embeddings, biases, layer norms."""
+        """Everything an ordinary optimizer moves: embeddings, biases, layer norms (and the matrices without
+        ``adam``)."""
         return [t for name, t in self.params.items() if name not in self.matrices]
 
-    def _linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+    def _tuning_linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return _AdamLinear.apply(x, self.params[prefix + ".bias"], self.matrices[prefix + ".weight"])
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """(E,) local token ids ending at the first EOS -> (1, H) final-layer-normed state at that EOS."""
-        h, _ = self.shape.run(self.params, ids, self._linear, eos_only=True)
+    def eos_state(self, ids: torch.Tensor) -> torch.Tensor:
+        """(E,) local token ids ending at the first EOS -> (1, H) final-layer-normed state at that EOS, with the
+        large weights' Adam steps taken in the backward pass (or at their next product)."""
+        if self.finished:
+            raise RuntimeError("this prompt's tuning is finished")
+        h, _ = self.shape.run(self.params, ids, self._tuning_linear, eos_only=True)
         return self.shape.norm(self.params, h, "final_layer_norm")  # (1, H)
 
+    @torch.no_grad()
+    def finish(self, ids: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the pending steps and run every token through every layer on the tuned tensors, with tuning's
+        products (the transformers module's were measured slower here): (final-normed last layer, final-normed
+        state after ``keep`` layers), each (S, H). After this the state is closed."""
+        if self.finished:
+            raise RuntimeError("this prompt's tuning is already finished")
+        self.finished = True
 
-@torch.no_grad()
-def full_pass(tower: TextTower, params: dict[str, torch.Tensor], ids: torch.Tensor, keep: int,
-              matrices: dict[str, AdamMatrix] | None = None):
-    """Every token through every layer on ``params``, with the products of tuning (products.py; the transformers
-    module's were measured 35% slower here): (final-normed last layer, final-normed state after ``keep`` layers),
-    each (S, H). ``matrices``: tuning's, whose last step may still be pending; it is taken here."""
-    shape = _Layers(tower)
+        def lin(x, prefix):
+            name, bias = prefix + ".weight", self.params[prefix + ".bias"]
+            if name in self.matrices:
+                return self.matrices[name].forward(x, bias, last=True)  # the last pending step, then the product
+            return linear(x, self.params[name], bias)
 
-    def lin(x, prefix):
-        name, bias = prefix + ".weight", params[prefix + ".bias"]
-        if matrices is not None and name in matrices:
-            return matrices[name].forward(x, bias, last=True)
-        return linear(x, params[name], bias)
-
-    h, kept = shape.run(params, ids, lin, eos_only=False, keep=keep)
-    last = shape.norm(params, h, "final_layer_norm")
-    return last, (last if kept is h else shape.norm(params, kept, "final_layer_norm"))
+        h, kept = self.shape.run(self.params, ids, lin, eos_only=False, keep=keep)
+        if any(m.pending is not None for m in self.matrices.values()):
+            raise RuntimeError("an Adam step was left pending")  # every large weight is read by the full pass
+        last = self.shape.norm(self.params, h, "final_layer_norm")
+        return last, (last if kept is h else self.shape.norm(self.params, kept, "final_layer_norm"))

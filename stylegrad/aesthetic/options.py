@@ -1,32 +1,45 @@
-"""Options of the method, in one frozen dataclass; the CLI's help text comes from the same place."""
+"""Options of the method, in one frozen dataclass; the CLI's flags, defaults and help come from its fields."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
+from stylegrad.aesthetic.adam import AdamSettings
 from stylegrad.errors import StylegradError
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, infotext: str | None = None):
+    """A field with its help text and its name in the PNG metadata (A1111's extension's where it has one)."""
+    return field(default=default, metadata={"help": help, "infotext": infotext})
 
 
 @dataclass(frozen=True)
 class StyleOptions:
-    """How strongly and in which way a style personalises a prompt (defaults: the paper's)."""
+    """How strongly and in which way a style personalizes a prompt (defaults: the paper's)."""
 
-    steps: int = _opt(10, "Adam steps on the text encoder per prompt (the paper uses 5-20; 0 = no style)")
-    lr: float = _opt(1e-4, "Adam learning rate (the paper's 1e-4; higher = stronger, faster, less faithful)")
-    weight: float = _opt(1.0, "blend of tuned and original prompt states: 0 = original, 1 = tuned (the paper)")
-    slerp: bool = _opt(False, "blend with per-token spherical interpolation instead of linear")
-    text: str | None = _opt(None, "text that rotates the style target towards (or away from) a description")
-    text_angle: float = _opt(0.1, "how far the target moves towards --style-text (0..1, slerp fraction)")
-    text_negative: bool = _opt(False, "use style minus text as the direction (steer away from the text)")
-    regularization: float = _opt(0.0, "penalty on the distance of tuned hidden states from the original ones")
-    target_similarity: float | None = _opt(None, "stop early once the prompt's cosine to the style reaches this")
-    personalize_negative: bool = _opt(False, "also tune the negative prompt (as the AUTOMATIC1111 extension)")
-    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas")
-    eps: float = _opt(1e-8, "Adam epsilon")
+    steps: int = _opt(10, "Adam steps on the text encoder per prompt (the paper uses 5-20; 0 = no style)",
+                      "Aesthetic steps")
+    lr: float = _opt(1e-4, "Adam learning rate (the paper's; higher = stronger, faster, less faithful)",
+                     "Aesthetic LR")
+    weight: float = _opt(1.0, "blend of tuned and original prompt states: 0 = original, 1 = tuned (the paper)",
+                         "Aesthetic weight")
+    slerp: bool = _opt(False, "blend with per-token spherical interpolation instead of linear", "Aesthetic slerp")
+    text: str | None = _opt(None, "text that rotates the style target towards (or away from) a description",
+                            "Aesthetic text")
+    text_angle: float = _opt(0.1, "how far the target moves towards the text (0..1, slerp fraction)",
+                             "Aesthetic slerp angle")
+    text_negative: bool = _opt(False, "use style minus text as the direction (steer away from the text)",
+                               "Aesthetic text negative")
+    regularization: float = _opt(0.0, "penalty on the mean squared distance of the 77 tuned conditioning states "
+                                 "from the original ones", "Aesthetic regularization")
+    target_similarity: float | None = _opt(None, "stop early once the prompt's cosine to the style reaches this",
+                                           "Aesthetic target similarity")
+    personalize_negative: bool = _opt(False, "also tune the negative prompt (as the AUTOMATIC1111 extension)",
+                                      "Aesthetic personalize negative")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas", "Aesthetic betas")
+    eps: float = _opt(1e-8, "Adam epsilon", "Aesthetic eps")
 
     def __post_init__(self):
         checks = [
@@ -35,6 +48,7 @@ class StyleOptions:
             ("weight", self.weight, 0.0 <= self.weight <= 1.0 or not self.slerp, "in [0, 1] with slerp"),
             ("text_angle", self.text_angle, 0.0 <= self.text_angle <= 1.0, "in [0, 1]"),
             ("regularization", self.regularization, self.regularization >= 0, ">= 0"),
+            ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("eps", self.eps, self.eps > 0, "> 0"),
         ]
         if self.target_similarity is not None:
@@ -52,6 +66,31 @@ class StyleOptions:
     def key(self) -> tuple:
         return tuple(asdict(self).values())
 
+    def adam(self, device: torch.device) -> AdamSettings:
+        return AdamSettings.for_device(device, self.lr, tuple(self.betas), self.eps)
+
+    def infotext_fields(self) -> dict[str, object]:
+        """Every option under its PNG-metadata name."""
+        return {f.metadata["infotext"]: " ".join(map(str, v)) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
     @classmethod
-    def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+    def from_infotext(cls, values: dict[str, str]) -> StyleOptions:
+        """The options written by ``infotext_fields`` (missing ones keep their defaults)."""
+        kw = {}
+        for f in fields(cls):
+            raw = values.get(f.metadata["infotext"])
+            if raw is None or raw == "":
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                kw[f.name] = raw.strip().lower() == "true"
+            elif isinstance(default, tuple):
+                kw[f.name] = tuple(float(x) for x in raw.replace(",", " ").split())
+            elif isinstance(default, int):
+                kw[f.name] = int(raw)
+            elif f.name == "text":
+                kw[f.name] = raw
+            else:
+                kw[f.name] = None if raw == "None" else float(raw)
+        return cls(**kw)

@@ -1,7 +1,7 @@
 """Where tuning spends its time, for one large weight W and a few token rows: the products x W^T (+ b) and g W,
 and an Adam step of W fused with its next product. On stylegrad's compiled kernels where they were built and the
 CPU has AVX2 and FMA (_fewrows.c says why they are faster); else the products run on oneDNN, else on torch's
-default, and Adam on torch's (eos_forward.py). Every path gives the same numbers to float32 rounding.
+default, and Adam on torch's (adam.py). Every path gives the same numbers to float32 rounding.
 
 Set STYLEGRAD_KERNELS=0 to use torch's kernels only."""
 
@@ -12,6 +12,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from stylegrad.aesthetic.adam import AdamSettings
 
 
 def _compiled():
@@ -95,8 +97,9 @@ def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
 def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch.Tensor | None,
                       exp_avg_sq: torch.Tensor | None, grad_out: torch.Tensor, x_prev: torch.Tensor,
                       x: torch.Tensor, bias: torch.Tensor | None, *, first: bool, keep: bool, step: int,
-                      lr: float, beta1: float, beta2: float, eps: float, **_) -> torch.Tensor:
-    """One Adam step (torch.optim.Adam's maths, step number ``step``) of ``source`` into ``weight`` (the same
+                      adam: AdamSettings) -> torch.Tensor:
+    """One Adam step (torch.optim.Adam's maths with ``adam``'s settings, step number ``step``) of ``source`` into
+    ``weight`` (the same
     tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
     ``first``: the moments are zero and not read. ``keep``: the moments are updated (else no step follows;
     at a first step that is not kept they may be None)."""
@@ -118,6 +121,6 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
         0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(), x.data_ptr(),
         0 if bias is None else bias.data_ptr(), y.data_ptr(), grad_out.shape[0], rows, weight.shape[1],
-        weight.shape[0], int(first), int(keep), lr / (1 - beta1 ** step), 1 / math.sqrt(1 - beta2 ** step), eps,
-        beta1, beta2)
+        weight.shape[0], int(first), int(keep), adam.lr / (1 - adam.beta1 ** step),
+        1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2)
     return y

@@ -11,7 +11,7 @@ from stylegrad.aesthetic.vectors import normalize, slerp
 def style_target(style: torch.Tensor, text: torch.Tensor | None = None, angle: float = 0.1,
                  negative: bool = False) -> torch.Tensor:
     """Unit target direction (P,): the style, optionally rotated by ``angle`` towards a text embedding
-    (or towards style minus text, with ``negative``). Both are normalised first."""
+    (or towards style minus text, with ``negative``). Both are normalized first."""
     s = normalize(style.float())
     if text is None:
         return s

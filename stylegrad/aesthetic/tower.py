@@ -7,19 +7,23 @@ pipeline's modules: it is a parameter-free skeleton (built on the ``meta`` devic
 
 Families are picked like peft's dispatchers: the first adapter that matches wins, no match lists what is supported.
 - SD1.x: the pipeline's 12-layer CLIP ViT-L/14 text encoder is the whole tower (so fine-tuned checkpoints work);
-  only the projection comes from ``openai/clip-vit-large-patch14``.
+  only the projection comes from ``openai/clip-vit-large-patch14``, read as that one tensor from its safetensors
+  file (``clip_parts``), not by building the 1.7 GB model.
 - SD2.x: diffusers' encoder has 23 layers (the penultimate-layer trick). The tower is those 23 layers plus the
   24th layer and the projection of the full OpenCLIP ViT-H/14 text tower; the UNet still gets layer 23.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from stylegrad.errors import StylegradError
 
@@ -28,12 +32,11 @@ from stylegrad.errors import StylegradError
 class Family:
     name: str
     hidden_size: int
-    layers: int  # layers of the pipeline's text encoder
     clip_model: str  # the CLIP whose text tower, projection and image tower define the style space
 
 
-SD1 = Family("sd1", 768, 12, "openai/clip-vit-large-patch14")
-SD2 = Family("sd2", 1024, 23, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+SD1 = Family("sd1", 768, "openai/clip-vit-large-patch14")
+SD2 = Family("sd2", 1024, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 FAMILIES = {f.name: f for f in (SD1, SD2)}
 
 
@@ -60,6 +63,26 @@ def detect_family(encoder: CLIPTextModel) -> Family:
     )
 
 
+@dataclass
+class ClipParts:
+    """What the tower needs from the family's CLIP beyond the pipeline's encoder: its text projection and the text
+    layers past the pipeline's (SD2.x's 24th), with the text tower's shape."""
+
+    projection: torch.Tensor  # (P, H)
+    layers: dict[str, torch.Tensor]  # 'encoder.layers.N.*' for N >= the pipeline's layer count
+    num_layers: int
+    hidden_size: int
+
+
+def conditioning_layer(num_layers: int, clip_skip: int | None) -> int:
+    """How many of the encoder's ``num_layers`` layers the UNet's conditioning goes through (then the final norm):
+    diffusers' ``hidden_states[-(clip_skip + 1)]``."""
+    k = num_layers - (clip_skip or 0)
+    if clip_skip is not None and clip_skip < 0 or not 0 < k <= num_layers:
+        raise StylegradError(f"clip_skip={clip_skip} is out of range for a {num_layers}-layer text encoder")
+    return k
+
+
 class TextTower:
     """A CLIP text transformer (embeddings, layers, final layer norm) plus a frozen projection.
 
@@ -67,28 +90,28 @@ class TextTower:
     extra layers); ``cond_layers`` is how many of the layers belong to the pipeline's encoder.
     """
 
-    def __init__(self, encoder: CLIPTextModel, clip: CLIPTextModelWithProjection, eos_token_id: int):
-        cfg_enc, cfg_clip = encoder.config, clip.config
-        if cfg_clip.hidden_size != cfg_enc.hidden_size or cfg_clip.num_hidden_layers < cfg_enc.num_hidden_layers:
+    def __init__(self, encoder: CLIPTextModel, clip: ClipParts, eos_token_id: int):
+        cfg_enc = encoder.config
+        if clip.hidden_size != cfg_enc.hidden_size or clip.num_layers < cfg_enc.num_hidden_layers:
             raise StylegradError(
-                f"the CLIP text model (width {cfg_clip.hidden_size}, {cfg_clip.num_hidden_layers} layers) does not "
+                f"the CLIP text model (width {clip.hidden_size}, {clip.num_layers} layers) does not "
                 f"extend the pipeline's text encoder (width {cfg_enc.hidden_size}, {cfg_enc.num_hidden_layers} "
                 "layers); pass the CLIP model of this pipeline's family"
             )
         self.cond_layers = cfg_enc.num_hidden_layers
         self.eos_token_id = eos_token_id
         self.device = encoder.device
-        self.projection = clip.text_projection.weight.detach().to(self.device)  # (P, H)
+        self.projection = clip.projection.detach().to(self.device)  # (P, H)
 
         base = dict(encoder.named_parameters())
-        for name, tensor in clip.text_model.named_parameters():
+        for name, tensor in clip.layers.items():
             layer = _layer_index(name)
             if layer is not None and layer >= self.cond_layers:  # layers beyond the pipeline's
                 base[name] = tensor.detach().to(device=self.device, dtype=encoder.dtype)
         self.base: dict[str, torch.Tensor] = {k: v.detach() for k, v in base.items()}
 
         config = CLIPTextConfig.from_dict(cfg_enc.to_dict())
-        config.num_hidden_layers = cfg_clip.num_hidden_layers
+        config.num_hidden_layers = clip.num_layers
         with torch.device("meta"):
             skeleton = CLIPTextModel._from_config(config, attn_implementation=cfg_enc._attn_implementation)
         skeleton.embeddings.position_ids = encoder.embeddings.position_ids.detach().clone()
@@ -125,10 +148,7 @@ class TextTower:
 
     def cond_layer(self, clip_skip: int | None) -> int:
         """How many layers the UNet's conditioning goes through (then the final layer norm)."""
-        k = self.cond_layers - (clip_skip or 0)
-        if not 0 < k <= self.total_layers:
-            raise StylegradError(f"clip_skip={clip_skip} is out of range for a {self.cond_layers}-layer encoder")
-        return k
+        return conditioning_layer(self.cond_layers, clip_skip)
 
     def needs_hidden(self, clip_skip: int | None) -> bool:
         return self.cond_layer(clip_skip) != self.total_layers
@@ -141,15 +161,102 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def load_clip_text(clip_model: str, device: torch.device | str = "cpu") -> CLIPTextModelWithProjection:
-    """The CLIP text tower with its projection, from a hub id or a local folder (offline-friendly errors)."""
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") or config  # a CLIPModel nests it; a CLIPTextModel(WithProjection) does not
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> file for a folder's (possibly sharded) model.safetensors, or None if it has none."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return {"": single}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    return None
+
+
+def _hub_folder(repo: str, cond_layers: int) -> Path:
+    """The hub repo's config and safetensors file(s) in the local cache, downloading them if allowed."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    from stylegrad.files.hub import explain_unavailable
+
+    try:
+        config = Path(hf_hub_download(repo, "config.json"))
+        try:
+            hf_hub_download(repo, "model.safetensors")
+        except EntryNotFoundError:
+            index = Path(hf_hub_download(repo, "model.safetensors.index.json"))
+            for name in set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()):
+                hf_hub_download(repo, name)
+    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise StylegradError(explain_unavailable(repo, "CLIP model", e)) from e
+    return config.parent
+
+
+def clip_parts(clip_model, cond_layers: int, device: torch.device | str = "cpu") -> ClipParts:
+    """The projection (and layers from ``cond_layers`` on) of a CLIP model: a loaded CLIP text model, a local folder
+    or a hub id. From a folder or the hub only those tensors are read from the safetensors file(s) (for SD1.x one
+    768 x 768 matrix instead of the 1.7 GB model); a folder without safetensors is loaded whole."""
+    if not isinstance(clip_model, (str, os.PathLike)):  # a CLIPTextModelWithProjection or CLIPModel in memory
+        text = getattr(clip_model, "text_model", clip_model)
+        layers = {n: t.detach() for n, t in text.named_parameters()
+                  if (i := _layer_index(n)) is not None and i >= cond_layers}
+        return ClipParts(clip_model.text_projection.weight.detach().to(device), layers,
+                         text.config.num_hidden_layers, text.config.hidden_size)
+    path = Path(clip_model).expanduser()
+    if path.is_dir():
+        folder = path
+    elif str(clip_model).startswith((".", "/", "~")) or str(clip_model).count("/") > 1:
+        raise StylegradError(f"CLIP model folder not found: {clip_model}")
+    else:
+        folder = _hub_folder(str(clip_model), cond_layers)
+    files = _safetensors_files(folder)
+    try:
+        config = _text_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise StylegradError(f"CLIP model at {folder} has no readable config.json") from e
+    if files is None:  # e.g. only pytorch_model.bin: build the model (weights_only loading in transformers)
+        return clip_parts(load_clip_text(str(folder), device), cond_layers, device)
+    from safetensors import safe_open
+
+    wanted = ["text_projection.weight"] + [
+        n for n in _keys(files) if n.startswith("text_model.encoder.layers.")
+        and int(n.split(".")[3]) >= cond_layers]
+    tensors = {}
+    for name in wanted:
+        with safe_open(str(files.get(name, files.get(""))), framework="pt", device="cpu") as f:
+            tensors[name] = f.get_tensor(name)
+    layers = {n.removeprefix("text_model."): t for n, t in tensors.items() if n != "text_projection.weight"}
+    return ClipParts(tensors["text_projection.weight"].float().to(device), layers, config["num_hidden_layers"],
+                     config["hidden_size"])
+
+
+def _keys(files: dict[str, Path]) -> list[str]:
+    if "" not in files:
+        return list(files)
+    from safetensors import safe_open
+
+    with safe_open(str(files[""]), framework="pt", device="cpu") as f:
+        return list(f.keys())
+
+
+def load_clip_text(clip_model: str, device: torch.device | str = "cpu"):
+    """The whole CLIP text tower with its projection, from a hub id or a local folder (offline-friendly errors)."""
+    from transformers import CLIPTextModelWithProjection
+
     from stylegrad.files.hub import from_pretrained
 
     return from_pretrained(CLIPTextModelWithProjection, clip_model, what="CLIP model").to(device).eval()
 
 
-def tower_for(encoder: CLIPTextModel, tokenizer, clip_model: str | CLIPTextModelWithProjection | None = None) -> TextTower:
-    """Build the tower for a pipeline's text encoder; ``clip_model`` defaults to the family's CLIP."""
-    if clip_model is None or isinstance(clip_model, str):
-        clip_model = load_clip_text(clip_model or detect_family(encoder).clip_model, encoder.device)
-    return TextTower(encoder, clip_model, tokenizer.eos_token_id)
+def tower_for(encoder: CLIPTextModel, tokenizer, clip_model=None) -> TextTower:
+    """Build the tower for a pipeline's text encoder; ``clip_model`` (an id, a folder or a loaded CLIP text model)
+    defaults to the family's CLIP."""
+    if clip_model is None:
+        clip_model = detect_family(encoder).clip_model
+    parts = clip_parts(clip_model, encoder.config.num_hidden_layers, encoder.device)
+    return TextTower(encoder, parts, tokenizer.eos_token_id)

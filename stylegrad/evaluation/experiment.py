@@ -1,41 +1,39 @@
 """The paper's experiment on your own prompts: generate prompt x style x steps x seed, score every image, and
 write results.csv, summary.json, plots, grids and a shareable report.html.
 
-Resumable: every file is written atomically, so an image that exists is complete; a restarted run with the same
-arguments generates only what is missing (steps 0 is one "no style" image shared by all styles).
+Resumable: the folder's manifest (jobs/manifest.py) holds the settings, prompt texts and style hashes, and every
+file is written atomically, so a rerun with the same arguments generates only what is missing and a rerun with
+other ones is refused (steps 0 is one "no style" image that every style shares).
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import os
-import re
 import statistics
-import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from stylegrad import __version__
-from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.errors import StylegradError
-from stylegrad.pipelines.generation import Settings, label_grid, run_pipeline
 from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score, clip_score, style_similarity
-from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.files.pnginfo import save_png
 from stylegrad.evaluation.predictors import AestheticPredictor
-from stylegrad.files.styles import Style
-
-METRICS = ("aesthetic", "clip_score", "style_similarity")
-LABELS = {"aesthetic": "aesthetic score", "clip_score": "CLIP score (prompt)", "style_similarity": "style similarity"}
-NO_STYLE = "no-style"
+from stylegrad.evaluation.report import METRICS, plot, report
+from stylegrad.files.atomic import atomic_write
+from stylegrad.files.pnginfo import save_png
+from stylegrad.files.styles import Style, load_style
+from stylegrad.jobs.local import run_local
+from stylegrad.jobs.manifest import check_manifest
+from stylegrad.jobs.plan import Job, plan, safe_name
+from stylegrad.pipelines.generation import Generator, run_pipeline
+from stylegrad.pipelines.grids import label_grid
+from stylegrad.pipelines.loading import a1111_sampler_name, with_sampler
+from stylegrad.pipelines.request import GenerationRequest, infotext
 
 
 def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -46,63 +44,57 @@ def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
-            raise StylegradError(f"cannot read prompts file {path}: {e.strerror}") from e
+            raise StylegradError(f"cannot read prompts file {path}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise StylegradError(f"prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise StylegradError(f"no prompts in {path}")
     return prompts
 
 
-@dataclass(frozen=True)
-class Job:
-    prompt_index: int
-    prompt: str
-    style: str  # style name, or NO_STYLE for steps 0
-    steps: int
-    seed: int
-    file: str  # relative to the output folder
+def name_styles(paths: list[str]) -> dict[str, tuple[str, Style]]:
+    """Each style file under its style's name, made unique (name, name-2, ...)."""
+    styles: dict[str, tuple[str, Style]] = {}
+    for path in paths:
+        style = load_style(path)
+        name, i = style.name, 2
+        while name in styles:
+            name, i = f"{style.name}-{i}", i + 1
+        styles[name] = (path, style)
+    return styles
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "style"
+def seeds_from(first: int, n: int) -> list[int]:
+    if n < 1:
+        raise StylegradError(f"seeds must be >= 1, got {n}")
+    return list(range(first, first + n))
 
 
-def plan(prompts: list[str], styles: list[str], steps: list[int], seeds: list[int]) -> list[Job]:
-    """Every (prompt, style, steps, seed) image; steps 0 maps to one shared no-style image."""
-    jobs = []
-    for i, prompt in enumerate(prompts):
-        for name in styles:
-            for k in steps:
-                folder = f"images/{NO_STYLE}" if k == 0 else f"images/{_safe(name)}/steps{k:03d}"
-                for seed in seeds:
-                    jobs.append(Job(i, prompt, name, k, seed, f"{folder}/p{i:03d}-seed{seed}.png"))
-    return jobs
+def _request_for(base: GenerationRequest, job: Job, styles: dict[str, tuple[str, Style]]) -> GenerationRequest:
+    path = styles[job.style][0] if job.steps > 0 else None
+    return replace(base, prompt=job.prompt, seed=job.seed, style=path,
+                   style_options=replace(base.style_options, steps=job.steps))
 
 
-def generate_missing(pipe, encoder: AestheticEncoder, jobs: list[Job], styles: dict[str, Style],
-                     options: StyleOptions, settings: Settings, out: Path, progress: bool = True) -> int:
-    """Generate the images that do not exist yet; returns how many were made."""
-    for stale in out.glob("images/**/.*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
-    todo, seen = [], set()
-    for job in jobs:
-        if job.file not in seen and not (out / job.file).exists():
-            seen.add(job.file)
-            todo.append(job)
-    bar = tqdm(total=len(todo), desc="evaluate", unit="img", disable=not progress)
-    for job in todo:
-        style = styles[job.style] if job.steps > 0 else None
-        pe, ne = encoder.encode(job.prompt, style, replace(options, steps=job.steps), settings.negative)
-        s = replace(settings, prompt=job.prompt, seed=job.seed)
-        image = run_pipeline(pipe, pe, ne, s)
-        save_png(image, out / job.file, f"{job.prompt}\nstylegrad evaluate: style {job.style}, "
-                 f"steps {job.steps}, seed {job.seed}")
-        bar.update(1)
-    bar.close()
-    return len(todo)
+def generate_missing(generator: Generator, jobs: list[Job], styles: dict[str, tuple[str, Style]],
+                     base: GenerationRequest, out: Path, progress: bool = True) -> int:
+    """Generate the images that do not exist yet, each with its full infotext; returns how many were made."""
+    pipe = with_sampler(generator.pipe, base.sampler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run_job(job: Job) -> None:
+        r = _request_for(base, job, styles)
+        style = styles[job.style][1] if job.steps > 0 else None
+        pe, ne = generator.embeddings(r, style)
+        image = run_pipeline(pipe, pe, ne, r)
+        save_png(image, out / job.file, infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler),
+                                                 style=style))
+
+    return run_local(jobs, out, run_job, progress, desc="evaluate")
 
 
-def score(jobs: list[Job], styles: dict[str, Style], out: Path, embedder: ClipEmbedder,
+def score(jobs: list[Job], styles: dict[str, tuple[str, Style]], out: Path, embedder: ClipEmbedder,
           predictor: AestheticPredictor) -> list[dict]:
     """One row per job with its three metrics; each distinct image is embedded once."""
     files = sorted({j.file for j in jobs})
@@ -121,7 +113,7 @@ def score(jobs: list[Job], styles: dict[str, Style], out: Path, embedder: ClipEm
             "seed": j.seed, "file": j.file,
             "aesthetic": float(aesthetic_score(predictor, e)[0]),
             "clip_score": float(clip_score(text_embeds[j.prompt][None], e)[0]),
-            "style_similarity": float(style_similarity(e, styles[j.style].direction)[0]),
+            "style_similarity": float(style_similarity(e, styles[j.style][1].direction)[0]),
         })
     return rows
 
@@ -142,48 +134,12 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, buf.getvalue().encode())
-
-
-def plot(summary: dict, path: Path) -> None:
-    """Each metric against steps, one line (mean with std bars) per style."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
-    for ax, m in zip(axes, METRICS):
-        for name, by_steps in summary.items():
-            ks = sorted(by_steps, key=int)
-            ax.errorbar([int(k) for k in ks], [by_steps[k][m]["mean"] for k in ks],
-                        yerr=[by_steps[k][m]["std"] for k in ks], marker="o", capsize=3, label=name)
-        ax.set_xlabel("aesthetic-gradient steps")
-        ax.set_title(LABELS[m])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue().encode())
 
 
 def grid(jobs: list[Job], style: str, steps: list[int], out: Path, thumb: int = 192) -> Image.Image:
@@ -204,84 +160,68 @@ def grid(jobs: list[Job], style: str, steps: list[int], out: Path, thumb: int = 
     return label_grid(rows, labels, [f"prompt {i}" for i, _ in prompts])
 
 
-def _data_uri(image: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
-    mime = "image/png" if fmt == "PNG" else "image/jpeg"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+def manifest(base: GenerationRequest, prompts: list[str], styles: dict[str, tuple[str, Style]], steps: list[int],
+             seeds: list[int]) -> dict:
+    """Everything the images of an evaluation depend on."""
+    settings = {k: v for k, v in base.__dict__.items() if k not in ("prompt", "seed", "style", "style_options")}
+    options = {k: v for k, v in base.style_options.__dict__.items() if k != "steps"}
+    return {"settings": settings, "style_options": options, "prompts": prompts,
+            "styles": {n: s.digest for n, (_, s) in styles.items()}, "style_steps": sorted(set(steps)), "seeds": seeds}
 
 
-def report(summary: dict, prompts: list[str], grids: dict[str, Image.Image], plot_path: Path, meta: dict) -> str:
-    """One self-contained HTML page: settings, the summary table, the plot and the grids, all inlined."""
-    e = html.escape
-    head = "".join(f"<th>{e(LABELS[m])}</th>" for m in METRICS)
-    body = []
-    for name, by_steps in summary.items():
-        for k in sorted(by_steps, key=int):
-            cells = "".join(f"<td>{by_steps[k][m]['mean']:.3f} ± {by_steps[k][m]['std']:.3f}</td>" for m in METRICS)
-            body.append(f"<tr><td>{e(name)}</td><td>{k}</td><td>{by_steps[k][METRICS[0]]['n']}</td>{cells}</tr>")
-    with Image.open(plot_path) as im:
-        plot_uri = _data_uri(im.convert("RGB"))
-    grid_html = "".join(f"<h3>{e(name)}</h3><img alt='grid {e(name)}' src='{_data_uri(g, 'JPEG')}'>"
-                        for name, g in grids.items())
-    prompt_list = "".join(f"<li value='{i}'>{e(p)}</li>" for i, p in enumerate(prompts))
-    settings = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in meta.items())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>stylegrad evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}
-</style></head><body>
-<h1>stylegrad evaluation</h1>
-<p>Mean ± standard deviation over prompts and seeds. Aesthetic score: the predictor's 1–10 rating of each image.
-CLIP score: 100 × cosine of prompt and image (prompt fidelity). Style similarity: cosine of image and style.</p>
-<table><tr><th>style</th><th>steps</th><th>n</th>{head}</tr>{''.join(body)}</table>
-<img alt="metrics against steps" src="{plot_uri}">
-<h2>Grids (first seed)</h2>{grid_html}
-<h2>Prompts</h2><ol start="0">{prompt_list}</ol>
-<h2>Settings</h2><table>{settings}</table>
-</body></html>"""
-
-
-def evaluate(pipe, encoder: AestheticEncoder, embedder: ClipEmbedder, predictor: AestheticPredictor,
-             prompts: list[str], styles: dict[str, Style], steps: list[int], seeds: list[int],
-             settings: Settings, options: StyleOptions, out: Path, progress: bool = True) -> dict:
-    """Run the whole experiment into ``out``; returns the summary."""
-    if not styles:
-        raise StylegradError("evaluate needs at least one --style")
+def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticPredictor, prompts: list[str],
+             style_files: list[str], steps: list[int], seeds: list[int], base: GenerationRequest, out: str | Path,
+             progress: bool = True) -> dict:
+    """Run the whole experiment into ``out`` (resuming what a same-settings run left there); returns the summary.
+    ``base`` holds every generation setting but prompt, seed, style and steps."""
+    out = Path(out)
+    if not style_files:
+        raise StylegradError("evaluate needs at least one style")
     if not steps or any(k < 0 for k in steps):
-        raise StylegradError(f"--style-steps must be whole numbers >= 0, got {steps}")
-    for s in styles.values():
+        raise StylegradError(f"style steps must be whole numbers >= 0, got {steps}")
+    styles = name_styles(style_files)
+    for _, s in styles.values():
         s.check_width(embedder.width)
     predictor.check_width(embedder.width)
     steps = sorted(set(steps))
+    check_manifest(out, manifest(base, prompts, styles, steps, seeds))
     jobs = plan(prompts, list(styles), steps, seeds)
-    generate_missing(pipe, encoder, jobs, styles, options, settings, out, progress)
+    generate_missing(generator, jobs, styles, base, out, progress)
     rows = score(jobs, styles, out, embedder, predictor)
     write_csv(rows, out / "results.csv")
     summary = summarize(rows)
     meta = {
         "stylegrad_version": __version__, "prompts": len(prompts), "seeds": " ".join(map(str, seeds)),
-        "styles": ", ".join(f"{n} ({s.digest})" for n, s in styles.items()),
-        "style_steps": " ".join(map(str, steps)), "style_lr": options.lr, "denoising_steps": settings.steps,
-        "cfg": settings.cfg, "negative": settings.negative, "clip_model": embedder.name,
+        "styles": ", ".join(f"{n} ({s.digest})" for n, (_, s) in styles.items()),
+        "style_steps": " ".join(map(str, steps)), "style_lr": base.style_options.lr, "denoising_steps": base.steps,
+        "cfg": base.cfg, "negative": base.negative, "model": base.model, "clip_model": embedder.name,
         "predictor": predictor.name,
     }
-    _atomic_write(out / "summary.json", json.dumps({"settings": meta, "summary": summary}, indent=2).encode())
+    atomic_write(out / "summary.json", json.dumps({"settings": meta, "summary": summary}, indent=2).encode())
     plot(summary, out / "plots" / "metrics.png")
     grids = {}
     for name in styles:
         grids[name] = grid(jobs, name, steps, out)
         buf = io.BytesIO()
         grids[name].save(buf, format="PNG")
-        _atomic_write(out / "grids" / f"{_safe(name)}.png", buf.getvalue())
-    page = report(summary, prompts, grids, out / "plots" / "metrics.png", meta)
-    _atomic_write(out / "report.html", page.encode())
+        atomic_write(out / "grids" / f"{safe_name(name)}.png", buf.getvalue())
+    atomic_write(out / "report.html", report(summary, prompts, grids, out / "plots" / "metrics.png", meta).encode())
     return summary
 
 
-def seeds_from(first: int, n: int) -> list[int]:
-    if n < 1:
-        raise StylegradError(f"--seeds must be >= 1, got {n}")
-    return list(range(first, first + n))
+def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[int], seeds: list[int],
+                   out: str | Path, prompts_file: str | None = None, predictor: str | None = None,
+                   device: str | None = None, progress: bool = True) -> dict:
+    """``evaluate`` with everything loaded from names: the prompts, the model (``base.model``), the evaluation
+    CLIP (``base.clip_model`` or the family's) and the predictor."""
+    from stylegrad.aesthetic.tower import detect_family
+    from stylegrad.evaluation.predictors import DEFAULT, load_predictor
 
-
+    prompts = read_prompts(prompts_file)
+    styles = name_styles(style_files)  # a bad style file or changed settings fail before any model loads
+    check_manifest(Path(out), manifest(base, prompts, styles, steps, seeds), write=False)
+    pred = load_predictor(predictor or DEFAULT)
+    generator = Generator.load(base.model, device, base.clip_model)
+    clip = base.clip_model or detect_family(generator.pipe.text_encoder).clip_model
+    embedder = ClipEmbedder(clip, generator.pipe.device)
+    return evaluate(generator, embedder, pred, prompts, style_files, steps, seeds, base, out, progress)

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from stylegrad.devices import resolve_device
 from stylegrad.errors import StylegradError
-from stylegrad.files.hub import from_pretrained
 from stylegrad.evaluation.predictors import AestheticPredictor
+from stylegrad.files.hub import from_pretrained
 
 
 def aesthetic_score(predictor: AestheticPredictor, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ class ClipEmbedder:
         except ImportError:  # pragma: no cover - older transformers
             from transformers import CLIPImageProcessor as Processor
         self.name = clip_model
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = from_pretrained(CLIPModel, clip_model, what="CLIP model").to(self.device).eval()
         self.processor = from_pretrained(Processor, clip_model, what="CLIP image processor")
         self.tokenizer = from_pretrained(CLIPTokenizer, clip_model, what="CLIP tokenizer")

@@ -46,7 +46,7 @@ MLP_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
 
 
 class AestheticPredictor:
-    """A score head on CLIP image embeddings (any scale: inputs are normalised first)."""
+    """A score head on CLIP image embeddings (any scale: inputs are normalized first)."""
 
     def __init__(self, state: dict[str, torch.Tensor], name: str, clip_model: str | None = None):
         self.name, self.clip_model = name, clip_model

@@ -17,11 +17,12 @@ def from_pretrained(cls, name_or_path: str, what: str = "model", **kwargs):
         raise StylegradError(f"{what} folder not found: {name_or_path}")
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise StylegradError(_explain(name_or_path, what, e)) from e
+    except (OSError, ValueError) as e:
+        raise StylegradError(explain_unavailable(name_or_path, what, e)) from e
 
 
-def _explain(name: str, what: str, error: Exception) -> str:
+def explain_unavailable(name: str, what: str, error: Exception) -> str:
+    """One line saying why ``name`` could not be had, and what to do about it."""
     if Path(name).exists():
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"{what} at {name} could not be loaded: {first[:200]}"

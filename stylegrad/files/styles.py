@@ -9,35 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import tempfile
-import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stylegrad import __version__
-from stylegrad.errors import StylegradError
 from stylegrad.aesthetic.vectors import normalize, slerp
-
-FORMAT = "stylegrad.style"
-TENSOR_KEY = "aesthetic_embedding"
-
-WIDTHS = {
-    768: "CLIP ViT-L/14, Stable Diffusion 1.x",
-    1024: "OpenCLIP ViT-H/14, Stable Diffusion 2.x",
-    512: "CLIP ViT-B, not used by Stable Diffusion",
-    1280: "OpenCLIP ViT-bigG/14",
-}
-
-
-def describe_width(width: int) -> str:
-    return f"{width}-wide ({WIDTHS.get(width, 'unknown encoder')})"
+from stylegrad.errors import StylegradError
+from stylegrad.files.atomic import atomic_path
+from stylegrad.files.recognize import STYLE_FORMAT, STYLE_KEY, describe_width, open_file
 
 
 @dataclass(frozen=True)
@@ -58,7 +41,9 @@ class Style:
 
     @property
     def direction(self) -> torch.Tensor:
-        return normalize(self.vector.float())
+        """The unit direction, normalized in float64 then rounded: for a unit vector made this way it returns the
+        same bits, so a raw file and its unit-length copy tune, generate and cache identically."""
+        return normalize(self.vector.double()).float()
 
     @property
     def digest(self) -> str:
@@ -73,201 +58,39 @@ class Style:
             )
 
 
-@dataclass
-class FileInfo:
-    """What a file is, also for files that cannot be used as a style."""
-
-    path: str
-    kind: str  # style | textual-inversion | lora | checkpoint | state-dict | tensor | other | corrupt
-    usable: bool
-    detail: str
-    shape: list[int] | None = None
-    dtype: str | None = None
-    width: int | None = None
-    norm: float | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-def _read(path: Path) -> tuple[Any, dict[str, str], str]:
-    """Return (object, metadata, container) without trusting the file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) == 0:
-        raise _Corrupt("the file is empty")
-    if path.suffix.lower() == ".safetensors" or not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, meta, "safetensors"
-        except Exception as e:  # safetensors raises several types for a bad header or short file
-            if path.suffix.lower() == ".safetensors":
-                raise _Corrupt(f"not a readable safetensors file ({_short(e)}); truncated or corrupt?") from e
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing them
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _Unsafe(
-            "it holds Python objects other than tensors (a training checkpoint or a pickled program?); "
-            "stylegrad only loads plain tensors and does not unpickle arbitrary objects"
-        ) from e
-    except Exception as e:  # the unpickler raises many types for bytes that are not a torch file
-        raise _Corrupt(f"not a readable torch file ({_short(e)}); truncated or corrupt?") from e
-    return obj, {}, "torch"
-
-
-class _Corrupt(Exception):
-    pass
-
-
-class _Unsafe(Exception):
-    pass
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:160]
-
-
-def _is_vector(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and (t.ndim == 1 or (t.ndim == 2 and t.shape[0] == 1)) and t.numel() > 1
-
-
-def _classify_dict(d: dict) -> tuple[str, str, Any]:
-    """(kind, detail, candidate vector or None) for a dict of tensors."""
-    keys = [str(k) for k in d.keys()]
-    lower = [k.lower() for k in keys]
-    if TENSOR_KEY in d and _is_vector(d[TENSOR_KEY]):
-        return "style", "aesthetic embedding", d[TENSOR_KEY]
-    if "string_to_param" in d or "emb_params" in d or "clip_l" in d or "clip_g" in d:
-        params = d.get("string_to_param") or d.get("emb_params") or d.get("clip_l")
-        n = ""
-        if isinstance(params, dict) and params:
-            params = next(iter(params.values()))
-        if isinstance(params, torch.Tensor):
-            n = f" with {params.shape[0] if params.ndim == 2 else 1} vector(s) of width {params.shape[-1]}"
-        return (
-            "textual-inversion",
-            f"a textual-inversion embedding{n}: it adds a word to the prompt, not a style "
-            "(load it with the pipeline's load_textual_inversion)",
-            None,
-        )
-    if any("lora" in k for k in lower) or any(k.endswith(".alpha") for k in lower):
-        return "lora", f"a LoRA ({len(keys)} tensors): it patches model weights, not a style", None
-    if "state_dict" in d or any(
-        k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys
-    ):
-        return "checkpoint", "a Stable Diffusion checkpoint (model weights), not a style", None
-    if len(d) == 1 and isinstance(next(iter(d.values())), torch.Tensor):
-        (k,), (v,) = zip(*d.items())
-        if str(k).startswith("<") or v.ndim == 2 and v.shape[0] > 1:
-            return (
-                "textual-inversion",
-                f"a textual-inversion embedding for the token '{k}': it adds a word to the prompt, not a style "
-                "(load it with the pipeline's load_textual_inversion)",
-                None,
-            )
-        if _is_vector(v):
-            return "style", f"a single tensor '{k}'", v
-    tensors = [k for k, v in d.items() if isinstance(v, torch.Tensor)]
-    example = ", ".join(f"'{k}'" for k in tensors[:3])
-    return "state-dict", f"a state dict with {len(tensors)} tensors ({example}...), not an aesthetic embedding", None
-
-
-def inspect_file(path: str | os.PathLike) -> FileInfo:
-    """Say what a file is and whether it can be used as a style."""
-    p = Path(path)
-    if not p.exists():
-        raise StylegradError(f"no such file: {p}")
-    if p.is_dir():
-        raise StylegradError(f"{p} is a folder, not a style file")
-    try:
-        obj, meta, container = _read(p)
-    except _Corrupt as e:
-        return FileInfo(str(p), "corrupt", False, str(e))
-    except _Unsafe as e:
-        return FileInfo(str(p), "other", False, str(e))
-
-    candidate = None
-    if isinstance(obj, torch.Tensor):
-        if _is_vector(obj):
-            kind, detail, candidate = "style", f"a bare tensor in a {container} file", obj
-        elif obj.ndim == 2:
-            kind, detail = (
-                "tensor",
-                f"a tensor of shape {tuple(obj.shape)}: {obj.shape[0]} vectors, not one style "
-                "(a textual-inversion embedding or unaveraged image features?)",
-            )
-        else:
-            kind, detail = "tensor", f"a tensor of shape {tuple(obj.shape)}, not a style vector"
-        shape, dtype = list(obj.shape), str(obj.dtype).replace("torch.", "")
-    elif isinstance(obj, dict):
-        kind, detail, candidate = _classify_dict(obj)
-        shape = dtype = None
-        if candidate is not None:
-            shape, dtype = list(candidate.shape), str(candidate.dtype).replace("torch.", "")
-    else:
-        kind, detail, shape, dtype = "other", f"it holds a {type(obj).__name__}, not a tensor", None, None
-
-    if meta.get("format") == FORMAT:
-        detail = "stylegrad style"
-    info = FileInfo(str(p), kind, candidate is not None, detail, shape, dtype, metadata=meta)
-    if candidate is not None:
-        v = candidate.detach().reshape(-1).float()
-        info.width = v.shape[0]
-        if not torch.isfinite(v).all():
-            info.usable, info.detail = False, f"{detail} with NaN or infinite values"
-        else:
-            info.norm = float(v.norm())
-            if info.norm == 0.0:
-                info.usable, info.detail = False, f"{detail} that is all zeros (no direction)"
-    return info
-
-
 def load_style(path: str | os.PathLike) -> Style:
     """Load an aesthetic embedding from any file format people share; refuse anything else with a reason."""
-    info = inspect_file(path)
+    info, content, key = open_file(path)
     if not info.usable:
         raise StylegradError(f"{path} is not an aesthetic embedding: {info.detail}")
-    obj, meta, _ = _read(Path(path))
-    if isinstance(obj, dict):
-        obj = _classify_dict(obj)[2]
-    vector = obj.detach().reshape(-1).to(torch.float32).clone()
-    name = meta.get("name") or Path(path).stem
-    return Style(vector, meta, name)
+    vector = content.read(key).detach().reshape(-1).to(torch.float32).clone()
+    meta = dict(info.metadata)
+    return Style(vector, meta, meta.get("name") or Path(path).stem)
 
 
-def save_style(style: Style, path: str | os.PathLike, format: str = "safetensors") -> Path:
+def save_style(style: Style, path: str | os.PathLike, format: str | None = None) -> Path:
     """Write ``style`` atomically: ``safetensors`` with metadata, or ``pt``, a bare (1, D) fp32 tensor that the
-    reference repo and the AUTOMATIC1111 extension load."""
+    reference repo and the AUTOMATIC1111 extension load. ``format=None``: from the suffix (.pt/.pth/.bin: pt)."""
     p = Path(path)
+    if format is None:
+        format = "pt" if p.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors"
     if format not in ("safetensors", "pt"):
         raise StylegradError(f"unknown style format '{format}' (use safetensors or pt)")
-    p.parent.mkdir(parents=True, exist_ok=True)
     tensor = style.vector.detach().to(torch.float32).reshape(1, -1).contiguous().clone()
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         if format == "pt":
             torch.save(tensor, tmp)
         else:
             meta = {k: str(v) for k, v in style.metadata.items()}
-            meta.update(format=FORMAT, format_version="1", width=str(style.width), name=style.name)
+            meta.update(format=STYLE_FORMAT, format_version="1", width=str(style.width), name=style.name)
             meta.setdefault("stylegrad_version", __version__)
-            meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            save_file({TENSOR_KEY: tensor}, tmp, metadata=meta)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+            save_file({STYLE_KEY: tensor}, str(tmp), metadata=meta)
     return p
 
 
 def mix_styles(parts: list[tuple[Style, float]], use_slerp: bool = False, name: str = "mix") -> Style:
-    """Normalised weighted mean of style directions; ``use_slerp`` walks the great circle between two styles."""
+    """Normalized weighted mean of style directions; ``use_slerp`` walks the great circle between two styles."""
     if not parts:
         raise StylegradError("nothing to mix: give at least one style")
     widths = {s.width for s, _ in parts}
@@ -278,10 +101,10 @@ def mix_styles(parts: list[tuple[Style, float]], use_slerp: bool = False, name: 
     total = sum(w for _, w in parts)
     if use_slerp:
         if len(parts) != 2:
-            raise StylegradError(f"--slerp mixes exactly two styles, got {len(parts)}")
+            raise StylegradError(f"slerp mixes exactly two styles, got {len(parts)}")
         (a, wa), (b, wb) = parts
         if wa < 0 or wb < 0 or total <= 0:
-            raise StylegradError("--slerp needs non-negative weights with a positive sum")
+            raise StylegradError("slerp needs non-negative weights with a positive sum")
         v = normalize(slerp(a.direction, b.direction, wb / total))
     else:
         mixed = sum(w * s.direction for s, w in parts)
@@ -294,3 +117,23 @@ def mix_styles(parts: list[tuple[Style, float]], use_slerp: bool = False, name: 
     if len(encoders) == 1:
         meta["encoder"] = encoders.pop()
     return Style(v, meta, name)
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """'FILE:WEIGHT' -> (FILE, WEIGHT); a file whose own name holds ':' (and no weight) is taken whole."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def mix_style_files(specs: list[str], output: str | os.PathLike, use_slerp: bool = False,
+                    format: str | None = None) -> Style:
+    """Mix 'FILE[:WEIGHT]' styles into ``output``; returns the mix."""
+    parts = [(load_style(path), w) for path, w in map(parse_weighted, specs)]
+    style = mix_styles(parts, use_slerp=use_slerp, name=Path(output).stem)
+    save_style(style, output, format)
+    return style

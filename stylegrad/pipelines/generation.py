@@ -1,122 +1,69 @@
-"""Styled generation with a diffusers pipeline: load, encode with the style, run, save PNGs with metadata."""
+"""Styled generation with a diffusers pipeline: a ``GenerationRequest`` in, PNGs with full metadata out.
+
+``Generator`` holds one loaded pipeline and what requests add to it, loaded when first needed and kept: the
+aesthetic encoder (and its CLIP projection) only for styled requests, a Stylecodes model only for stylecode ones,
+style files and init images by path."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm.auto import tqdm
 
-from stylegrad import __version__
 from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.errors import StylegradError
-from stylegrad.files.hub import from_pretrained
-from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.files.pnginfo import A1111_SAMPLERS, parameters_text, save_png
-from stylegrad.files.styles import Style
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
+from stylegrad.files.hashes import short_hash
+from stylegrad.files.pnginfo import read_generation_info, save_png
+from stylegrad.files.styles import Style, load_style
+from stylegrad.pipelines.grids import label_grid
+from stylegrad.pipelines.loading import a1111_sampler_name, load_pipeline, with_sampler
+from stylegrad.pipelines.request import GenerationRequest, expected_style_digest, infotext, request_from_infotext
 
 
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise StylegradError(f"unknown device '{device}' (use cpu, cuda, cuda:1, mps)") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise StylegradError(f"device '{device}' requested but CUDA is not available here")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None, sampler: str | None = None):
-    """A StableDiffusionPipeline from a hub id or a local diffusers folder: fp16 on CUDA, fp32 elsewhere."""
-    import diffusers
-
-    device = pick_device(str(device) if device is not None else None)
-    path = Path(model).expanduser()
-    if path.is_file():
-        raise StylegradError(
-            f"{model} is a single-file checkpoint; pass a diffusers folder or hub id (convert it once with "
-            "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(FOLDER))"
-        )
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = from_pretrained(diffusers.StableDiffusionPipeline, model, what="model", torch_dtype=dtype)
-    if sampler:
-        if sampler not in SAMPLERS:
-            raise StylegradError(f"unknown sampler '{sampler}' (choose from {', '.join(SAMPLERS)})")
-        pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
-    return pipe.to(device)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one image depends on besides the style."""
-
-    prompt: str
-    negative: str = ""
-    steps: int = 30
-    cfg: float = 7.5
-    width: int | None = None
-    height: int | None = None
-    seed: int = 0
-    strength: float = 0.75  # img2img only
-
-
-def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, settings: Settings,
+def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: GenerationRequest,
                  init_image: Image.Image | None = None) -> Image.Image:
-    """One image: seeds through ``torch.Generator('cpu')`` so results match plain diffusers on any device."""
-    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    """One image: seeded through ``torch.Generator('cpu')`` so results match plain diffusers on any device."""
+    generator = torch.Generator("cpu").manual_seed(request.seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                  num_inference_steps=settings.steps, guidance_scale=settings.cfg, generator=generator)
+                  num_inference_steps=request.steps, guidance_scale=request.cfg, generator=generator)
     if init_image is None:
-        return pipe(height=settings.height, width=settings.width, **common).images[0]
+        return pipe(height=request.height, width=request.width, **common).images[0]
     from diffusers import StableDiffusionImg2ImgPipeline
 
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    return img2img(image=init_image, strength=settings.strength, **common).images[0]
+    return img2img(image=init_image, strength=request.strength, **common).images[0]
 
 
-def infotext(pipe, settings: Settings, size: tuple[int, int], model: str, style: Style | None,
-             options: StyleOptions, init: bool, extra: dict | None = None) -> str:
-    sampler = type(pipe.scheduler).__name__
-    fields = {
-        "Steps": settings.steps,
-        "Sampler": A1111_SAMPLERS.get(sampler, sampler),
-        "CFG scale": settings.cfg,
-        "Seed": settings.seed,
-        "Size": f"{size[0]}x{size[1]}",
-        "Model": Path(model).name or model,
-        "Denoising strength": settings.strength if init else None,
-    }
-    if style is not None and options.active:
-        fields.update({
-            "Aesthetic LR": options.lr,
-            "Aesthetic weight": options.weight,
-            "Aesthetic steps": options.steps,
-            "Aesthetic embedding": style.name,
-            "Aesthetic slerp": options.slerp,
-            "Aesthetic text": options.text or "",
-            "Aesthetic text negative": options.text_negative,
-            "Aesthetic slerp angle": options.text_angle,
-            "Aesthetic embedding hash": style.digest,
-        })
-    fields.update(extra or {})
-    fields["Version"] = f"stylegrad {__version__}"
-    return parameters_text(settings.prompt, settings.negative, fields)
+def load_image(path: str, what: str = "image") -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise StylegradError(f"cannot read {what} {path}: {e}") from e
+
+
+def load_init_image(path: str | None, width: int | None, height: int | None) -> Image.Image | None:
+    """The img2img start, resized to the request's size (or its own) rounded down to a multiple of 8."""
+    if path is None:
+        return None
+    image = load_image(path, "init image")
+    w, h = width or image.width, height or image.height
+    return image.resize((w - w % 8, h - h % 8), Image.LANCZOS)
+
+
+def style_progress(total: int, desc: str = "style"):
+    """A tqdm bar and the callback that advances it (one tick per Adam step)."""
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=total == 0)
+
+    def callback(step: int, similarity: float) -> None:
+        bar.set_postfix(cos=f"{similarity:.3f}")
+        bar.update(1)
+
+    return bar, callback
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -128,84 +75,128 @@ def next_index(out: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def load_init_image(path: str | None, width: int | None, height: int | None) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise StylegradError(f"cannot read --init-image {path}: {e}") from e
-    w, h = width or image.width, height or image.height
-    return image.resize((w - w % 8, h - h % 8), Image.LANCZOS)
+class Generator:
+    """One pipeline, many requests. The pipeline handed in is only read: samplers and Stylecodes run on pipelines
+    that share its components."""
+
+    def __init__(self, pipe, model: str | None = None, clip_model=None, siglip_model: str | None = None):
+        self.pipe = pipe
+        self.model = model
+        self.clip_model = clip_model
+        self.siglip_model = siglip_model  # the image encoder codes are made with (default: the published one)
+        self._encoders: dict = {}
+        self._styles: dict[str, Style] = {}
+        self._stylecodes: dict = {}
+
+    @classmethod
+    def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
+             siglip_model: str | None = None) -> Generator:
+        return cls(load_pipeline(model, device), model, clip_model, siglip_model)
+
+    def encoder(self, clip_model=None) -> AestheticEncoder:
+        key = clip_model or self.clip_model
+        if key not in self._encoders:
+            self._encoders[key] = AestheticEncoder.from_pipeline(self.pipe, key)
+        return self._encoders[key]
+
+    def style(self, path: str | None) -> Style | None:
+        if path is None:
+            return None
+        if path not in self._styles:
+            self._styles[path] = load_style(path)
+        return self._styles[path]
+
+    def _stylecode_pipeline(self, pipe, request: GenerationRequest):
+        """(pipeline carrying the code, the code) for a stylecode request."""
+        from stylegrad.stylecodes.facade import SIGLIP, Stylecodes
+
+        siglip = (self.siglip_model or SIGLIP) if request.stylecode_image else None
+        key = (request.stylecodes_model, siglip)
+        if key not in self._stylecodes:
+            self._stylecodes[key] = Stylecodes.load(self.pipe.unet, request.stylecodes_model, siglip)
+        sc = self._stylecodes[key]
+        code = request.stylecode or sc.code_for(load_image(request.stylecode_image, "stylecode image"))
+        return sc.pipeline(pipe, code, request.stylecode_strength, request.stylecode_guidance), code
+
+    def _prepare(self, request: GenerationRequest):
+        """What every image of a request shares: the pipeline to run, the style, the init image, the code."""
+        style = self.style(request.style)
+        pipe = with_sampler(self.pipe, request.sampler)
+        code = None
+        if request.uses_stylecode:
+            pipe, code = self._stylecode_pipeline(pipe, request)
+        pipe.set_progress_bar_config(desc="denoising", leave=False)
+        init = load_init_image(request.init_image, request.width, request.height)
+        return pipe, style, init, code
+
+    def embeddings(self, request: GenerationRequest, style: Style | None, desc: str = "style"):
+        """(prompt_embeds, negative_prompt_embeds): plain when the request has no active style (no CLIP loaded)."""
+        encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
+        bar, callback = style_progress(request.style_options.steps if request.styled else 0, desc)
+        try:
+            return encoder.encode(request.prompt, style if request.styled else None, request.style_options,
+                                  request.negative, request.clip_skip, callback)
+        finally:
+            bar.close()
+
+    def _model_hash(self, model: str) -> str | None:
+        return short_hash(model) if Path(model).is_file() else None
+
+    def images(self, request: GenerationRequest, n: int = 1) -> list[tuple[Image.Image, str]]:
+        """``n`` images with seeds ``seed .. seed+n-1`` and the infotext of each; the style is applied once."""
+        if n < 1:
+            raise StylegradError(f"n must be >= 1, got {n}")
+        pipe, style, init, code = self._prepare(request)
+        pe, ne = self.embeddings(request, style)
+        out = []
+        for i in range(n):
+            r = request.with_seed(request.seed + i)
+            image = run_pipeline(pipe, pe, ne, r, init)
+            text = infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
+                            stylecode=code, model_hash=self._model_hash(r.model))
+            out.append((image, text))
+        return out
+
+    def generate(self, request: GenerationRequest, out: str | Path, n: int = 1) -> list[Path]:
+        """Write ``n`` PNGs into ``out`` (numbered after those already there)."""
+        out = Path(out)
+        index = next_index(out)
+        return [save_png(image, out / f"{index + i:05d}-{request.seed + i}-{_slug(request.prompt)}.png", text)
+                for i, (image, text) in enumerate(self.images(request, n))]
+
+    def compare(self, request: GenerationRequest, sweep: list[int], out: str | Path, n: int = 1) -> Path:
+        """The paper's figure: the same seeds without the style and with it at each number of steps, one grid."""
+        if request.style is None:
+            raise StylegradError("a comparison needs a style")
+        pipe, style, init, code = self._prepare(request)
+        columns = [0] + [k for k in dict.fromkeys(sweep) if k > 0]
+        requests = [replace(request, style_options=replace(request.style_options, steps=k)) for k in columns]
+        embeds = [self.embeddings(r, style, f"style, {r.style_options.steps} steps") for r in requests]
+        rows = [[run_pipeline(pipe, pe, ne, r.with_seed(request.seed + i), init) for r, (pe, ne) in
+                 zip(requests, embeds)] for i in range(n)]
+        grid = label_grid(rows, ["no style"] + [f"{k} steps" for k in columns[1:]],
+                          [f"seed {request.seed + i}" for i in range(n)])
+        text = infotext(requests[-1], size=rows[0][0].size, sampler_name=a1111_sampler_name(pipe.scheduler),
+                        style=style, stylecode=code, model_hash=self._model_hash(request.model),
+                        extra={"Aesthetic steps sweep": " ".join(map(str, columns))})
+        out = Path(out)
+        return save_png(grid, out / f"{next_index(out):05d}-compare-{request.seed}-{_slug(request.prompt)}.png", text)
 
 
-def style_progress(total: int, desc: str = "style"):
-    """A tqdm bar and the callback that advances it (one tick per Adam step)."""
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
-
-    def callback(step: int, similarity: float) -> None:
-        bar.set_postfix(cos=f"{similarity:.3f}")
-        bar.update(1)
-
-    return bar, callback
-
-
-def generate(pipe, encoder: AestheticEncoder, settings: Settings, style: Style | None, options: StyleOptions,
-             out: Path, n: int = 1, model: str = "", init_image: Image.Image | None = None,
-             clip_skip: int | None = None, extra_fields: dict | None = None) -> list[Path]:
-    """``n`` images with seeds ``seed .. seed+n-1``; the style is applied once (the encoder caches).
-    ``extra_fields`` go into the PNG metadata (the stylecode, for instance)."""
-    bar, callback = style_progress(options.steps if style is not None and options.active else 0)
-    pe, ne = encoder.encode(settings.prompt, style, options, settings.negative, clip_skip, callback)
-    bar.close()
-    paths = []
-    index = next_index(out)
-    for i in range(n):
-        s = replace(settings, seed=settings.seed + i)
-        image = run_pipeline(pipe, pe, ne, s, init_image)
-        text = infotext(pipe, s, image.size, model, style, options, init_image is not None, extra_fields)
-        paths.append(save_png(image, out / f"{index + i:05d}-{s.seed}-{_slug(s.prompt)}.png", text))
-    return paths
-
-
-def label_grid(rows: list[list[Image.Image]], labels: list[str], row_labels: list[str]) -> Image.Image:
-    """Images in a grid with a caption under each column header and a seed at each row's start."""
-    w, h = rows[0][0].size
-    font = ImageFont.load_default()
-    pad_top = 24
-    pad_left = max(90, 12 + int(max((font.getlength(t) for t in row_labels), default=0)))  # no label cut off
-    grid = Image.new("RGB", (pad_left + w * len(labels), pad_top + h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, text in enumerate(labels):
-        draw.text((pad_left + j * w + 4, 6), text, fill="black", font=font)
-    for i, (row, text) in enumerate(zip(rows, row_labels)):
-        draw.text((4, pad_top + i * h + h // 2 - 6), text, fill="black", font=font)
-        for j, image in enumerate(row):
-            grid.paste(image, (pad_left + j * w, pad_top + i * h))
-    return grid
-
-
-def compare(pipe, encoder: AestheticEncoder, settings: Settings, style: Style, options: StyleOptions,
-            sweep: list[int], out: Path, n: int = 1, init_image: Image.Image | None = None,
-            clip_skip: int | None = None, extra_fields: dict | None = None) -> Path:
-    """The paper's figure: the same seed without the style and with it at each number of steps."""
-    columns = [0] + [k for k in sweep if k > 0]
-    embeds = []
-    for k in columns:
-        bar, callback = style_progress(k, f"style, {k} steps")
-        embeds.append(encoder.encode(settings.prompt, style, replace(options, steps=k), settings.negative,
-                                     clip_skip, callback))
-        bar.close()
-    rows = []
-    for i in range(n):
-        s = replace(settings, seed=settings.seed + i)
-        rows.append([run_pipeline(pipe, pe, ne, s, init_image) for pe, ne in embeds])
-    labels = ["no style"] + [f"{k} steps" for k in columns[1:]]
-    grid = label_grid(rows, labels, [f"seed {settings.seed + i}" for i in range(n)])
-    fields = {"Steps": settings.steps, "Sampler": A1111_SAMPLERS.get(type(pipe.scheduler).__name__, "?"),
-              "CFG scale": settings.cfg, "Seed": settings.seed, "Aesthetic embedding": style.name,
-              "Aesthetic LR": options.lr, "Aesthetic steps sweep": " ".join(map(str, columns)),
-              **(extra_fields or {}), "Version": f"stylegrad {__version__}"}
-    name = f"{next_index(out):05d}-compare-{settings.seed}-{_slug(settings.prompt)}.png"
-    return save_png(grid, out / name, parameters_text(settings.prompt, settings.negative, fields))
+def request_from_png(path: str | Path, **overrides) -> GenerationRequest:
+    """The request a stylegrad PNG records, with ``overrides`` (e.g. ``model=``, ``style=``) that are not None."""
+    info = read_generation_info(path)
+    if info is None or info.tool not in ("stylegrad", "automatic1111"):
+        raise StylegradError(f"{path} has no generation parameters stylegrad can regenerate from")
+    request = request_from_infotext(info.raw)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "style" in changes and request.style is None:
+        raise StylegradError(f"{path} was made without a style; drop --style or generate anew")
+    request = replace(request, **changes)
+    if request.style is not None:
+        digest = expected_style_digest(info.raw)
+        style = load_style(request.style)
+        if digest and style.digest != digest:
+            raise StylegradError(f"style file {request.style} is not the one {path} was made with "
+                                 f"(hash {style.digest}, the image records {digest})")
+    return request

@@ -1,11 +1,11 @@
 """Stylecodes (Rowles 2024, arXiv 2411.12811): a style as a short code to paste into a prompt. Pure functions.
 
-A code stands for a 20-dimensional latent in [-1, 1], quantised to 64 levels q = 0..63 (z = 2q/63 - 1).
+A code stands for a 20-dimensional latent in [-1, 1], quantized to 64 levels q = 0..63 (z = 2q/63 - 1).
 - stylegrad's format (the paper's promise): 20 symbols, symbol i = ``A-Z a-z 0-9 - _`` at q_i, then one version
   digit naming the encoder/decoder weights (``1`` = the published SD1.5 model). 21 characters, URL-safe.
 - The reference implementation's format: one byte per level, standard base64 with '=' stripped (27 characters).
 
-The reference quantiser truncates (z + 1) * 31.5 in float32, which drops a level for 15 of the 64 decoded values
+The reference quantizer truncates (z + 1) * 31.5 in float32, which drops a level for 15 of the 64 decoded values
 (2q/63 - 1 lands a hair under q in float32). ``quantize`` works in float64 and adds a 1e-4-level tolerance, so
 decode-then-encode always returns the same code; it differs from the reference only for latents within 1e-4 of a
 level boundary.

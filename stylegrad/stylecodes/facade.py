@@ -65,7 +65,9 @@ class Stylecodes:
             model = load_stylecodes(checkpoint, base_unet)
             auto = model.sref_autoencoder
         else:
-            device, dtype = device or "cpu", dtype or torch.float32
+            from stylegrad.devices import resolve_device
+
+            device, dtype = resolve_device(device or "cpu"), dtype or torch.float32
             model, auto = None, load_autoencoder(checkpoint, device, dtype)
         enc, proc = load_siglip(siglip, device, dtype) if siglip else (None, None)
         return cls(auto, model, enc, proc, version)
@@ -78,7 +80,7 @@ class Stylecodes:
         return self.autoencoder.encode(tokens.to(next(self.autoencoder.parameters()).dtype)).float()
 
     def code_for(self, image: Image.Image, format: str = "stylegrad") -> str:
-        """The image's style as a code (quantised so that decoding and re-encoding gives the same code)."""
+        """The image's style as a code (quantized so that decoding and re-encoding gives the same code)."""
         return encode(quantize(self.latents_for([image])[0].tolist()), self.version, format)
 
     def latent_of(self, codes: str) -> torch.Tensor:
@@ -100,4 +102,13 @@ class Stylecodes:
         return with_stylecode(pipe, self.model, self.latent_of(codes), strength, guide_style)
 
 
-__all__ = ["Stylecodes", "image_tokens", "load_siglip"]
+def encode_image(image_path: str, checkpoint: str | None = None, siglip: str = SIGLIP, format: str = "stylegrad",
+                 device=None) -> str:
+    """The code of one image file's style (only the code encoder and SigLIP are loaded, no SD model)."""
+    from stylegrad.pipelines.generation import load_image
+
+    image = load_image(image_path)
+    return Stylecodes.load(None, checkpoint, siglip, device=device).code_for(image, format)
+
+
+__all__ = ["SIGLIP", "Stylecodes", "encode_image", "image_tokens", "load_siglip"]

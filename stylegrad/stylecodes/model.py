@@ -65,7 +65,7 @@ class StyleAutoencoder(nn.Module):
         self.output_proj = nn.Linear(width, output_dim)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, input_dim) image tokens -> (B, 20) latent, unquantised."""
+        """(B, N, input_dim) image tokens -> (B, 20) latent, unquantized."""
         src = self.pos_encoder(self.input_proj(tokens))
         q = self.latent_init.expand(tokens.shape[0], -1)[:, None]
         for attn in self.attention_layers:  # no residual, as trained

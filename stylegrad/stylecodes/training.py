@@ -1,5 +1,5 @@
 """Train a Stylecodes model (the paper's recipe): SD1.x and SigLIP frozen; the style encoder, decoder and control
-module trained end to end with the diffusion loss, the latent passed on unquantised.
+module trained end to end with the diffusion loss, the latent passed on unquantized.
 
 Data is a folder with ``index.csv`` or ``index.jsonl``: one (style image, prompt, target image) triple per row,
 columns ``style_image``, ``prompt``, ``target_image`` (paths relative to the folder). Every random draw of step k
@@ -25,9 +25,17 @@ from tqdm.auto import tqdm
 
 from stylegrad.errors import StylegradError
 from stylegrad.files.hub import from_pretrained
-from stylegrad.stylecodes.model import SIGLIP, StylecodesModel, check_state, load_stylecodes, read_checkpoint, save_stylecodes
-from stylegrad.stylecodes.unet import controlled_forward, mid_size
+from stylegrad.pipelines.loading import DEFAULT_MODEL
 from stylegrad.stylecodes.facade import image_tokens, load_siglip
+from stylegrad.stylecodes.model import (
+    SIGLIP,
+    StylecodesModel,
+    check_state,
+    load_stylecodes,
+    read_checkpoint,
+    save_stylecodes,
+)
+from stylegrad.stylecodes.unet import controlled_forward, mid_size
 
 COLUMNS = ("style_image", "prompt", "target_image")
 
@@ -36,7 +44,7 @@ COLUMNS = ("style_image", "prompt", "target_image")
 class TrainConfig:
     data: str
     out: str
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model: str = DEFAULT_MODEL
     siglip: str = SIGLIP
     init: str | None = None  # start from this Stylecodes checkpoint instead of a fresh model
     steps: int = 100_000  # the paper's defaults: 100k steps of batch 25 at lr 1e-6, 512 px
@@ -61,8 +69,22 @@ def read_index(folder: str | os.PathLike) -> list[dict]:
             break
     else:
         raise StylegradError(f"no index.csv or index.jsonl in {root}")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()] if path.suffix == ".jsonl" else list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError as e:
+                            raise StylegradError(f"{path.name} line {n} is not JSON ({e.msg})") from e
+                        if not isinstance(rows[-1], dict):
+                            raise StylegradError(f"{path.name} line {n} is not a JSON object")
+            else:
+                rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise StylegradError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     if not rows:
         raise StylegradError(f"{path} has no rows")
     for i, row in enumerate(rows, 1):
@@ -101,9 +123,11 @@ class Trainer:
 
 
         self.cfg = cfg
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from stylegrad.devices import resolve_device
+
+        self.device = resolve_device(cfg.device)
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
-            raise StylegradError("--mixed-precision needs a CUDA device; on CPU training runs in fp32")
+            raise StylegradError("mixed_precision needs a CUDA device; on CPU training runs in fp32")
         self.rows = read_index(cfg.data)
         self.unet = from_pretrained(diffusers.UNet2DConditionModel, cfg.model, "model", subfolder="unet")
         self.vae = from_pretrained(diffusers.AutoencoderKL, cfg.model, "model", subfolder="vae")
@@ -151,7 +175,7 @@ class Trainer:
         amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(self.cfg.mixed_precision)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             auto = self.model.sref_autoencoder
-            latent = auto.encode(tokens)  # no quantisation while training, as in the paper
+            latent = auto.encode(tokens)  # no quantization while training, as in the paper
             h, w = mid_size(self.unet, self.cfg.resolution, self.cfg.resolution, self.vae_scale)
             style_map = auto.decode(latent, h, w)
             ones = torch.ones(len(idx), 1, 1, 1, device=self.device)

@@ -1,4 +1,4 @@
-"""Procedural scenes: a coloured shape on a background, drawn in one of several visual styles, with a caption.
+"""Procedural scenes: a colored shape on a background, drawn in one of several visual styles, with a caption.
 
 Everything is a pure function of a seed, so the dataset is reproducible without storing it.
 """
@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 STYLES = ("plain", "striped", "dotted", "outlined", "blurry")
 BACKGROUNDS = ((245, 245, 240), (200, 200, 205), (40, 40, 48))
 BACKGROUND_WORDS = ("light", "grey", "dark")
@@ -22,7 +22,7 @@ SIZE_WORDS = ("small", "large")  # radius below / above 9 pixels
 @dataclass(frozen=True)
 class Scene:
     shape: str
-    colour: str
+    color: str
     style: str
     background: int
     cx: float
@@ -32,7 +32,7 @@ class Scene:
     def caption(self, with_style: bool, variant: int = 0) -> str:
         """Varied wordings (``variant`` 0..5), so a UNet trained on them sees a smooth text space rather than a
         handful of fixed states; variant 0 is the plain "a red circle"."""
-        c, s = self.colour, self.shape
+        c, s = self.color, self.shape
         size = SIZE_WORDS[self.r >= 9]
         base = (f"a {c} {s}", f"{c} {s}", f"a {s}, {c}", f"a {size} {c} {s}",
                 f"a {c} {s} on a {BACKGROUND_WORDS[self.background]} background", f"one {c} {s}")[variant % 6]
@@ -56,7 +56,7 @@ def _mask(scene: Scene) -> np.ndarray:
 
 def render(scene: Scene) -> Image.Image:
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
-    fg = np.array(COLOURS[scene.colour], np.float32)
+    fg = np.array(COLORS[scene.color], np.float32)
     img = np.broadcast_to(bg, (SIZE, SIZE, 3)).copy()
     mask = _mask(scene)
     y, x = np.mgrid[0:SIZE, 0:SIZE]
@@ -83,7 +83,7 @@ def sample(rng: np.random.Generator) -> Scene:
     r = float(rng.uniform(7.0, 11.0))
     return Scene(
         shape=SHAPES[rng.integers(len(SHAPES))],
-        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        color=list(COLORS)[rng.integers(len(COLORS))],
         style=STYLES[rng.integers(len(STYLES))],
         background=int(rng.integers(len(BACKGROUNDS))),
         cx=float(rng.uniform(r, SIZE - r)),
@@ -100,16 +100,16 @@ def dataset(n: int, seed: int, style_caption_p: float = 0.6, style: str | None =
     for _ in range(n):
         s = sample(rng)
         if style is not None:
-            s = Scene(s.shape, s.colour, style, s.background, s.cx, s.cy, s.r)
+            s = Scene(s.shape, s.color, style, s.background, s.cx, s.cy, s.r)
         with_style, variant = bool(rng.random() < style_caption_p), int(rng.integers(6))
         out.append((render(s), s.caption(with_style, variant if varied else 0), s))
     return out
 
 
 def caption_facts(caption: str) -> dict[str, str]:
-    """What a caption says: {'colour': 'red', 'shape': 'circle', 'style': ..., 'background': ..., 'size': ...},
+    """What a caption says: {'color': 'red', 'shape': 'circle', 'style': ..., 'background': ..., 'size': ...},
     only the keys it mentions."""
-    vocab = {"colour": tuple(COLOURS), "shape": SHAPES, "style": STYLES, "background": BACKGROUND_WORDS,
+    vocab = {"color": tuple(COLORS), "shape": SHAPES, "style": STYLES, "background": BACKGROUND_WORDS,
              "size": SIZE_WORDS}
     facts = {}
     for word in caption.replace(",", " ").split():
@@ -120,7 +120,7 @@ def caption_facts(caption: str) -> dict[str, str]:
 
 
 def scene_facts(scene: Scene) -> dict[str, str]:
-    return {"colour": scene.colour, "shape": scene.shape, "style": scene.style,
+    return {"color": scene.color, "shape": scene.shape, "style": scene.style,
             "background": BACKGROUND_WORDS[scene.background], "size": SIZE_WORDS[scene.r >= 9]}
 
 
@@ -131,8 +131,8 @@ def fits(caption: str, scene: Scene) -> bool:
 
 
 def class_captions() -> list[str]:
-    """Every shape x colour caption, for zero-shot probes."""
-    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    """Every shape x color caption, for zero-shot probes."""
+    return [f"a {c} {s}" for c in COLORS for s in SHAPES]
 
 
 def write_examples(folder, style: str = "striped", n: int = 12, seed: int = 123) -> None:
@@ -143,4 +143,4 @@ def write_examples(folder, style: str = "striped", n: int = 12, seed: int = 123)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for i, (image, _, scene) in enumerate(dataset(n, seed, style=style)):
-        image.save(out / f"{style}-{i:02d}-{scene.colour}-{scene.shape}.png")
+        image.save(out / f"{style}-{i:02d}-{scene.color}-{scene.shape}.png")

@@ -2,7 +2,7 @@
 
 A style is embedded from the bundled striped example images; the same prompts and seeds are generated without it
 and with it at several step counts; the grid, ``results.json`` and a printed table show style similarity rising
-while the shapes and colours asked for survive.
+while the shapes and colors asked for survive.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from stylegrad.pipelines.generation import label_grid
 from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.pipelines.grids import label_grid
+
 from .measure import DEMO_LR, PROMPTS, STEPS, measure_effect
 
 HERE = Path(__file__).resolve().parent
@@ -62,14 +63,14 @@ def run_demo(out: str | Path = "stylegrad-demo", steps=STEPS, seeds: int = 2, pr
         "style": f"striped: {len(list(EXAMPLES.glob('*.png')))} bundled images",
         "prompts": list(prompts), "seeds": seeds, "lr": lr,
         "rows": [{"steps": r.steps, "style_similarity": round(r.style_similarity, 4), "accuracy": round(r.accuracy, 4),
-                  "shape_accuracy": round(r.shape_accuracy, 4), "colour_accuracy": round(r.colour_accuracy, 4)}
+                  "shape_accuracy": round(r.shape_accuracy, 4), "color_accuracy": round(r.color_accuracy, 4)}
                  for r in rows],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    log(f"{'steps':>5}  {'style similarity':>16}  {'prompt kept':>11}  {'shape':>5}  {'colour':>6}")
+    log(f"{'steps':>5}  {'style similarity':>16}  {'prompt kept':>11}  {'shape':>5}  {'color':>6}")
     for r in results["rows"]:
         log(f"{r['steps']:>5}  {r['style_similarity']:>16.3f}  {r['accuracy']:>11.2f}  {r['shape_accuracy']:>5.2f}  "
-            f"{r['colour_accuracy']:>6.2f}")
+            f"{r['color_accuracy']:>6.2f}")
     log(f"{out / 'grid.png'}  {out / 'results.json'}  ({results['seconds']} s)")
     return results

@@ -1,4 +1,4 @@
-"""What the small world lets us measure: does the small CLIP recognise scenes, and does a style change the
+"""What the small world lets us measure: does the small CLIP recognize scenes, and does a style change the
 pictures while the prompt survives (the paper's claim)?"""
 
 from __future__ import annotations
@@ -10,21 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from stylegrad.aesthetic.encoder import AestheticEncoder
-from stylegrad.pipelines.generation import Settings, run_pipeline
-from stylegrad.evaluation.metrics import ClipEmbedder, style_similarity
 from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.evaluation.metrics import ClipEmbedder, style_similarity
 from stylegrad.files.styles import Style
+from stylegrad.pipelines.generation import run_pipeline
+from stylegrad.pipelines.request import GenerationRequest
+
 from .data import caption_facts, class_captions
 
 PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a green cross",
-           "a green circle", "a yellow square", "a red triangle", "a blue cross")  # every colour and shape twice
+           "a green circle", "a yellow square", "a red triangle", "a blue cross")  # every color and shape twice
 STEPS = (0, 2, 5, 10, 20)
 DEMO_LR = 3e-5  # measured on the first trained world: 1e-4 and above push the 64-wide text states off the UNet's data
-DENOISE = Settings(prompt="", steps=20, cfg=3.0, width=32, height=32)  # cfg 3 measured best (docs/world.md)
+DENOISE = GenerationRequest(prompt="", steps=20, cfg=3.0, width=32, height=32)  # cfg 3 measured best (docs/world.md)
 
 
 def zero_shot(embedder: ClipEmbedder, images, captions: list[str] | None = None) -> list[str]:
-    """The caption (of ``captions``, default every colour x shape) each image matches best."""
+    """The caption (of ``captions``, default every color x shape) each image matches best."""
     captions = captions or class_captions()
     text = F.normalize(embedder.texts(captions), dim=-1)
     img = F.normalize(embedder.images(list(images)), dim=-1)
@@ -34,7 +36,7 @@ def zero_shot(embedder: ClipEmbedder, images, captions: list[str] | None = None)
 def split_caption(caption: str) -> tuple[str, str]:
     """'a red circle' -> ('red', 'circle')."""
     facts = caption_facts(caption)
-    return facts["colour"], facts["shape"]
+    return facts["color"], facts["shape"]
 
 
 @dataclass
@@ -42,21 +44,21 @@ class Row:
     steps: int
     style_similarity: float
     shape_accuracy: float
-    colour_accuracy: float
+    color_accuracy: float
     images: list
-    recognised: list  # (colour, shape) the probe saw in each image
-    wanted: list  # (colour, shape) each prompt asked for
+    recognized: list  # (color, shape) the probe saw in each image
+    wanted: list  # (color, shape) each prompt asked for
 
     @property
     def accuracy(self) -> float:
-        """Share of images whose colour and shape were both recognised as asked."""
-        return statistics.fmean(g == w for g, w in zip(self.recognised, self.wanted))
+        """Share of images whose color and shape were both recognized as asked."""
+        return statistics.fmean(g == w for g, w in zip(self.recognized, self.wanted))
 
 
 def measure_effect(pipe, encoder: AestheticEncoder, embedder: ClipEmbedder, style: Style | None,
                    prompts=PROMPTS, seeds=range(4), steps=STEPS,
-                   options: StyleOptions = StyleOptions(lr=DEMO_LR), settings: Settings = DENOISE) -> list[Row]:
-    """Style similarity and prompt fidelity (zero-shot shape and colour) of generated images, per steps.
+                   options: StyleOptions = StyleOptions(lr=DEMO_LR), settings: GenerationRequest = DENOISE) -> list[Row]:
+    """Style similarity and prompt fidelity (zero-shot shape and color) of generated images, per steps.
     With ``style=None`` only steps 0 makes sense and style similarity is NaN."""
     rows = []
     for k in steps:
@@ -73,9 +75,9 @@ def measure_effect(pipe, encoder: AestheticEncoder, embedder: ClipEmbedder, styl
             steps=k,
             style_similarity=float(sims.mean()),
             shape_accuracy=statistics.fmean(g[1] == w[1] for g, w in zip(got, wanted)),
-            colour_accuracy=statistics.fmean(g[0] == w[0] for g, w in zip(got, wanted)),
+            color_accuracy=statistics.fmean(g[0] == w[0] for g, w in zip(got, wanted)),
             images=images,
-            recognised=got,
+            recognized=got,
             wanted=wanted,
         ))
     return rows

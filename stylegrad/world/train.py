@@ -3,7 +3,7 @@ diffusers StableDiffusionPipeline folder.
 
     python -m stylegrad.world.train --out /tmp/world      # about 45 minutes on 2 cores (docs/world.md)
 
-Reproducible from ``--seed``: data, initialisation and batches all come from seeded generators.
+Reproducible from ``--seed``: data, initialization and batches all come from seeded generators.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ def build_clip(tok):
 
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> CLIP's normalisation (the processor we save does the same from PIL)."""
+    """[-1, 1] images -> CLIP's normalization (the processor we save does the same from PIL)."""
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
 
 
 def _fact_codes(facts: list[dict[str, str]]) -> torch.Tensor:
-    """(N, 5) integer codes of colour, shape, style, background and size; -1 where a caption says nothing."""
-    keys = ("colour", "shape", "style", "background", "size")
+    """(N, 5) integer codes of color, shape, style, background and size; -1 where a caption says nothing."""
+    keys = ("color", "shape", "style", "background", "size")
     vocab = {k: {} for k in keys}
     return torch.tensor([[vocab[k].setdefault(f[k], len(vocab[k])) if k in f else -1 for k in keys] for f in facts])
 

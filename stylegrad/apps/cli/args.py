@@ -1,0 +1,78 @@
+"""Argument types and option groups every command shares: one list type, one device option, the style options
+generated from ``StyleOptions``' fields (flags, defaults and help come from the library)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+from stylegrad.aesthetic.options import StyleOptions
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        print(f"Error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number_list(kind=int, minimum: float | None = None, length: int | None = None):
+    """An argparse type for 'A,B,C' (commas or spaces)."""
+    def parse(text: str):
+        try:
+            values = [kind(x) for x in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(  # noqa: B904 - argparse shows this message, the cause adds nothing
+                f"'{text}' is not a comma-separated list of {'whole numbers' if kind is int else 'numbers'}")
+        if not values:
+            raise argparse.ArgumentTypeError("the list is empty")
+        if minimum is not None and any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"'{text}': every value must be >= {minimum}")
+        if length is not None and len(values) != length:
+            raise argparse.ArgumentTypeError(f"'{text}': give exactly {length} values")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+def add_device(p, default_help: str = "cuda if available, else cpu") -> None:
+    p.add_argument("--device", metavar="DEVICE", help=f"cpu, cuda, cuda:1, mps or auto (default: {default_help})")
+
+
+def _flag(name: str) -> str:
+    return "--style-" + name.replace("_", "-")
+
+
+def add_style_options(p, exclude: tuple[str, ...] = (), style_file: bool = True) -> argparse._ArgumentGroup:
+    """``--style FILE`` and ``--style-<field>`` for every field of StyleOptions (aesthetic gradients' prefix)."""
+    g = p.add_argument_group("style (aesthetic gradients)")
+    if style_file:
+        g.add_argument("--style", metavar="FILE", help="aesthetic embedding (.safetensors or .pt); omit for no style")
+    for f in fields(StyleOptions):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata["help"]
+        if isinstance(default, bool):
+            g.add_argument(_flag(f.name), dest=f"style_{f.name}", action="store_true", help=help_text)
+            continue
+        if isinstance(default, tuple):
+            kind = number_list(float, length=len(default))
+            shown = ",".join(map(str, default))
+        else:
+            kind = type(default) if default is not None else (str if f.name == "text" else float)
+            shown = default
+        g.add_argument(_flag(f.name), dest=f"style_{f.name}", type=kind, default=default,
+                       metavar=f.name.split("_")[-1].upper(),
+                       help=help_text + ("" if default is None else f" (default: {shown})"))
+    return g
+
+
+def style_options(a: argparse.Namespace, **overrides) -> StyleOptions:
+    values = {f.name: getattr(a, f"style_{f.name}") for f in fields(StyleOptions) if hasattr(a, f"style_{f.name}")}
+    values.update(overrides)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return StyleOptions(**values)

@@ -1,0 +1,97 @@
+"""``generate``: images from a prompt, styled by an aesthetic embedding, a stylecode, or both; or again from a
+stylegrad PNG (``--from``)."""
+
+from __future__ import annotations
+
+import sys
+
+from stylegrad.apps.cli.args import add_device, add_style_options, number_list, style_options
+from stylegrad.files.styles import load_style
+from stylegrad.pipelines.generation import Generator, request_from_png
+from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
+from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.stylecodes.facade import SIGLIP
+from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO
+
+
+def _request(a) -> GenerationRequest:
+    if a.from_png:
+        return request_from_png(a.from_png, model=a.model, style=a.style, init_image=a.init_image,
+                                clip_model=a.clip_model, stylecodes_model=a.stylecodes_model)
+    return GenerationRequest(
+        prompt=a.prompt, negative=a.negative, seed=a.seed, steps=a.steps, cfg=a.cfg, width=a.width, height=a.height,
+        sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL, init_image=a.init_image,
+        strength=a.strength, style=a.style, style_options=style_options(a), clip_model=a.clip_model,
+        stylecode=a.stylecode, stylecode_image=a.stylecode_image, stylecode_strength=a.stylecode_strength,
+        stylecode_guidance=a.stylecode_guidance, stylecodes_model=a.stylecodes_model,
+    )
+
+
+def cmd_generate(a) -> None:
+    if (a.prompt is None) == (a.from_png is None):
+        a.parser.error("give a PROMPT, or --from IMAGE.png to regenerate an image")
+    if a.compare and a.style is None:
+        a.parser.error("--compare needs --style")
+    request = _request(a)
+    if a.n < 1:
+        a.parser.error(f"--n must be >= 1, got {a.n}")
+    if request.style:
+        load_style(request.style)  # a bad style file fails before any model loads
+    generator = Generator.load(request.model, a.device, request.clip_model, a.siglip_model)
+    if a.compare:
+        print(generator.compare(request, a.compare_steps, a.out, a.n))
+        return
+    for path in generator.generate(request, a.out, a.n):
+        print(path)
+    if request.stylecode_image:
+        print(f"stylecode made from {request.stylecode_image} is in the PNG metadata (stylegrad info)", file=sys.stderr)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with a style",
+                       description="Generate images with a diffusers Stable Diffusion pipeline, styled by an "
+                       "aesthetic embedding (--style), a stylecode (--stylecode / --stylecode-image), or both. Every "
+                       "PNG records all its settings; --from IMAGE.png makes the same image again.")
+    p.add_argument("prompt", nargs="?", metavar="PROMPT")
+    p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
+                   help="regenerate a stylegrad PNG from its metadata (--model, --style, --init-image, --clip-model, "
+                   "--stylecodes-model, --out, --device override; other settings come from the image)")
+    add_style_options(p)
+    g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
+    g.add_argument("--stylecode", metavar="CODE", help="a style code, or several with weights: 'CODE1::2 CODE2::1'")
+    g.add_argument("--stylecode-image", metavar="IMG", help="make the code from this image, then use it")
+    g.add_argument("--stylecode-strength", type=float, default=1.0, metavar="S",
+                   help="how strongly the code acts; 0 = the plain model (default 1)")
+    g.add_argument("--stylecode-guidance", action="store_true",
+                   help="give the style to the conditional half only, so guidance strengthens it (the reference "
+                   "gives it to both halves)")
+    g.add_argument("--stylecodes-model", metavar="ID_OR_PATH",
+                   help=f"Stylecodes checkpoint: hub id, folder, .bin or .safetensors (default: {PUBLISHED_REPO}, "
+                   f"{PUBLISHED_FILE})")
+    g.add_argument("--siglip-model", metavar="ID_OR_PATH",
+                   help=f"image encoder codes are made with (default: {SIGLIP})")
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    g.add_argument("--model", metavar="ID_OR_PATH", help=f"diffusers model: hub id or local folder "
+                   f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--clip-model", metavar="ID_OR_PATH",
+                   help="CLIP model whose projection defines the style space (default: the family's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--width", type=int, help="image width (default: the model's)")
+    g.add_argument("--height", type=int, help="image height (default: the model's)")
+    g.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--sampler", metavar="NAME", help="scheduler, by short or A1111 name: " + ", ".join(
+        f"{s} ({a1111})" for s, (_, a1111) in SAMPLERS.items()) + " (default: the model's)")
+    g.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's states K layers before the "
+                   "last (diffusers' clip_skip; A1111's 'Clip skip' is K + 1)")
+    g.add_argument("--init-image", metavar="IMG", help="start from this image (img2img)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img strength (default 0.75)")
+    add_device(g)
+    g.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
+    g.add_argument("--compare", action="store_true",
+                   help="write one labelled grid: no style, then the style at each of --compare-steps")
+    g.add_argument("--compare-steps", type=number_list(int, minimum=0), default=[5, 10, 20], metavar="LIST",
+                   help="steps sweep (default 5,10,20)")
+    p.set_defaults(func=cmd_generate, parser=p)

@@ -1,0 +1,59 @@
+"""Reading ``.pt/.bin/.ckpt`` pickles as data: ``torch.load(weights_only=True)``, with an explicit allow-list for the
+old formats people still share, never ``weights_only=False``.
+
+- ``torch.nn.ParameterDict``: the original 2022 textual-inversion files keep ``string_to_param`` as one.
+- numpy's array rebuilders: tensors saved from an Apple MPS device are pickled through numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import torch
+
+
+class UnsafePickle(Exception):
+    """The pickle asks for a Python global outside the allow-list (code, or an object we do not load)."""
+
+
+class NotATorchFile(Exception):
+    """The bytes are not a torch pickle that can be read (truncated, corrupt, or another format)."""
+
+
+def _allow_list() -> list:
+    allowed: list = [torch.nn.ParameterDict]
+    try:
+        import numpy as np
+        from numpy import dtypes
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2 names them differently; without numpy no MPS file can be read anyway
+        return allowed
+    allowed += [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def load_pickle(path: str | os.PathLike):
+    """The object in a torch pickle, on the CPU; only tensors, containers and the allow-list are rebuilt."""
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_allow_list()):
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols before reading them
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "WeightsUnpickler error" in text:  # torch's safe unpickler refused something: a global or an opcode
+            if "GLOBAL " in text:
+                reason = text.split("GLOBAL ", 1)[1].split(" ", 1)[0]
+            else:
+                reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:80]
+            raise UnsafePickle(reason) from e
+        raise NotATorchFile(_first_line(e)) from e
+    except Exception as e:  # the unpickler raises many types for bytes that are not a torch file
+        raise NotATorchFile(_first_line(e)) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]

@@ -1,0 +1,75 @@
+"""Loading a diffusers pipeline from what the user names, and the samplers by our short names and A1111's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stylegrad.devices import default_dtype, resolve_device
+from stylegrad.errors import StylegradError
+from stylegrad.files.hub import from_pretrained
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# short name -> (diffusers scheduler class, A1111's name)
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", "DDIM"),
+    "pndm": ("PNDMScheduler", "PLMS"),
+    "euler": ("EulerDiscreteScheduler", "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M"),
+    "unipc": ("UniPCMultistepScheduler", "UniPC"),
+    "lms": ("LMSDiscreteScheduler", "LMS"),
+    "heun": ("HeunDiscreteScheduler", "Heun"),
+}
+A1111_NAMES = {cls: a1111 for cls, a1111 in SAMPLERS.values()}
+
+
+def sampler_id(name: str) -> str:
+    """Our short name for a sampler given by short name or A1111's name (any case)."""
+    wanted = name.strip().lower()
+    for short, (_, a1111) in SAMPLERS.items():
+        if wanted in (short, a1111.lower()):
+            return short
+    choices = ", ".join(f"{s} ({a})" for s, (_, a) in SAMPLERS.items())
+    raise StylegradError(f"unknown sampler '{name}' (choose from {choices})")
+
+
+def a1111_sampler_name(scheduler) -> str:
+    name = type(scheduler).__name__
+    return A1111_NAMES.get(name, name)
+
+
+def with_sampler(pipe, sampler: str | None):
+    """``pipe`` itself for the model's own sampler, else a pipeline sharing its components with that scheduler
+    (the user's pipeline keeps its own)."""
+    if sampler is None:
+        return pipe
+    import diffusers
+
+    short = sampler_id(sampler)
+    cls = getattr(diffusers, SAMPLERS[short][0])
+    if isinstance(pipe.scheduler, cls):
+        return pipe
+    try:
+        scheduler = cls.from_config(pipe.scheduler.config)
+    except ImportError as e:  # LMS needs scipy, which diffusers does not require
+        missing = "scipy" if "scipy" in str(e) else "a package diffusers asks for"
+        raise StylegradError(f"sampler {short} needs {missing} (pip install {missing.split()[0]})") from e
+    return type(pipe).from_pipe(pipe, scheduler=scheduler)
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None):
+    """A StableDiffusionPipeline from a hub id or a local diffusers folder: fp16 on CUDA, fp32 elsewhere."""
+    import diffusers
+
+    device = resolve_device(device)
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise StylegradError(
+            f"{model} is a single-file checkpoint; pass a diffusers folder or hub id (convert it once with "
+            "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(FOLDER))"
+        )
+    pipe = from_pretrained(diffusers.StableDiffusionPipeline, model, what="model", dtype=default_dtype(device))
+    return pipe.to(device)
