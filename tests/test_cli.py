@@ -23,23 +23,25 @@ def _bad_lines(tmp: Path, shared: Path) -> list[list[str]]:
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     ti = str(shared / "community" / "textual_inversion" / "test_embedding.safetensors")
     image = str(shared / "community" / "png" / "automatic1111_cropped.png")
-    return [
-        ["info", ti, str(tmp / "missing.pt")],
-        ["mix", ti, "-o", str(tmp / "m.safetensors")],
-        ["generate", "x", "--style", ti],
-        ["generate", "x", "--compare-steps", "5,x"],
-        ["generate", "x", "--width", "30"],
-        ["generate", "x", "--sampler", "nope"],
-        ["generate", "--from", image],
-        ["demo", "--style-steps", "x"],
-        ["score", style, "--device", "foo"],
-        ["code", "encode", image, "--device", "foo"],
-        ["train", "stylecodes", str(tmp), "--out", str(tmp / "t"), "--device", "foo"],
-        ["evaluate", "--style", style, "--prompts", str(latin1), "--out", str(tmp / "e")],
-        ["mix", style, "-o", str(Path(style) / "sub" / "m.safetensors")],  # unwritable, even for root
-        ["code", "decode", "not-a-code"],
-        ["embed", str(tmp / "nothing"), "-o", str(tmp / "x.safetensors")],
-        ["generate"],
+    return [  # (command line, what its one error line must say)
+        (["info", ti, str(tmp / "missing.pt")], "no such file"),
+        (["mix", ti, "-o", str(tmp / "m.safetensors")], "textual-inversion"),
+        (["generate", "x", "--style", ti], "textual-inversion"),
+        (["generate", "x", "--compare-steps", "5,x"], "--compare-steps"),
+        (["generate", "x", "--width", "30"], "width must be a positive multiple of 8"),
+        (["generate", "x", "--sampler", "nope"], "unknown sampler 'nope'"),
+        (["generate", "--from", image], "model 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not available"),
+        (["generate", "x", "--device", "foo"], "unknown device 'foo'"),
+        (["demo", "--style-steps", "x"], "--style-steps"),
+        (["embed", image, "-o", str(tmp / "e.safetensors"), "--device", "foo"], "unknown device 'foo'"),
+        (["score", style, image, "--device", "foo"], "unknown device 'foo'"),
+        (["code", "encode", image, "--device", "foo"], "unknown device 'foo'"),
+        (["train", "stylecodes", str(tmp / "data"), "--out", str(tmp / "t"), "--device", "foo"], "unknown device"),
+        (["evaluate", "--style", style, "--prompts", str(latin1), "--out", str(tmp / "e")], "not UTF-8 text"),
+        (["mix", style, "-o", str(Path(style) / "sub" / "m.safetensors")], "m.safetensors"),  # unwritable, even as root
+        (["code", "decode", "not-a-code"], "stylecode 'not-a-code'"),
+        (["embed", str(tmp / "nothing"), "-o", str(tmp / "x.safetensors")], "no such file or folder"),
+        (["generate"], "give a PROMPT"),
     ]
 
 
@@ -52,17 +54,18 @@ def test_bad_command_lines_through_the_console_script(tmp_path, shared):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STYLEGRAD_DEBUG": ""}
     lines = _bad_lines(tmp_path, shared)
 
-    def run(args):
-        return args, subprocess.run([CONSOLE, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+    def run(line):
+        args, _ = line
+        return line, subprocess.run([CONSOLE, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                                     timeout=120)
 
     with ThreadPoolExecutor(2) as pool:
-        for args, proc in pool.map(run, lines):
+        for (args, says), proc in pool.map(run, lines):
             errors = [line for line in proc.stderr.splitlines() if line.strip() and not _is_progress(line)]
             assert proc.returncode != 0, args
             assert "Traceback" not in proc.stderr, (args, proc.stderr)
             assert len(errors) <= 1, (args, errors)
-            assert errors and errors[0].startswith("Error: "), (args, proc.stderr)
+            assert errors and errors[0].startswith("Error: ") and says in errors[0], (args, proc.stderr)
 
 
 @pytest.mark.parametrize("error,expected", [

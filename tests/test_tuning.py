@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import os
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_similarity_rises_with_steps(pipe, clip_text, style):
 
 def test_pipeline_is_bit_identical_after_many_calls(pipe, clip_text, style):
     before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    grads = [p.grad for p in pipe.text_encoder.parameters()]
+    flags = [p.requires_grad for p in pipe.text_encoder.parameters()]
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     variants = [StyleOptions(steps=3, lr=1e-2), StyleOptions(steps=2, weight=0.5, slerp=True),
                 StyleOptions(steps=2, text="stripes", text_negative=True), StyleOptions(steps=2, regularization=1.0),
@@ -182,7 +183,8 @@ def test_pipeline_is_bit_identical_after_many_calls(pipe, clip_text, style):
         enc.encode(f"{PROMPT} {i}", style, variants[i % len(variants)], negative_prompt="ugly")
     after = pipe.text_encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert [p.grad for p in pipe.text_encoder.parameters()] == grads
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())  # no gradient was left on the user's model
+    assert [p.requires_grad for p in pipe.text_encoder.parameters()] == flags
     assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
 
 
@@ -251,7 +253,10 @@ def test_weight_and_slerp_blend(pipe, clip_text, style):
     zero, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, weight=0.0))
     assert torch.equal(zero, z0)
     s, _ = enc.encode(PROMPT, style, StyleOptions(steps=3, lr=1e-2, weight=0.5, slerp=True))
-    assert torch.allclose(s, blend(z0, z1, 0.5, True))
+    # per-token slerp written out: sin((1-t)w)/sin(w) z0 + sin(tw)/sin(w) z1, w the angle between the tokens
+    omega = torch.acos(torch.cosine_similarity(z0, z1, dim=-1).clamp(-1, 1))[..., None]  # (1, 77, 1)
+    expected = (torch.sin(0.5 * omega) * z0 + torch.sin(0.5 * omega) * z1) / torch.sin(omega)
+    assert torch.allclose(s, expected, atol=1e-5)
     # slerp runs per token along the feature axis: on unit vectors each token lands at half its own angle ...
     a, b = normalize(z0), normalize(z1)
     cos = lambda x, y: torch.cosine_similarity(x, y, dim=-1)  # noqa: E731
@@ -341,3 +346,42 @@ def test_regularized_path_matches_the_reference_loop(pipe, clip_text, style, cli
     assert (ref - free).abs().max() > 100 * REFERENCE_ATOL  # the penalty acted
     z0 = enc.plain([PROMPT], clip_skip)
     assert (ref - z0).pow(2).mean() < (free - z0).pow(2).mean()  # ... and held the states closer
+
+
+@pytest.mark.parametrize("width,expected", [(768, "openai/clip-vit-large-patch14"),
+                                            (1024, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                                            (512, "unsupported text encoder of width 512")])
+def test_family_detected_from_the_encoder_without_clip_model(width, expected, style):
+    """No --clip-model: the family's CLIP comes from the encoder's width (offline here, so it is named as missing),
+    and only when a style is used; an unknown width is one clear error."""
+    from tiny import tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stylegrad.aesthetic.tower import detect_family
+
+    tok = tiny_tokenizer()
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=8, num_attention_heads=8,
+                         num_hidden_layers=1, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    encoder = CLIPTextModel(cfg).eval()
+    enc = AestheticEncoder(encoder, tok)
+    assert enc.encode(PROMPT, None)[0].shape == (1, 77, width)  # a plain prompt needs no CLIP
+    with pytest.raises(StylegradError) as err:
+        enc.encode(PROMPT, Style(torch.randn(width)), StyleOptions(steps=1))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    if width != 512:
+        assert detect_family(encoder).clip_model == expected
+
+
+def test_kernels_off_by_environment_gives_the_same_result(pipe, clip_text, style):
+    """STYLEGRAD_KERNELS=0 turns the compiled kernels off (read at import): torch's path, the same numbers."""
+    import subprocess
+    import sys
+
+    code = ("import stylegrad.aesthetic.products as p; print(p._KERNELS is None)")
+    env = {**os.environ, "STYLEGRAD_KERNELS": "0"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
+    needs_kernels()
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert on == "False"

@@ -2,7 +2,9 @@
 running through the real stylegrad path (on the tiny in-code models until trained weights ship)."""
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from tiny import PROJ
 
 from stylegrad import AestheticEncoder, Style, StyleOptions
@@ -46,14 +48,23 @@ def test_measure_effect_runs_the_real_path(pipe, clip_text, world):
     embedder = ClipEmbedder(str(clip_dir))
     encoder = AestheticEncoder.from_pipeline(pipe, clip_text)
     pipe.set_progress_bar_config(disable=True)
-    from stylegrad.pipelines.request import GenerationRequest as Settings
+    from stylegrad.pipelines.request import GenerationRequest
 
-    rows = measure_effect(pipe, encoder, embedder, Style(torch.randn(PROJ)), prompts=("a red circle",),
+    direction = torch.randn(PROJ, generator=torch.Generator().manual_seed(4))
+    rows = measure_effect(pipe, encoder, embedder, Style(direction), prompts=("a red circle",),
                           seeds=range(2), steps=(0, 2), options=StyleOptions(lr=1e-2),
-                          settings=Settings("", steps=2, width=32, height=32))
+                          settings=GenerationRequest("", steps=2, width=32, height=32))
     assert [r.steps for r in rows] == [0, 2] and all(len(r.images) == 2 for r in rows)
-    assert all(0 <= r.shape_accuracy <= 1 and 0 <= r.color_accuracy <= 1 for r in rows)
-    assert rows[0].images[0].size == (32, 32)
+    captions = class_captions()
+    text = F.normalize(embedder.texts(captions), dim=-1)
+    for r in rows:  # each number is what the images show, recomputed here from the images themselves
+        assert r.wanted == [("red", "circle")] * 2 and r.images[0].size == (32, 32)
+        feats = F.normalize(embedder.images(r.images), dim=-1)
+        seen = [split_caption(captions[i]) for i in (feats @ text.T).argmax(1).tolist()]
+        assert r.recognized == seen
+        assert r.shape_accuracy == sum(s[1] == "circle" for s in seen) / 2
+        assert r.color_accuracy == sum(s[0] == "red" for s in seen) / 2
+        assert r.style_similarity == pytest.approx(float((feats @ F.normalize(direction, dim=0)).mean()), abs=1e-5)
     assert not np.array_equal(np.asarray(rows[0].images[0]), np.asarray(rows[1].images[0]))  # the style acted
 
 

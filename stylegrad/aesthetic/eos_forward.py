@@ -98,7 +98,7 @@ _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
 
 
 def is_matrix(name: str) -> bool:
-    """One of the large weights ``EosForward`` tunes as an ``AdamMatrix``."""
+    """One of the large weights ``TunedWeights`` tunes as an ``AdamMatrix`` on the EOS path."""
     return name.startswith("encoder.layers.") and name.endswith(_MATRIX_WEIGHTS)
 
 
@@ -148,8 +148,8 @@ class _Layers:
             q = lin(a[-1:] if last else a, pre + "self_attn.q_proj")
             k = lin(a, pre + "self_attn.k_proj")
             v = lin(a, pre + "self_attn.v_proj")
-            # (1, heads, ., d): with a batch axis torch can pick its fused CPU attention kernel, measured twice as
-            # fast forward and backward at 17 tokens as the 3-d form, which only the unfused maths accepts
+            # (1, heads, ., d): with a batch axis torch can pick its fused CPU attention kernel, forward and
+            # backward; the 3-d form only reaches the unfused maths
             q, k, v = (t.view(1, t.shape[0], self.heads, head).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v, is_causal=not last)  # the EOS row sees every token
             o = lin(o[0].transpose(0, 1).reshape(-1, width), pre + "self_attn.out_proj")
@@ -195,7 +195,7 @@ class TunedWeights:
     @torch.no_grad()
     def finish(self, ids: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the pending steps and run every token through every layer on the tuned tensors, with tuning's
-        products (the transformers module's were measured slower here): (final-normed last layer, final-normed
+        products (the transformers module's generic ones are slower on few rows): (final-normed last layer, final-normed
         state after ``keep`` layers), each (S, H). After this the state is closed."""
         if self.finished:
             raise RuntimeError("this prompt's tuning is already finished")

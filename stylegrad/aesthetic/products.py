@@ -28,9 +28,8 @@ def _compiled():
 
 
 def _onednn_linear():
-    """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on these few-row products MKL's sgemm
-    ran 20-35% slower on the test machine's AMD CPU, where MKL takes a generic code path and oneDNN's JIT kernels use
-    AVX2 (microbenchmark on the SD1 weight shapes, 16 rows)."""
+    """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on AMD CPUs MKL's sgemm takes a generic
+    code path for these few-row products, while oneDNN's JIT kernels use AVX2 (bench/products.py compares them)."""
     try:
         if torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise
@@ -42,7 +41,7 @@ def _onednn_linear():
 _KERNELS = _compiled()
 _ONEDNN = _onednn_linear()
 _FEW_ROWS = 32  # on oneDNN, up to this many rows a contiguous weight goes first in the product
-_KERNEL_ROWS = 96  # compiled kernels: measured as fast as oneDNN or faster from 1 to 77 rows (SD's prompt length)
+_KERNEL_ROWS = 96  # compiled kernels up to here: they cover SD's 77-token prompts with room to spare
 
 
 def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -65,7 +64,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         try:
             if 1 < x.shape[0] <= _FEW_ROWS and x.dim() == 2 and weight.is_contiguous():
-                # (W x^T)^T: oneDNN then streams the large matrix as its many-row operand, measured 10-20% faster
+                # (W x^T)^T: oneDNN then streams the large matrix as its many-row operand, which suits few rows
                 y = _ONEDNN(weight, x, None, "none", [], "").T.contiguous()
                 return y if bias is None else y.add_(bias)
             return _ONEDNN(x, weight, bias, "none", [], "")

@@ -177,8 +177,9 @@ def _safetensors_files(folder: Path) -> dict[str, Path] | None:
     return None
 
 
-def _hub_folder(repo: str, cond_layers: int) -> Path:
-    """The hub repo's config and safetensors file(s) in the local cache, downloading them if allowed."""
+def _hub_folder(repo: str) -> Path | None:
+    """The folder in the local cache holding the hub repo's config and safetensors file(s), downloading them if
+    allowed; None if the repo has no safetensors weights."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
@@ -188,8 +189,15 @@ def _hub_folder(repo: str, cond_layers: int) -> Path:
         config = Path(hf_hub_download(repo, "config.json"))
         try:
             hf_hub_download(repo, "model.safetensors")
-        except EntryNotFoundError:
-            index = Path(hf_hub_download(repo, "model.safetensors.index.json"))
+        except LocalEntryNotFoundError:
+            raise  # offline and not cached: said below
+        except EntryNotFoundError:  # the repo has no such file
+            try:
+                index = Path(hf_hub_download(repo, "model.safetensors.index.json"))
+            except LocalEntryNotFoundError:
+                raise
+            except EntryNotFoundError:
+                return None
             for name in set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()):
                 hf_hub_download(repo, name)
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
@@ -213,7 +221,9 @@ def clip_parts(clip_model, cond_layers: int, device: torch.device | str = "cpu")
     elif str(clip_model).startswith((".", "/", "~")) or str(clip_model).count("/") > 1:
         raise StylegradError(f"CLIP model folder not found: {clip_model}")
     else:
-        folder = _hub_folder(str(clip_model), cond_layers)
+        folder = _hub_folder(str(clip_model))
+        if folder is None:  # weights in another format: build the model (weights_only loading in transformers)
+            return clip_parts(load_clip_text(str(clip_model), device), cond_layers, device)
     files = _safetensors_files(folder)
     try:
         config = _text_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))

@@ -215,8 +215,10 @@ def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[
     """``evaluate`` with everything loaded from names: the prompts, the model (``base.model``), the evaluation
     CLIP (``base.clip_model`` or the family's) and the predictor."""
     from stylegrad.aesthetic.tower import detect_family
+    from stylegrad.devices import resolve_device
     from stylegrad.evaluation.predictors import DEFAULT, load_predictor
 
+    device = resolve_device(device)  # bad input fails before anything loads
     prompts = read_prompts(prompts_file)
     styles = name_styles(style_files)  # a bad style file or changed settings fail before any model loads
     check_manifest(Path(out), manifest(base, prompts, styles, steps, seeds), write=False)

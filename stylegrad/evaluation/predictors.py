@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stylegrad.errors import StylegradError
+from stylegrad.files.atomic import atomic_path
 
 _SAC = "https://github.com/crowsonkb/simulacra-aesthetic-models/raw/master/models/"
 _LAION = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -98,17 +98,11 @@ def _download(known: Known, name: str) -> Path:
     how = f"download {known.url} to {target}, or pass the file's path with --predictor"
     if _offline():
         raise StylegradError(f"predictor '{name}' is not downloaded and downloads are off (offline): {how}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        urllib.request.urlretrieve(known.url, tmp)
-        os.replace(tmp, target)
-    except OSError as e:
+        with atomic_path(target) as tmp:
+            urllib.request.urlretrieve(known.url, tmp)
+    except (OSError, StylegradError) as e:
         raise StylegradError(f"could not download predictor '{name}' ({e}): {how}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -129,7 +123,8 @@ def load_predictor(name_or_path: str = DEFAULT) -> AestheticPredictor:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused pickles, truncated files, not a torch file
-        raise StylegradError(f"cannot read predictor {path}: {str(e).splitlines()[0][:160]}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StylegradError(f"cannot read predictor {path}: {first[:160]}") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -4,6 +4,7 @@ CLIP image embedding)."""
 from __future__ import annotations
 
 from stylegrad.aesthetic.tower import SD1
+from stylegrad.devices import resolve_device
 from stylegrad.errors import StylegradError
 from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score
 from stylegrad.evaluation.predictors import DEFAULT, load_predictor
@@ -14,6 +15,7 @@ from stylegrad.files.styles import load_style
 def score_files(files: list[str], predictor: str = DEFAULT, clip_model: str | None = None,
                 device: str | None = None) -> list[dict]:
     """[{"file", "kind", "score"}] in the order given; a file that is neither an image nor a style is an error."""
+    device = resolve_device(device or "cpu")  # a bad device fails before anything loads
     pred = load_predictor(predictor)
     kinds = {f: inspect_file(f).kind for f in files}
     results: dict[str, tuple[str, float]] = {}
@@ -26,7 +28,7 @@ def score_files(files: list[str], predictor: str = DEFAULT, clip_model: str | No
     if images:
         from stylegrad.pipelines.generation import load_image
 
-        embedder = ClipEmbedder(clip_model or pred.clip_model or SD1.clip_model, device or "cpu")
+        embedder = ClipEmbedder(clip_model or pred.clip_model or SD1.clip_model, device)
         pred.check_width(embedder.width)
         pics = [load_image(f) for f in images]
         for f, v in zip(images, aesthetic_score(pred, embedder.images(pics))):

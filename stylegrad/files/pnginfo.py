@@ -104,8 +104,8 @@ def _comfyui(chunks: dict[str, str]) -> GenerationInfo | None:
                               ("sampler_name", "sampler_name"), ("scheduler", "scheduler"), ("denoise", "denoise")):
                 if key in inputs and not isinstance(inputs[key], list):
                     info.parameters[name] = inputs[key]
-            info.prompt = _text_of(graph, inputs.get("positive"))
-            info.negative = _text_of(graph, inputs.get("negative"))
+            info.prompt = _text_of(graph, inputs.get("positive")).strip()
+            info.negative = _text_of(graph, inputs.get("negative")).strip()
         elif kind.startswith("CheckpointLoader") and "ckpt_name" in inputs:
             info.parameters["model"] = inputs["ckpt_name"]
         elif kind.startswith("LoraLoader") and "lora_name" in inputs:

@@ -191,7 +191,7 @@ def request_from_png(path: str | Path, **overrides) -> GenerationRequest:
     request = request_from_infotext(info.raw)
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "style" in changes and request.style is None:
-        raise StylegradError(f"{path} was made without a style; drop --style or generate anew")
+        raise StylegradError(f"{path} was made without a style, so a style cannot replace its own")
     request = replace(request, **changes)
     if request.style is not None:
         digest = expected_style_digest(info.raw)

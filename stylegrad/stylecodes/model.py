@@ -186,7 +186,8 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except RuntimeError:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        raise StylegradError(f"{path.name} is not a plain tensor checkpoint ({str(e).splitlines()[0][:120]})") from None
+        why = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
+        raise StylegradError(f"{path.name} is not a plain tensor checkpoint ({why})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("controlnet"), dict):
         raise StylegradError(f"{path.name} has no 'controlnet' dict: not a Stylecodes checkpoint")
     raw = obj["controlnet"]

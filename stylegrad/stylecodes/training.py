@@ -243,7 +243,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, resume: bool = True) 
     """Run (or continue) training; returns the final checkpoint path. ``stop_after`` ends early after that
     many steps in total (as an interrupted run would), leaving its checkpoint to resume from."""
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.steps < 1:
-        raise StylegradError("--steps, --batch-size and --grad-accum must be >= 1")
+        raise StylegradError("steps, batch_size and grad_accum must be >= 1")
     trainer = Trainer(cfg)
     start = trainer.resume() if resume else 0
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps

@@ -21,8 +21,8 @@ from .data import caption_facts, class_captions
 PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a green cross",
            "a green circle", "a yellow square", "a red triangle", "a blue cross")  # every color and shape twice
 STEPS = (0, 2, 5, 10, 20)
-DEMO_LR = 3e-5  # measured on the first trained world: 1e-4 and above push the 64-wide text states off the UNet's data
-DENOISE = GenerationRequest(prompt="", steps=20, cfg=3.0, width=32, height=32)  # cfg 3 measured best (docs/world.md)
+DEMO_LR = 3e-5  # higher rates push the world's 64-wide text states off the UNet's data (docs/world.md)
+DENOISE = GenerationRequest(prompt="", steps=20, cfg=3.0, width=32, height=32)  # cfg: docs/world.md
 
 
 def zero_shot(embedder: ClipEmbedder, images, captions: list[str] | None = None) -> list[str]:
