@@ -30,10 +30,9 @@ from stylegrad.files.styles import Style, load_style
 from stylegrad.jobs.local import run_local
 from stylegrad.jobs.manifest import check_manifest
 from stylegrad.jobs.plan import Job, plan, safe_name
-from stylegrad.pipelines.generation import Generator, run_pipeline
+from stylegrad.pipelines.generation import Generator
 from stylegrad.pipelines.grids import label_grid
-from stylegrad.pipelines.loading import a1111_sampler_name, with_sampler
-from stylegrad.pipelines.request import GenerationRequest, infotext
+from stylegrad.pipelines.request import GenerationRequest
 
 
 def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -80,16 +79,10 @@ def _request_for(base: GenerationRequest, job: Job, styles: dict[str, tuple[str,
 def generate_missing(generator: Generator, jobs: list[Job], styles: dict[str, tuple[str, Style]],
                      base: GenerationRequest, out: Path, progress: bool = True) -> int:
     """Generate the images that do not exist yet, each with its full infotext; returns how many were made."""
-    pipe = with_sampler(generator.pipe, base.sampler)
-    pipe.set_progress_bar_config(disable=True)
 
     def run_job(job: Job) -> None:
-        r = _request_for(base, job, styles)
-        style = styles[job.style][1] if job.steps > 0 else None
-        pe, ne = generator.embeddings(r, style)
-        image = run_pipeline(pipe, pe, ne, r)
-        save_png(image, out / job.file, infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler),
-                                                 style=style))
+        ((image, text),) = generator.images(_request_for(base, job, styles))
+        save_png(image, out / job.file, text)
 
     return run_local(jobs, out, run_job, progress, desc="evaluate")
 

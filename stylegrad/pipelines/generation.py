@@ -87,6 +87,7 @@ class Generator:
         self._encoders: dict = {}
         self._styles: dict[str, Style] = {}
         self._stylecodes: dict = {}
+        self._samplers: dict = {}  # sampler -> a pipeline sharing self.pipe's components
 
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
@@ -121,7 +122,9 @@ class Generator:
     def _prepare(self, request: GenerationRequest):
         """What every image of a request shares: the pipeline to run, the style, the init image, the code."""
         style = self.style(request.style)
-        pipe = with_sampler(self.pipe, request.sampler)
+        if request.sampler not in self._samplers:
+            self._samplers[request.sampler] = with_sampler(self.pipe, request.sampler)
+        pipe = self._samplers[request.sampler]
         code = None
         if request.uses_stylecode:
             pipe, code = self._stylecode_pipeline(pipe, request)
