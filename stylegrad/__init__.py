@@ -7,7 +7,9 @@ Public API::
     enc = AestheticEncoder.from_pipeline(pipe)                    # any diffusers pipeline that takes prompt_embeds
     prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
     image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
-    gen = Generator.load("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or Generator(pipe)
+    gen = Generator.load("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or Generator(pipe), or a .safetensors
+    pipe = load_pipeline("models/dreamshaper_8.safetensors")      # single files (SD1/SD2/SDXL), offline
+    merge_checkpoints("a.safetensors", "b.safetensors", out="mix.safetensors", alpha=0.4)  # A1111's merger
     gen.generate(GenerationRequest("a lighthouse", style="mine.safetensors"), "outputs")   # PNGs with metadata
     sc = Stylecodes.load(pipe.unet); code = sc.code_for(image); styled = sc.pipeline(pipe, code)
     read_generation_info("image.png")                             # A1111, ComfyUI, NovelAI, kohya, stylegrad
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 from stylegrad.aesthetic.embedding import embed_images  # noqa: E402
 from stylegrad.aesthetic.encoder import AestheticEncoder  # noqa: E402
 from stylegrad.aesthetic.options import StyleOptions  # noqa: E402
+from stylegrad.checkpoints.merge import merge_checkpoints  # noqa: E402
 from stylegrad.errors import StylegradError  # noqa: E402
 from stylegrad.evaluation.metrics import aesthetic_score, clip_score, style_similarity  # noqa: E402
 from stylegrad.evaluation.predictors import load_predictor  # noqa: E402
@@ -25,6 +28,7 @@ from stylegrad.files.pnginfo import read_generation_info  # noqa: E402
 from stylegrad.files.recognize import inspect_file  # noqa: E402
 from stylegrad.files.styles import Style, load_style, mix_styles, save_style  # noqa: E402
 from stylegrad.pipelines.generation import Generator  # noqa: E402
+from stylegrad.pipelines.loading import load_pipeline  # noqa: E402
 from stylegrad.pipelines.request import GenerationRequest  # noqa: E402
 from stylegrad.stylecodes.facade import Stylecodes  # noqa: E402
 
@@ -40,8 +44,10 @@ __all__ = [
     "clip_score",
     "embed_images",
     "inspect_file",
+    "load_pipeline",
     "load_predictor",
     "load_style",
+    "merge_checkpoints",
     "mix_styles",
     "read_generation_info",
     "save_style",

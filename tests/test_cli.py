@@ -30,7 +30,7 @@ def _bad_lines(tmp: Path, shared: Path) -> list[list[str]]:
         (["generate", "x", "--compare-steps", "5,x"], "--compare-steps"),
         (["generate", "x", "--width", "30"], "width must be a positive multiple of 8"),
         (["generate", "x", "--sampler", "nope"], "unknown sampler 'nope'"),
-        (["generate", "--from", image], "model 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not available"),
+        (["generate", "--from", image], "model 'realistic_realisticVisionV20_v20' is not a file"),  # A1111's Model: stem
         (["generate", "x", "--device", "foo"], "unknown device 'foo'"),
         (["demo", "--style-steps", "x"], "--style-steps"),
         (["embed", image, "-o", str(tmp / "e.safetensors"), "--device", "foo"], "unknown device 'foo'"),

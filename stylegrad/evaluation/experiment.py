@@ -204,7 +204,8 @@ def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticP
 
 def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[int], seeds: list[int],
                    out: str | Path, prompts_file: str | None = None, predictor: str | None = None,
-                   device: str | None = None, progress: bool = True) -> dict:
+                   device: str | None = None, progress: bool = True, vae: str | None = None,
+                   models_dir: str | None = None) -> dict:
     """``evaluate`` with everything loaded from names: the prompts, the model (``base.model``), the evaluation
     CLIP (``base.clip_model`` or the family's) and the predictor."""
     from stylegrad.aesthetic.tower import detect_family
@@ -216,7 +217,8 @@ def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[
     styles = name_styles(style_files)  # a bad style file or changed settings fail before any model loads
     check_manifest(Path(out), manifest(base, prompts, styles, steps, seeds), write=False)
     pred = load_predictor(predictor or DEFAULT)
-    generator = Generator.load(base.model, device, base.clip_model)
+    generator = Generator.load(base.model, device, base.clip_model, vae=vae, models_dir=models_dir)
+    generator.check(replace(base, style=style_files[0]))  # an SDXL model is refused before any image
     clip = base.clip_model or detect_family(generator.pipe.text_encoder).clip_model
     embedder = ClipEmbedder(clip, generator.pipe.device)
     return evaluate(generator, embedder, pred, prompts, style_files, steps, seeds, base, out, progress)

@@ -219,23 +219,16 @@ def _ti_sdxl(c: _Content) -> dict:
 
 
 def _checkpoint(c: _Content) -> dict:
-    keys = c.shapes
-    prefix = "state_dict." if any(k.startswith("state_dict.") for k in keys) else ""
-    family = width = None
-    if any(k.startswith(prefix + "conditioner.embedders.1.model.") for k in keys):
-        family, width = "sdxl", 2048
-    elif any(k.startswith(prefix + "conditioner.embedders.0.model.") for k in keys):
-        family, width = "sdxl-refiner", 1280
-    elif any(k.startswith(prefix + "cond_stage_model.model.") for k in keys):
-        family, width = "sd2", 1024
-    elif any(k.startswith(prefix + "cond_stage_model.transformer.") for k in keys):
-        family, width = "sd1", 768
-    first = next((k for k in keys if k.startswith(prefix + "model.diffusion_model.")), None)
+    from stylegrad.checkpoints.families import classify, strip_wrapper
+
+    prefix = strip_wrapper(c.shapes)
+    kind = classify({k[len(prefix):]: s for k, s in c.shapes.items() if k.startswith(prefix)})
+    width = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "sdxl-refiner": 1280}.get(kind.family or "")
+    first = next((k for k in c.shapes if k.startswith(prefix + "model.diffusion_model.")), None)
     dtype = c.dtypes.get(first) if first else next(iter(c.dtypes.values()), None)
-    name = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
-            "sdxl-refiner": "SDXL refiner"}.get(family, "Stable Diffusion")
-    return dict(kind="checkpoint", format="original", family=family, width=width, dtype=dtype,
-                detail=f"a {name} checkpoint ({len(keys)} tensors of model weights), not a style")
+    usable = " (--model loads it)" if kind.refusal is None else f" ({kind.refusal})" if kind.family else ""
+    return dict(kind="checkpoint", format="original", family=kind.family, width=width, dtype=dtype,
+                detail=f"a {kind.label} checkpoint ({len(c.shapes)} tensors of model weights){usable}, not a style")
 
 
 def _diffusers_weights(c: _Content) -> dict:

@@ -20,22 +20,35 @@ from stylegrad.files.hashes import short_hash
 from stylegrad.files.pnginfo import read_generation_info, save_png
 from stylegrad.files.styles import Style, load_style
 from stylegrad.pipelines.grids import label_grid
-from stylegrad.pipelines.loading import a1111_sampler_name, load_pipeline, with_sampler
+from stylegrad.pipelines.loading import a1111_sampler_name, is_sdxl, load_pipeline, pipeline_family, with_sampler
 from stylegrad.pipelines.request import GenerationRequest, expected_style_digest, infotext, request_from_infotext
 
 
 def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: GenerationRequest,
-                 init_image: Image.Image | None = None) -> Image.Image:
-    """One image: seeded through ``torch.Generator('cpu')`` so results match plain diffusers on any device."""
+                 init_image: Image.Image | None = None, **pooled) -> Image.Image:
+    """One image: seeded through ``torch.Generator('cpu')`` so results match plain diffusers on any device.
+    ``pooled``: SDXL's pooled_prompt_embeds and negative_pooled_prompt_embeds."""
     generator = torch.Generator("cpu").manual_seed(request.seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                  num_inference_steps=request.steps, guidance_scale=request.cfg, generator=generator)
+                  num_inference_steps=request.steps, guidance_scale=request.cfg, generator=generator, **pooled)
     if init_image is None:
         return pipe(height=request.height, width=request.width, **common).images[0]
-    from diffusers import StableDiffusionImg2ImgPipeline
+    import diffusers
 
-    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img = (diffusers.StableDiffusionXLImg2ImgPipeline if is_sdxl(pipe)
+               else diffusers.StableDiffusionImg2ImgPipeline).from_pipe(pipe)
     return img2img(image=init_image, strength=request.strength, **common).images[0]
+
+
+@torch.no_grad()
+def sdxl_embeddings(pipe, request: GenerationRequest):
+    """SDXL's four conditioning tensors, as its pipeline makes them from the prompt (an empty negative prompt
+    gives zeros, diffusers' default for SDXL)."""
+    pe, ne, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=request.prompt, device=pipe.device, num_images_per_prompt=1,
+        do_classifier_free_guidance=request.cfg > 1, negative_prompt=request.negative or None,
+        clip_skip=request.clip_skip)
+    return pe, ne, dict(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
 
 
 def load_image(path: str, what: str = "image") -> Image.Image:
@@ -91,8 +104,13 @@ class Generator:
 
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
-             siglip_model: str | None = None) -> Generator:
-        return cls(load_pipeline(model, device), model, clip_model, siglip_model)
+             siglip_model: str | None = None, vae: str | None = None, models_dir: str | None = None) -> Generator:
+        """``model``: a hub id, a diffusers folder, a .safetensors/.ckpt file, or a file's name in the models
+        folder (``models_dir`` or $STYLEGRAD_MODELS_DIR)."""
+        from stylegrad.checkpoints.library import resolve_model
+
+        path = resolve_model(model, models_dir)
+        return cls(load_pipeline(path, device, vae=vae), path, clip_model, siglip_model)
 
     def encoder(self, clip_model=None) -> AestheticEncoder:
         key = clip_model or self.clip_model
@@ -119,8 +137,19 @@ class Generator:
         code = request.stylecode or sc.code_for(load_image(request.stylecode_image, "stylecode image"))
         return sc.pipeline(pipe, code, request.stylecode_strength, request.stylecode_guidance), code
 
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse what this model cannot do, before any work."""
+        family = pipeline_family(self.pipe)
+        if family == "sdxl" and request.style is not None:
+            raise StylegradError("aesthetic-gradient styles (--style) do not run on SDXL models yet; use an SD1.x "
+                                 "or SD2.x model, or generate without --style")
+        if family in ("sdxl", "sd2") and request.uses_stylecode:
+            raise StylegradError(f"stylecodes need a Stable Diffusion 1.x model (the published Stylecodes model is "
+                                 f"SD1.5-only); this is {'an SDXL' if family == 'sdxl' else 'a SD2.x'} model")
+
     def _prepare(self, request: GenerationRequest):
         """What every image of a request shares: the pipeline to run, the style, the init image, the code."""
+        self.check(request)
         style = self.style(request.style)
         if request.sampler not in self._samplers:
             self._samplers[request.sampler] = with_sampler(self.pipe, request.sampler)
@@ -133,12 +162,16 @@ class Generator:
         return pipe, style, init, code
 
     def embeddings(self, request: GenerationRequest, style: Style | None, desc: str = "style"):
-        """(prompt_embeds, negative_prompt_embeds): plain when the request has no active style (no CLIP loaded)."""
+        """(prompt_embeds, negative_prompt_embeds, pooled): plain when the request has no active style (no CLIP
+        loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2)."""
+        if is_sdxl(self.pipe):
+            return sdxl_embeddings(self.pipe, request)
         encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
         bar, callback = style_progress(request.style_options.steps if request.styled else 0, desc)
         try:
-            return encoder.encode(request.prompt, style if request.styled else None, request.style_options,
-                                  request.negative, request.clip_skip, callback)
+            pe, ne = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
+                                    request.negative, request.clip_skip, callback)
+            return pe, ne, {}
         finally:
             bar.close()
 
@@ -150,13 +183,13 @@ class Generator:
         if n < 1:
             raise StylegradError(f"n must be >= 1, got {n}")
         pipe, style, init, code = self._prepare(request)
-        pe, ne = self.embeddings(request, style)
+        pe, ne, pooled = self.embeddings(request, style)
         out = []
         for i in range(n):
             r = request.with_seed(request.seed + i)
-            image = run_pipeline(pipe, pe, ne, r, init)
+            image = run_pipeline(pipe, pe, ne, r, init, **pooled)
             text = infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
-                            stylecode=code, model_hash=self._model_hash(r.model))
+                            stylecode=code, model_hash=self._model_hash(self.model or r.model))
             out.append((image, text))
         return out
 
@@ -175,12 +208,12 @@ class Generator:
         columns = [0] + [k for k in dict.fromkeys(sweep) if k > 0]
         requests = [replace(request, style_options=replace(request.style_options, steps=k)) for k in columns]
         embeds = [self.embeddings(r, style, f"style, {r.style_options.steps} steps") for r in requests]
-        rows = [[run_pipeline(pipe, pe, ne, r.with_seed(request.seed + i), init) for r, (pe, ne) in
-                 zip(requests, embeds)] for i in range(n)]
+        rows = [[run_pipeline(pipe, pe, ne, r.with_seed(request.seed + i), init, **pooled)
+                 for r, (pe, ne, pooled) in zip(requests, embeds)] for i in range(n)]
         grid = label_grid(rows, ["no style"] + [f"{k} steps" for k in columns[1:]],
                           [f"seed {request.seed + i}" for i in range(n)])
         text = infotext(requests[-1], size=rows[0][0].size, sampler_name=a1111_sampler_name(pipe.scheduler),
-                        style=style, stylecode=code, model_hash=self._model_hash(request.model),
+                        style=style, stylecode=code, model_hash=self._model_hash(self.model or request.model),
                         extra={"Aesthetic steps sweep": " ".join(map(str, columns))})
         out = Path(out)
         return save_png(grid, out / f"{next_index(out):05d}-compare-{request.seed}-{_slug(request.prompt)}.png", text)

@@ -60,16 +60,42 @@ def with_sampler(pipe, sampler: str | None):
     return type(pipe).from_pipe(pipe, scheduler=scheduler)
 
 
-def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None):
-    """A StableDiffusionPipeline from a hub id or a local diffusers folder: fp16 on CUDA, fp32 elsewhere."""
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def is_sdxl(pipe) -> bool:
+    return type(pipe).__name__.startswith("StableDiffusionXL")
+
+
+def pipeline_family(pipe) -> str | None:
+    """sd1 | sd2 | sdxl, or None for a model of another width (the tiny test models)."""
+    if is_sdxl(pipe):
+        return "sdxl"
+    kind = getattr(pipe, "stylegrad_checkpoint", None)
+    if kind is not None:
+        return kind.family
+    return {768: "sd1", 1024: "sd2"}.get(pipe.unet.config.cross_attention_dim)
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None, vae: str | None = None,
+                  models_dir: str | None = None):
+    """An SD1.x/SD2.x/SDXL text-to-image pipeline from what users have: a hub id, a diffusers folder, a single
+    ``.safetensors``/``.ckpt`` checkpoint, or a checkpoint's name in the models folder. fp16 on CUDA, fp32
+    elsewhere. ``vae``: a VAE file for a single-file checkpoint."""
     import diffusers
 
+    from stylegrad.checkpoints.library import resolve_model
+    from stylegrad.checkpoints.loading import load_checkpoint
+
     device = resolve_device(device)
+    model = resolve_model(model, models_dir)
     path = Path(model).expanduser()
     if path.is_file():
-        raise StylegradError(
-            f"{model} is a single-file checkpoint; pass a diffusers folder or hub id (convert it once with "
-            "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(FOLDER))"
-        )
-    pipe = from_pretrained(diffusers.StableDiffusionPipeline, model, what="model", dtype=default_dtype(device))
+        return load_checkpoint(path, device, vae=vae)
+    if vae:
+        raise StylegradError("--vae applies to single-file checkpoints; a diffusers model has its own vae/ folder")
+    pipe = from_pretrained(diffusers.DiffusionPipeline, model, what="model", dtype=default_dtype(device))
+    if type(pipe).__name__ not in PIPELINES:
+        raise StylegradError(f"{model} is a {type(pipe).__name__}; stylegrad generates with Stable Diffusion 1.x, "
+                             "2.x and SDXL text-to-image models")
     return pipe.to(device)

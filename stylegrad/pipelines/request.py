@@ -136,7 +136,8 @@ def request_from_infotext(text: str) -> GenerationRequest:
         cfg=_number(f, "CFG scale", float, 7.5), width=width, height=height,
         sampler=None if sampler in (None, "default") else sampler,
         clip_skip=clip_skip - 1 if clip_skip and clip_skip > 1 else None,
-        model=f.get("Model id") or DEFAULT_MODEL, init_image=init,
+        model=f.get("Model id") or f.get("Model") or DEFAULT_MODEL,  # A1111 PNGs name the checkpoint stem
+        init_image=init,
         strength=_number(f, "Denoising strength", float, 0.75) if init else 0.75,
         style=style, style_options=StyleOptions.from_infotext(f) if style else StyleOptions(),
         clip_model=f.get("CLIP model") or None, stylecode=f.get("Stylecode") or None,

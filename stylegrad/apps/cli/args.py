@@ -41,6 +41,20 @@ def add_device(p, default_help: str = "cuda if available, else cpu") -> None:
     p.add_argument("--device", metavar="DEVICE", help=f"cpu, cuda, cuda:1, mps or auto (default: {default_help})")
 
 
+MODEL_HELP = ("a hub id, a diffusers folder, a .safetensors/.ckpt checkpoint (SD1.x, SD2.x, SDXL), or a "
+              "checkpoint's name in --models-dir")
+
+
+def add_model_options(g, default: str | None = None) -> None:
+    """``--model``, ``--models-dir`` and ``--vae``: what every command that loads a model takes."""
+    shown = f" (default: {default})" if default else ""
+    g.add_argument("--model", default=None, metavar="MODEL", help=MODEL_HELP + shown)
+    g.add_argument("--models-dir", metavar="DIR", help="folder of checkpoints that --model NAME picks from by file "
+                   "name, like A1111's models/Stable-diffusion (default: $STYLEGRAD_MODELS_DIR)")
+    g.add_argument("--vae", metavar="FILE", help="VAE for a single-file checkpoint, instead of the one baked in "
+                   "(default: NAME.vae.safetensors beside the checkpoint, else the baked one)")
+
+
 def _flag(name: str) -> str:
     return "--style-" + name.replace("_", "-")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stylegrad.apps.cli.args import add_device, add_style_options, number_list, style_options
+from stylegrad.apps.cli.args import add_device, add_model_options, add_style_options, number_list, style_options
 from stylegrad.evaluation.experiment import run_evaluation, seeds_from
 from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
 from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
@@ -14,10 +14,10 @@ from stylegrad.pipelines.request import GenerationRequest
 
 def cmd_evaluate(a) -> None:
     base = GenerationRequest(prompt="", negative=a.negative, steps=a.steps, cfg=a.cfg, width=a.width,
-                             height=a.height, sampler=a.sampler, clip_skip=a.clip_skip, model=a.model,
+                             height=a.height, sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL,
                              style_options=style_options(a, steps=0), clip_model=a.clip_model)
     summary = run_evaluation(base, a.style, a.style_steps, seeds_from(a.seed, a.seeds), a.out, a.prompts,
-                             a.predictor, a.device)
+                             a.predictor, a.device, vae=a.vae, models_dir=a.models_dir)
     for name, by_steps in summary.items():
         for k, m in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
             print(f"{name:20} steps {int(k):3}  aesthetic {m['aesthetic']['mean']:.3f}  "
@@ -38,7 +38,7 @@ def register(sub) -> None:
     add_style_options(p, exclude=("steps",), style_file=False)
     p.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds per prompt (default 2)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="diffusers model (default: %(default)s)")
+    add_model_options(p, DEFAULT_MODEL)
     p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP for the style space and the scores "
                    "(default: the model family's)")
     p.add_argument("--predictor", default=DEFAULT_PREDICTOR, metavar="NAME_OR_PATH",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from stylegrad.apps.cli.args import add_device, add_style_options, number_list, style_options
+from stylegrad.apps.cli.args import add_device, add_model_options, add_style_options, number_list, style_options
 from stylegrad.files.styles import load_style
 from stylegrad.pipelines.generation import Generator, request_from_png
 from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
@@ -37,7 +37,12 @@ def cmd_generate(a) -> None:
         a.parser.error(f"--n must be >= 1, got {a.n}")
     if request.style:
         load_style(request.style)  # a bad style file fails before any model loads
-    generator = Generator.load(request.model, a.device, request.clip_model, a.siglip_model)
+    if a.models_dir:
+        from stylegrad.checkpoints.library import models_dir
+
+        models_dir(a.models_dir)
+    generator = Generator.load(request.model, a.device, request.clip_model, a.siglip_model, vae=a.vae,
+                               models_dir=a.models_dir)
     if a.compare:
         print(generator.compare(request, a.compare_steps, a.out, a.n))
         return
@@ -54,7 +59,7 @@ def register(sub) -> None:
                        "PNG records all its settings; --from IMAGE.png makes the same image again.")
     p.add_argument("prompt", nargs="?", metavar="PROMPT")
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
-                   help="regenerate a stylegrad PNG from its metadata (--model, --style, --init-image, --clip-model, "
+                   help="regenerate a stylegrad PNG from its metadata (--model, --vae, --style, --init-image, --clip-model, "
                    "--stylecodes-model, --out, --device override; other settings come from the image)")
     add_style_options(p)
     g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
@@ -72,8 +77,7 @@ def register(sub) -> None:
                    help=f"image encoder codes are made with (default: {SIGLIP})")
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    g.add_argument("--model", metavar="ID_OR_PATH", help=f"diffusers model: hub id or local folder "
-                   f"(default: {DEFAULT_MODEL})")
+    add_model_options(g, DEFAULT_MODEL)
     g.add_argument("--clip-model", metavar="ID_OR_PATH",
                    help="CLIP model whose projection defines the style space (default: the family's)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
