@@ -72,3 +72,17 @@ def world(tmp_path_factory):
     from tiny import save_world
 
     return save_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture()
+def tiny_checkpoint_configs(tmp_path_factory, monkeypatch):
+    """The loader reads the tiny models' configs (tests/checkpoint_configs, with the tiny tokenizer), and a
+    cache of its own."""
+    from ckpt_layout import configs_folder
+
+    folder = tmp_path_factory.getbasetemp() / "configs"
+    if not folder.exists():
+        configs_folder(folder)
+    monkeypatch.setenv("STYLEGRAD_CHECKPOINT_CONFIGS", str(folder / "checkpoint_configs"))
+    monkeypatch.setenv("STYLEGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("STYLEGRAD_MODELS_DIR", raising=False)

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from ckpt_layout import configs_folder, family_pipeline, original_state, write_checkpoint
+from ckpt_layout import family_pipeline, original_state, write_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 from tiny import PROJ, tiny_clip, tiny_pipeline, tiny_processor, tiny_tokenizer
@@ -24,14 +24,7 @@ from stylegrad.stylecodes.codec import random_code
 SIZE = ["--width", "32", "--height", "32", "--steps", "2"]
 
 
-@pytest.fixture(autouse=True)
-def tiny_configs(tmp_path_factory, monkeypatch):
-    folder = tmp_path_factory.getbasetemp() / "configs"
-    if not folder.exists():
-        configs_folder(folder)
-    monkeypatch.setenv("STYLEGRAD_CHECKPOINT_CONFIGS", str(folder / "checkpoint_configs"))
-    monkeypatch.setenv("STYLEGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.delenv("STYLEGRAD_MODELS_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("tiny_checkpoint_configs")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +85,10 @@ def test_sd2_v_prediction_file_equals_diffusers(tmp_path, capsys):
     ckpt = write_checkpoint(pipe, tmp_path / "v2-1_768.safetensors", extra={"v_pred": torch.tensor([])})
     loaded = load_checkpoint(ckpt)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert not loaded.scheduler.config.rescale_betas_zero_snr
+    ztsnr = write_checkpoint(pipe, tmp_path / "zsnr.safetensors", extra={"v_pred": torch.tensor([]),
+                                                                         "ztsnr": torch.tensor([])})
+    assert load_checkpoint(ztsnr).scheduler.config.rescale_betas_zero_snr  # ComfyUI's key for zero terminal SNR
     assert loaded.unet.config.sample_size == pipe.unet.config.sample_size  # the 768 model's default size
     # the file holds one text layer more than the model uses (SD2's 24th): it is left out, not loaded
     assert loaded.text_encoder.config.num_hidden_layers == 1

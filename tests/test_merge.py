@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from ckpt_layout import configs_folder, family_pipeline, original_state, write_checkpoint
+from ckpt_layout import family_pipeline, original_state, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import tiny_clip, tiny_pipeline
@@ -21,13 +21,7 @@ CONV = "model.diffusion_model.input_blocks.0.0.weight"
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
-@pytest.fixture(autouse=True)
-def tiny_configs(tmp_path_factory, monkeypatch):
-    folder = tmp_path_factory.getbasetemp() / "configs"
-    if not folder.exists():
-        configs_folder(folder)
-    monkeypatch.setenv("STYLEGRAD_CHECKPOINT_CONFIGS", str(folder / "checkpoint_configs"))
-    monkeypatch.setenv("STYLEGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("tiny_checkpoint_configs")
 
 
 @pytest.fixture(scope="module")
