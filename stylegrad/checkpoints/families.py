@@ -54,6 +54,11 @@ class CheckpointKind:
         return name if self.variant == "base" else f"{name} {self.variant}"
 
 
+def a(name: str) -> str:
+    """'a Stable Diffusion 1.x', 'an SDXL'."""
+    return ("an " if name.startswith("SD") else "a ") + name
+
+
 def strip_wrapper(keys) -> str:
     """The prefix old ``.ckpt`` files wrap their weights in ('state_dict.'), or ''."""
     return "state_dict." if any(k.startswith("state_dict." + UNET) for k in keys) else ""
@@ -100,11 +105,11 @@ def classify(shapes: dict[str, tuple]) -> CheckpointKind:
         refusal = ("an SDXL refiner, which only refines another model's latents; pick an SDXL base model "
                    "(or a checkpoint made from one)")
     elif variant == "inpainting":
-        refusal = f"a {kind.label} model (9 input channels); stylegrad generates with text-to-image checkpoints"
+        refusal = f"{a(kind.label)} model (9 input channels); stylegrad generates with text-to-image checkpoints"
     elif variant == "instruct-pix2pix":
-        refusal = f"a {kind.label} model (8 input channels); stylegrad generates with text-to-image checkpoints"
+        refusal = f"{a(kind.label)} model (8 input channels); stylegrad generates with text-to-image checkpoints"
     elif in_channels != 4:
         refusal = f"a UNet with {in_channels} input channels; stylegrad generates with 4-channel text-to-image models"
     elif not has_text:
-        refusal = f"a {NAMES[family]} UNet without its text encoder(s); use a full checkpoint"
+        refusal = f"{a(NAMES[family])} UNet without its text encoder(s); use a full checkpoint"
     return CheckpointKind(family, variant, in_channels, has_vae, has_text, ema, prediction, refusal)

@@ -259,7 +259,7 @@ def not_a_model(path: Path, kind: CheckpointKind | None) -> str:
     """One line for a file that is not a model stylegrad can load, saying what it is."""
     from stylegrad.files.recognize import inspect_file
 
-    if kind is not None and kind.refusal and not kind.refusal.startswith("not a Stable"):
+    if kind is not None and kind.refusal and not kind.refusal.startswith("not a Stable"):  # an architecture we name
         return f"{path.name} is {kind.refusal}"
     info = inspect_file(path)
     if info.kind in _WHAT:

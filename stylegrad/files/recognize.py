@@ -219,7 +219,7 @@ def _ti_sdxl(c: _Content) -> dict:
 
 
 def _checkpoint(c: _Content) -> dict:
-    from stylegrad.checkpoints.families import classify, strip_wrapper
+    from stylegrad.checkpoints.families import a, classify, strip_wrapper
 
     prefix = strip_wrapper(c.shapes)
     kind = classify({k[len(prefix):]: s for k, s in c.shapes.items() if k.startswith(prefix)})
@@ -228,7 +228,8 @@ def _checkpoint(c: _Content) -> dict:
     dtype = c.dtypes.get(first) if first else next(iter(c.dtypes.values()), None)
     usable = " (--model loads it)" if kind.refusal is None else f" ({kind.refusal})" if kind.family else ""
     return dict(kind="checkpoint", format="original", family=kind.family, width=width, dtype=dtype,
-                detail=f"a {kind.label} checkpoint ({len(c.shapes)} tensors of model weights){usable}, not a style")
+                detail=f"{a(kind.label)} checkpoint ({len(c.shapes)} tensors "
+                f"of model weights){usable}, not a style")
 
 
 def _diffusers_weights(c: _Content) -> dict:

@@ -24,7 +24,8 @@ def cmd_models(a) -> None:
     width = max(len(e.name) for e in entries)
     for e in entries:
         what = family_name(e.family) if e.usable else f"not usable: {e.detail}"
-        print(f"{e.name:{width}}  {e.hash or '-':10}  {e.size_mb / 1024:6.2f} GB  {what}")
+        size = f"{e.size_mb / 1024:6.2f} GB" if e.size_mb >= 1024 else f"{e.size_mb:6.1f} MB"
+        print(f"{e.name:{width}}  {e.hash or '-':10}  {size}  {what}")
 
 
 def cmd_merge(a) -> None:
