@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from ckpt_layout import family_pipeline, original_state, write_checkpoint
@@ -188,4 +187,3 @@ def test_ckpt_inputs_and_the_streaming_writer(files, tmp_path, capsys):
     with pytest.raises(ValueError), SafetensorsWriter(tmp_path / "partial.safetensors", entries) as w:
         w.write("x", torch.ones(3, 2, dtype=torch.float16))
     assert not (tmp_path / "partial.safetensors").exists()
-    assert np.isfinite(float(out[CONV].float().sum()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -96,30 +97,15 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
                       discard: str | None = None, progress: bool = True) -> Path:
     """Merge checkpoints into ``out`` (a .safetensors file in the original layout, or a diffusers folder when
     ``out`` has no suffix). ``block_weights``: a preset name or one weight per UNet block (see ``blocks.py``)."""
-    if method not in METHODS:
-        raise StylegradError(f"unknown merge method '{method}' (choose from {', '.join(METHODS)})")
-    need = {"weighted-sum": 2, "add-difference": 3, "none": 1}[method]
-    given = [p for p in (a, b, c) if p is not None]
-    if len(given) != need:
-        raise StylegradError(f"{method} takes {need} model{'s' if need > 1 else ''} (A{', B' if need > 1 else ''}"
-                             f"{', C' if need > 2 else ''}), got {len(given)}")
-    out = Path(out).expanduser()
-    if out.suffix and out.suffix != ".safetensors":
-        raise StylegradError(f"-o must end in .safetensors (or have no suffix, for a diffusers folder), got {out.name}")
-    try:
-        discard_rx = re.compile(discard) if discard else None
-    except re.error as e:
-        raise StylegradError(f"--discard is not a valid regular expression: {e}") from e
+    given, out, discard_rx = _check_arguments(method, (a, b, c), out, discard)
     inputs = [_Input(p, role) for p, role in zip(given, "ABC")]
     vae = None
     try:
         family = _check_families(inputs)
-        base, blocks = (alpha, None) if not block_weights else parse_block_weights(block_weights, family, alpha)
         if block_weights and method == "none":
             raise StylegradError("block weights need a merge method (weighted-sum or add-difference)")
-        A = inputs[0]
-        B = inputs[1] if len(inputs) > 1 else None
-        C = inputs[2] if len(inputs) > 2 else None
+        base, blocks = parse_block_weights(block_weights, family, alpha) if block_weights else (alpha, None)
+        A, B, C = (inputs + [None, None])[:3]
         keys = [k for k in A.keys if not (discard_rx and discard_rx.search(k))]
         kinds = _check_shapes(A, B, C, keys, method)
         vae_names = {}
@@ -129,53 +115,85 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
                 if k in kinds and tuple(vae.shape(vk)) != A.shapes[k]:
                     raise StylegradError(f"the VAE's {k[len(VAE):]} has shape {tuple(vae.shape(vk))}, the model's "
                                          f"{A.shapes[k]}: it is not a VAE for {NAMES[family]}")
-
-        def out_dtype(k):
-            dt = A.dtype(k)
-            return torch.float16 if fp16 and dt.is_floating_point else dt
-
-        inpainting = A.kind.variant == "inpainting" and B is not None and B.kind.variant == "base"
-        ip2p = A.kind.variant == "instruct-pix2pix" and B is not None and B.kind.variant == "base"
-        recipe = {
-            "type": "stylegrad", "primary_model_hash": "0" * 64,
-            "secondary_model_hash": "0" * 64 if B else None, "tertiary_model_hash": "0" * 64 if C else None,
-            "interp_method": METHODS[method], "multiplier": alpha, "save_as_half": fp16,
-            "custom_name": out.stem, "config_source": 0, "bake_in_vae": Path(bake_vae).name if bake_vae else "None",
-            "discard_weights": discard or "", "is_inpainting": inpainting, "is_instruct_pix2pix": ip2p,
-        }
+        recipe = _recipe(inputs, method, alpha, fp16, out, bake_vae, discard)
         if blocks:
             recipe["block_weights"] = {"BASE": base, **blocks}
+
+        def weight(k: str) -> float:
+            return blocks.get(block_of(k, family), base) if blocks else alpha
+
+        def dtype(k: str) -> torch.dtype:
+            return torch.float16 if fp16 and A.dtype(k).is_floating_point else A.dtype(k)
+
         target = out if out.suffix else out.with_name(f".{out.name}.merging.safetensors")
-        entries = [(k, out_dtype(k), A.shapes[k]) for k in keys]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            futures = [pool.submit(_sha256, i.path) for i in inputs]
-            metadata = _metadata(recipe, inputs, [str(i) * 64 for i in range(len(inputs))])  # same lengths
-            with SafetensorsWriter(target, entries, metadata) as writer:
-                bar = _bar(len(keys), progress)
-                work = _Workspace(inputs, keys)
-                for k in keys:
-                    if k in vae_names:
-                        t = vae.get(vae_names[k]).to(out_dtype(k))
-                    elif kinds[k] == "copy":
-                        t = work.read(A, k).to(out_dtype(k))
-                    else:
-                        m = blocks.get(block_of(k, family), base) if blocks else alpha
-                        t = work.combine(k, method, m, kinds[k], out_dtype(k))
-                    writer.write(k, t)
-                    bar.update(1)
-                bar.close()
-                digests = [f.result() for f in futures]
-                for name, digest in zip(("primary", "secondary", "tertiary"), digests):
-                    recipe[f"{name}_model_hash"] = digest
-                writer.metadata = _metadata(recipe, inputs, digests)
+        _write(target, inputs, keys, kinds, method, weight, dtype, recipe, vae, vae_names, progress)
     finally:
         for i in inputs:
             i.tf.close()
         if vae is not None:
             vae.close()
-    if not out.suffix:
-        return _to_diffusers(target, out, fp16)
-    return out
+    return out if out.suffix else _to_diffusers(target, out, fp16)
+
+
+def _check_arguments(method: str, paths: tuple, out, discard: str | None) -> tuple[list, Path, re.Pattern | None]:
+    """(the given models, the output path, the discard pattern): every mistake in the arguments, before any file
+    is opened."""
+    if method not in METHODS:
+        raise StylegradError(f"unknown merge method '{method}' (choose from {', '.join(METHODS)})")
+    need = {"weighted-sum": 2, "add-difference": 3, "none": 1}[method]
+    given = [p for p in paths if p is not None]
+    if len(given) != need:
+        raise StylegradError(f"{method} takes {need} model{'s' if need > 1 else ''} (A{', B' if need > 1 else ''}"
+                             f"{', C' if need > 2 else ''}), got {len(given)}")
+    out = Path(out).expanduser()
+    if out.suffix and out.suffix != ".safetensors":
+        raise StylegradError(f"-o must end in .safetensors (or have no suffix, for a diffusers folder), got {out.name}")
+    try:
+        return given, out, re.compile(discard) if discard else None
+    except re.error as e:
+        raise StylegradError(f"--discard is not a valid regular expression: {e}") from e
+
+
+def _recipe(inputs: list[_Input], method: str, alpha: float, fp16: bool, out: Path, bake_vae, discard) -> dict:
+    """A1111's ``sd_merge_recipe``, with placeholder hashes of the final length (filled in once hashed)."""
+    A = inputs[0]
+    B = inputs[1] if len(inputs) > 1 else None
+    blends = B is not None and B.kind.variant == "base"
+    return {
+        "type": "stylegrad", "primary_model_hash": "0" * 64,
+        "secondary_model_hash": "0" * 64 if B else None, "tertiary_model_hash": "0" * 64 if len(inputs) > 2 else None,
+        "interp_method": METHODS[method], "multiplier": alpha, "save_as_half": fp16,
+        "custom_name": out.stem, "config_source": 0, "bake_in_vae": Path(bake_vae).name if bake_vae else "None",
+        "discard_weights": discard or "", "is_inpainting": blends and A.kind.variant == "inpainting",
+        "is_instruct_pix2pix": blends and A.kind.variant == "instruct-pix2pix",
+    }
+
+
+def _write(target: Path, inputs: list[_Input], keys: list[str], kinds: dict[str, str], method: str, weight, dtype,
+           recipe: dict, vae: TensorFile | None, vae_names: dict[str, str], progress: bool) -> None:
+    """Stream the output, one key at a time, while a thread hashes the inputs for the metadata."""
+    A = inputs[0]
+    entries = [(k, dtype(k), A.shapes[k]) for k in keys]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(_sha256, i.path) for i in inputs]
+        metadata = _metadata(recipe, inputs, [str(i) * 64 for i in range(len(inputs))])  # the final lengths
+        with SafetensorsWriter(target, entries, metadata) as writer:
+            bar = _bar(len(keys), progress)
+            work = _Workspace(inputs, keys)
+            for k in keys:
+                if k in vae_names:
+                    t = vae.get(vae_names[k]).to(dtype(k))
+                elif kinds[k] == "copy":
+                    t = work.read(A, k).to(dtype(k))
+                else:
+                    t = work.combine(k, method, weight(k), kinds[k], dtype(k))
+                writer.write(k, t)
+                bar.update(1)
+            bar.close()
+            digests = [f.result() for f in futures]
+            for name, digest in zip(("primary", "secondary", "tertiary"), digests):
+                recipe[f"{name}_model_hash"] = digest
+            writer.metadata = _metadata(recipe, inputs, digests)
 
 
 def _sha256(path: Path) -> str:
@@ -245,7 +263,7 @@ class _Workspace:
 
         self.inputs = inputs
         largest = max((nbytes(inputs[0].dtype(k), inputs[0].shapes[k]) for k in keys), default=0)
-        numel = max((_numel(i.shapes[k]) for i in inputs for k in keys if k in i), default=0)
+        numel = max((math.prod(i.shapes[k]) for i in inputs for k in keys if k in i), default=0)
         widest = max((nbytes(i.dtype(k), i.shapes[k]) for i in inputs for k in keys if k in i), default=largest)
         self.raw = {i.role: torch.empty(widest, dtype=torch.uint8) for i in inputs}
         self.f32 = [torch.empty(numel, dtype=torch.float32) for _ in range(2)]
@@ -279,13 +297,6 @@ class _Workspace:
         out = self.out[: fb.numel() * torch.empty((), dtype=dtype).element_size()].view(dtype).view(fb.shape)
         out.copy_(fb)
         return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _combine(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, method: str, m: float,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -108,17 +109,10 @@ class TensorFile:
 
     def get(self, key: str) -> torch.Tensor:
         """A tensor of its own (nothing else of the file stays in memory)."""
-        dtype, shape, offsets = self._entries[key]
         if self._tensors is not None:
             return self._tensors[key]
-        start, end = offsets
-        buf = bytearray(end - start)
-        self._fd.seek(self._base + start)
-        if self._fd.readinto(buf) != len(buf):
-            raise StylegradError(f"{self.path} is truncated (tensor {key})")
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        dtype, shape, (start, end) = self._entries[key]
+        return self.read_into(key, torch.empty(end - start, dtype=torch.uint8))
 
     def read_into(self, key: str, buffer: torch.Tensor) -> torch.Tensor:
         """The tensor read into ``buffer`` (uint8, large enough), as a view: no allocation, for streaming loops
@@ -147,10 +141,7 @@ class TensorFile:
 
 
 def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 class SafetensorsWriter:
