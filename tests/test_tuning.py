@@ -325,14 +325,6 @@ def test_width_mismatch_and_bad_options(pipe, clip_text):
             StyleOptions(**bad)
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, clip_text, style):
-    enc = AestheticEncoder.from_pipeline(pipe, clip_text)
-    long = "stripes " * 20  # one token per character here: far over 77
-    with pytest.warns(UserWarning, match="truncated"):
-        pe, _ = enc.encode(long, style, StyleOptions(steps=1))
-    assert pe.shape == (1, 77, pipe.text_encoder.config.hidden_size)
-
-
 @pytest.mark.parametrize("clip_skip", [None, 1])
 def test_regularized_path_matches_the_reference_loop(pipe, clip_text, style, clip_skip):
     """The penalty holds the 77 conditioning states the UNet reads (a mean, so lambda is independent of the

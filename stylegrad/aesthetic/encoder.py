@@ -6,14 +6,17 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from torch.func import functional_call
 
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.aesthetic.targets import blend, style_target
-from stylegrad.aesthetic.tower import TextTower, conditioning_layer, tower_for
-from stylegrad.aesthetic.tuning import first_eos, personalize
+from stylegrad.aesthetic.tower import TextTower, conditioning_layer, meta_skeleton, tower_for
+from stylegrad.aesthetic.tuning import TOKEN, first_eos, personalize
 from stylegrad.errors import StylegradError
 from stylegrad.files.styles import Style
 from stylegrad.notes import note
+from stylegrad.prompts.chunks import Chunks, Vocabulary, apply_weights, gather_rows
+from stylegrad.prompts.syntax import extract_tags
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
@@ -44,8 +47,10 @@ class AestheticEncoder:
         self.clip_model = clip_model
         self._tower = tower
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, list[str]]] = OrderedDict()
+        self._plain_skeleton = None
         self.last_similarities: list[list[float]] = []
+        self.last_embeddings: list[str] = []  # the textual-inversion words the last prompts used
 
     @classmethod
     def from_pipeline(cls, pipe, clip_model=None, **kwargs) -> AestheticEncoder:
@@ -75,7 +80,9 @@ class AestheticEncoder:
         """What the pipeline computes itself (diffusers' ``encode_prompt``), on its own encoder. (B, S, H)
         ``clip_skip`` applies to every text given, the negative prompt too, as in A1111 (diffusers skips it
         for the positive prompt only)."""
-        ids = tokenize(self.tokenizer, texts, self.device)
+        return self.plain_ids(tokenize(self.tokenizer, texts, self.device), clip_skip)
+
+    def plain_ids(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         enc = self.text_encoder
         k = conditioning_layer(enc.config.num_hidden_layers, clip_skip)
         with torch.no_grad():
@@ -92,8 +99,17 @@ class AestheticEncoder:
         negative_prompt: str | list[str] | None = None,
         clip_skip: int | None = None,
         callback=None,
+        *,
+        embeddings: dict[str, torch.Tensor] | None = None,
+        loras=None,
+        weighting: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, negative_prompt_embeds), each (B, S, H) in the encoder's dtype and device."""
+        """(prompt_embeds, negative_prompt_embeds), each (B, 77 x chunks, H) in the encoder's dtype and device.
+
+        Prompts are read as A1111 reads them (``weighting=False``: as plain text): emphasis ``(word:1.2)``,
+        ``BREAK``, 75-token chunks, ``<lora:...>`` tags removed. ``embeddings``: textual-inversion words -> (N, H)
+        vectors, active where the prompt writes them. ``loras``: a ``LoraNetwork`` whose text-encoder changes
+        apply (the tuning starts from the LoRA-merged encoder)."""
         options = options or StyleOptions()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
@@ -101,18 +117,34 @@ class AestheticEncoder:
             raise StylegradError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         if style is not None and options.active:
             style.check_width(self.tower.width)
+        embeddings = dict(embeddings or {})
+        addons = (tuple((n, v.data_ptr(), tuple(v.shape)) for n, v in sorted(embeddings.items())),
+                  loras.key() if loras else (), weighting)
         self.last_similarities = []
+        self.last_embeddings = []
         pos, neg = [], []
         for p, n in zip(prompts, negatives):
-            key = (p, n, style.digest if style is not None else None, options.key(), clip_skip)
+            key = (p, n, style.digest if style is not None else None, options.key(), clip_skip, addons)
             if key not in self._cache:
-                self._store(key, self._encode_one(p, n, style, options, clip_skip, callback))
+                self._store(key, self._encode_one(p, n, style, options, clip_skip, callback, embeddings, loras,
+                                                  weighting))
             self._cache.move_to_end(key)
-            pe, ne = self._cache[key]
+            pe, ne, used = self._cache[key]
             pos.append(pe)
             neg.append(ne)
+            self.last_embeddings += [u for u in used if u not in self.last_embeddings]
+        width = max(t.shape[1] for t in pos + neg)
+        pos, neg = ([self._pad(t, width, clip_skip) for t in ts] for ts in (pos, neg))
         dtype = self.text_encoder.dtype
         return torch.cat(pos).to(dtype), torch.cat(neg).to(dtype)
+
+    def _pad(self, z: torch.Tensor, width: int, clip_skip) -> torch.Tensor:
+        """Longer prompts than this one: repeat the empty prompt's chunk until the lengths match (A1111's
+        padding of the shorter of cond and uncond)."""
+        if z.shape[1] == width:
+            return z
+        empty = self.plain([""], clip_skip).to(z.dtype)
+        return torch.cat([z, empty.repeat(1, (width - z.shape[1]) // empty.shape[1], 1)], dim=1)
 
     def _store(self, key, value):
         if self.cache_size > 0:
@@ -126,26 +158,55 @@ class AestheticEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _encode_one(self, prompt, negative, style, options, clip_skip, callback):
-        if style is None or not options.active:
-            z = self.plain([prompt, negative], clip_skip)
-            return z[:1], z[1:]
-        text = self.text_embedding(options.text) if options.text else None
-        target = style_target(style.direction.to(self.device), text, options.text_angle, options.text_negative)
-        out = []
+    def states(self, chunks: Chunks, clip_skip: int | None, params: dict[str, torch.Tensor] | None = None):
+        """The unweighted conditioning of each chunk (C, S, H) with the original weights, or ``params`` in place
+        of some of them (a LoRA merged in), and the chunks' textual-inversion rows."""
+        ids = chunks.ids.to(self.device)
+        if chunks.extra is None and not params:
+            return self.plain_ids(ids, clip_skip)
+        rows, local = torch.unique(ids, return_inverse=True)
+        base = dict(self.text_encoder.named_parameters())
+        merged = {**base, **(params or {}), TOKEN: gather_rows(base[TOKEN], chunks.extra, rows)}
+        skeleton = self._skeleton()
+        k = conditioning_layer(skeleton.config.num_hidden_layers, clip_skip)
+        with torch.no_grad():
+            out = functional_call(skeleton, merged, (local,), {"output_hidden_states": True})
+            if k == skeleton.config.num_hidden_layers:
+                return out.last_hidden_state
+            w, b = merged["final_layer_norm.weight"], merged["final_layer_norm.bias"]
+            h = out.hidden_states[k]
+            return torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, skeleton.config.layer_norm_eps)
+
+    def _skeleton(self):
+        if self._plain_skeleton is None:
+            self._plain_skeleton = meta_skeleton(self.text_encoder)
+        return self._plain_skeleton
+
+    def _encode_one(self, prompt, negative, style, options, clip_skip, callback, embeddings, loras, weighting):
+        """(prompt states, negative states, embeddings used), each (1, 77 x chunks, H)."""
+        vocab = Vocabulary(self.tokenizer, embeddings)
+        te_params = loras.text_params("te") if loras else {}
+        styled = style is not None and options.active
+        if styled:
+            text = self.text_embedding(options.text) if options.text else None
+            target = style_target(style.direction.to(self.device), text, options.text_angle, options.text_negative)
+        out, used = [], []
         for text_, tune in ((prompt, True), (negative, options.personalize_negative)):
-            if not tune:
-                out.append(self.plain([text_], clip_skip))
-                continue
-            ids = tokenize(self.tokenizer, [text_], self.device)
-            result = personalize(
-                self.tower, ids, target, steps=options.steps, adam=options.adam(self.device),
-                regularization=options.regularization,
-                target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
-            )
-            self.last_similarities.append(result.similarities)
-            z = result.hidden
-            if options.weight != 1.0:  # the original states are only needed to blend
-                z = blend(self.plain([text_], clip_skip).float(), z, options.weight, options.slerp)
-            out.append(z.to(self.tower.dtype))
-        return out[0], out[1]
+            chunks = vocab.chunks(extract_tags(text_)[0], weighting)
+            used += [e for e in chunks.embeddings if e not in used]
+            if not (styled and tune):
+                z = self.states(chunks, clip_skip, te_params)
+            else:
+                result = personalize(
+                    self.tower, chunks.ids.to(self.device), target, steps=options.steps,
+                    adam=options.adam(self.device), regularization=options.regularization,
+                    target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
+                    extra_rows=chunks.extra, base={**self.tower.base, **te_params} if te_params else None,
+                )
+                self.last_similarities.append(result.similarities)
+                z = result.hidden
+                if options.weight != 1.0:  # the original states are only needed to blend
+                    z = blend(self.states(chunks, clip_skip, te_params).float(), z, options.weight, options.slerp)
+            z = apply_weights(z.to(self.tower.dtype if styled else z.dtype), chunks.weights)
+            out.append(z.reshape(1, -1, z.shape[-1]))
+        return out[0], out[1], used

@@ -212,3 +212,13 @@ class TunedWeights:
             raise RuntimeError("an Adam step was left pending")  # every large weight is read by the full pass
         last = self.shape.norm(self.params, h, "final_layer_norm")
         return last, (last if kept is h else self.shape.norm(self.params, kept, "final_layer_norm"))
+
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """After ``finish``: the final-normed state after ``keep`` layers for more tokens (S,) (another chunk of a
+        long prompt), on the tuned tensors as they were left. (S, H)"""
+        if not self.finished:
+            raise RuntimeError("finish the tuning first")
+        h, kept = self.shape.run(self.params, ids, lambda x, prefix: linear(
+            x, self.params[prefix + ".weight"], self.params[prefix + ".bias"]), eos_only=False, keep=keep)
+        return self.shape.norm(self.params, kept, "final_layer_norm")

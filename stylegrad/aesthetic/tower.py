@@ -110,14 +110,9 @@ class TextTower:
                 base[name] = tensor.detach().to(device=self.device, dtype=encoder.dtype)
         self.base: dict[str, torch.Tensor] = {k: v.detach() for k, v in base.items()}
 
-        config = CLIPTextConfig.from_dict(cfg_enc.to_dict())
-        config.num_hidden_layers = clip.num_layers
-        with torch.device("meta"):
-            skeleton = CLIPTextModel._from_config(config, attn_implementation=cfg_enc._attn_implementation)
-        skeleton.embeddings.position_ids = encoder.embeddings.position_ids.detach().clone()
-        self.skeleton = skeleton.eval()
-        self.total_layers = config.num_hidden_layers
-        self.layer_norm_eps = config.layer_norm_eps
+        self.skeleton = meta_skeleton(encoder, clip.num_layers)
+        self.total_layers = clip.num_layers
+        self.layer_norm_eps = cfg_enc.layer_norm_eps
 
     @property
     def width(self) -> int:
@@ -152,6 +147,17 @@ class TextTower:
 
     def needs_hidden(self, clip_skip: int | None) -> bool:
         return self.cond_layer(clip_skip) != self.total_layers
+
+
+def meta_skeleton(encoder: CLIPTextModel, layers: int | None = None) -> CLIPTextModel:
+    """A parameter-free copy of ``encoder``'s architecture (``layers`` deep), run with ``functional_call`` on a dict
+    of tensors: the way to run the encoder on other weights without touching its own."""
+    config = CLIPTextConfig.from_dict(encoder.config.to_dict())
+    config.num_hidden_layers = layers or config.num_hidden_layers
+    with torch.device("meta"):
+        skeleton = CLIPTextModel._from_config(config, attn_implementation=encoder.config._attn_implementation)
+    skeleton.embeddings.position_ids = encoder.embeddings.position_ids.detach().clone()
+    return skeleton.eval()
 
 
 def _layer_index(name: str) -> int | None:

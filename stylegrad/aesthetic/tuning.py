@@ -22,13 +22,14 @@ import torch
 from stylegrad.aesthetic.adam import AdamSettings
 from stylegrad.aesthetic.eos_forward import TunedWeights, is_matrix
 from stylegrad.aesthetic.tower import TextTower
+from stylegrad.prompts.chunks import gather_rows
 
 TOKEN = "embeddings.token_embedding.weight"
 
 
 @dataclass
 class Personalized:
-    hidden: torch.Tensor  # (1, S, H) float32: what the UNet gets from the tuned encoder
+    hidden: torch.Tensor  # (C, S, H) float32: what the UNet gets from the tuned encoder, per chunk
     similarities: list[float]  # cos(text embedding, target) before each step, then after the last
 
 
@@ -50,17 +51,27 @@ def personalize(
     target_similarity: float | None = None,
     clip_skip: int | None = None,
     callback: Callable[[int, float], None] | None = None,
+    extra_rows: torch.Tensor | None = None,
+    base: dict[str, torch.Tensor] | None = None,
 ) -> Personalized:
     """Adam on the text transformer (embeddings, layers, final norm; not the projection) to maximize
     cos(proj(h_EOS), target), then the tuned encoder's hidden states for the full prompt.
 
     ``regularization`` (lambda) adds lambda * mean((z - z0)^2) over the 77 x H conditioning states the UNet reads
     (z tuned, z0 original): every row the UNet sees is held, padding included, since it reads all of them; and as a
-    mean over a fixed 77 rows, the same lambda means the same for a 3-word and a 60-word prompt."""
-    ids = input_ids.reshape(-1)  # (S,), padded to the tokenizer's max length
+    mean over a fixed 77 rows, the same lambda means the same for a 3-word and a 60-word prompt.
+
+    ``input_ids`` (C, S): a long prompt's chunks; the first is tuned (as the A1111 extension does), and every
+    chunk is then encoded by the tuned encoder. Ids past the token table read ``extra_rows`` (textual-inversion
+    vectors), tuned like any other row the prompt uses. ``base``: the tensors to start from (default the tower's;
+    e.g. with a LoRA merged into some of them)."""
+    chunks = input_ids.reshape(-1, input_ids.shape[-1])  # (C, S), each padded to the tokenizer's max length
+    ids = chunks[0]
     eos = first_eos(ids, tower.eos_token_id)
-    rows, local = torch.unique(ids, return_inverse=True)  # (U,) table rows the prompt uses; (S,) ids into them
-    params = {name: t[rows] if name == TOKEN else t for name, t in tower.base.items()}
+    rows, local_all = torch.unique(chunks, return_inverse=True)  # (U,) table rows the prompt uses; ids into them
+    local = local_all[0]
+    params = {name: gather_rows(t, extra_rows, rows) if name == TOKEN else t
+              for name, t in (base or tower.base).items()}
     eos_path = regularization == 0
     # float32 copies to tune; on the EOS path each large matrix is copied at its first step (AdamMatrix)
     params = {name: t if eos_path and is_matrix(name) else t.to(torch.float32, copy=True) for name, t in params.items()}
@@ -86,11 +97,13 @@ def personalize(
         optimizer.step()
     del objective, optimizer, sim, loss  # the last graph and the small parameters' moments
 
-    text, hidden = tuned.finish(local, tower.cond_layer(clip_skip))  # (S, H) each, every pending step taken
+    keep = tower.cond_layer(clip_skip)
+    text, hidden = tuned.finish(local, keep)  # (S, H) each, every pending step taken
     with torch.no_grad():
         final = torch.cosine_similarity(text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T, target)
     similarities.append(float(final))
-    return Personalized(hidden[None], similarities)
+    more = [tuned.encode(c, keep) for c in local_all[1:]]  # the other chunks, on the tuned tensors
+    return Personalized(torch.stack([hidden, *more]), similarities)
 
 
 def _eos_objective(tower: TextTower, tuned: TunedWeights, short: torch.Tensor, target: torch.Tensor):

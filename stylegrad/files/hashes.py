@@ -15,11 +15,12 @@ def _cache_file() -> Path:
     return Path(root).expanduser() / "hashes.json"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The file's sha256, cached by (absolute path, size, mtime): a multi-GB checkpoint is read once."""
+def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:
+    """The file's sha256 (of its bytes from ``offset`` on), cached by (absolute path, size, mtime): a multi-GB
+    checkpoint is read once."""
     p = Path(path).resolve()
     stat = p.stat()
-    key = f"{p}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{p}|{stat.st_size}|{stat.st_mtime_ns}" + (f"|{offset}" if offset else "")
     cache_path = _cache_file()
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
@@ -29,6 +30,7 @@ def sha256_file(path: str | os.PathLike) -> str:
         return cache[key]
     digest = hashlib.sha256()
     with open(p, "rb") as f:
+        f.seek(offset)
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     cache[key] = digest.hexdigest()

@@ -289,6 +289,8 @@ RULES: list[tuple[Callable[[_Content], bool], Callable[[_Content], dict]]] = [
     (_has(r"^(unet|text_encoder):\d+:(up|down)$"), _lora("lora-diffusion", "a cloneofsimo lora_diffusion LoRA")),
     (_has(r"\.hada_w1_a$", r"\.hada_t1$"), _lora("lycoris-loha", "a LyCORIS LoHa")),
     (_has(r"\.lokr_w1(_a)?$"), _lora("lycoris-lokr", "a LyCORIS LoKr")),
+    (_has(r"^lora_(unet|te\d?)_.*\.diff$"), _lora("lycoris-full", "a LyCORIS full-weight difference")),
+    (_has(r"^lora_(unet|te\d?)_.*\.on_input$"), _lora("lycoris-ia3", "a LyCORIS IA3")),
     (lambda c: _has(r"\.lora_mid\.weight$")(c) or "lycoris" in c.metadata.get("ss_network_module", ""),
      _lora("lycoris-locon", "a LyCORIS LoCon")),
     (_has(r"^lora_(unet|te\d?)_.*\.lora_(down|up)\.weight$"), _lora("kohya", "a kohya LoRA")),

@@ -7,6 +7,7 @@ style files and init images by path."""
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from stylegrad.errors import StylegradError
 from stylegrad.files.hashes import short_hash
 from stylegrad.files.pnginfo import read_generation_info, save_png
 from stylegrad.files.styles import Style, load_style
+from stylegrad.notes import note
+from stylegrad.pipelines.addons import Addons, RequestAddons
 from stylegrad.pipelines.grids import label_grid
 from stylegrad.pipelines.loading import a1111_sampler_name, is_sdxl, load_pipeline, pipeline_family, with_sampler
 from stylegrad.pipelines.request import GenerationRequest, expected_style_digest, infotext, request_from_infotext
+from stylegrad.prompts.syntax import extract_tags
 
 
 def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: GenerationRequest,
@@ -41,13 +45,15 @@ def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: Generatio
 
 
 @torch.no_grad()
-def sdxl_embeddings(pipe, request: GenerationRequest):
+def sdxl_embeddings(pipe, request: GenerationRequest, loras=None):
     """SDXL's four conditioning tensors, as its pipeline makes them from the prompt (an empty negative prompt
-    gives zeros, diffusers' default for SDXL)."""
-    pe, ne, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=request.prompt, device=pipe.device, num_images_per_prompt=1,
-        do_classifier_free_guidance=request.cfg > 1, negative_prompt=request.negative or None,
-        clip_skip=request.clip_skip)
+    gives zeros, diffusers' default for SDXL); LoRA tags removed, the text-encoder LoRAs applied."""
+    negative = extract_tags(request.negative)[0]
+    with loras.applied(("te", "te2")) if loras else nullcontext():
+        pe, ne, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=extract_tags(request.prompt)[0], device=pipe.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=request.cfg > 1, negative_prompt=negative or None,
+            clip_skip=request.clip_skip)
     return pe, ne, dict(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
 
 
@@ -92,8 +98,12 @@ class Generator:
     """One pipeline, many requests. The pipeline handed in is only read: samplers and Stylecodes run on pipelines
     that share its components."""
 
-    def __init__(self, pipe, model: str | None = None, clip_model=None, siglip_model: str | None = None):
+    def __init__(self, pipe, model: str | None = None, clip_model=None, siglip_model: str | None = None,
+                 embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None):
+        """``embeddings_dirs`` / ``loras_dirs``: folders of textual-inversion embeddings and LoRAs, like A1111's
+        ``embeddings/`` and ``models/Lora`` (default: $STYLEGRAD_EMBEDDINGS_DIR, $STYLEGRAD_LORAS_DIR)."""
         self.pipe = pipe
+        self.addons = Addons(pipe, embeddings_dirs, loras_dirs)
         self.model = model
         self.clip_model = clip_model
         self.siglip_model = siglip_model  # the image encoder codes are made with (default: the published one)
@@ -101,16 +111,18 @@ class Generator:
         self._styles: dict[str, Style] = {}
         self._stylecodes: dict = {}
         self._samplers: dict = {}  # sampler -> a pipeline sharing self.pipe's components
+        self.last_embeddings: list[str] = []
 
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
-             siglip_model: str | None = None, vae: str | None = None, models_dir: str | None = None) -> Generator:
+             siglip_model: str | None = None, vae: str | None = None, models_dir: str | None = None,
+             embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None) -> Generator:
         """``model``: a hub id, a diffusers folder, a .safetensors/.ckpt file, or a file's name in the models
         folder (``models_dir`` or $STYLEGRAD_MODELS_DIR)."""
         from stylegrad.checkpoints.library import resolve_model
 
         path = resolve_model(model, models_dir)
-        return cls(load_pipeline(path, device, vae=vae), path, clip_model, siglip_model)
+        return cls(load_pipeline(path, device, vae=vae), path, clip_model, siglip_model, embeddings_dirs, loras_dirs)
 
     def encoder(self, clip_model=None) -> AestheticEncoder:
         key = clip_model or self.clip_model
@@ -147,6 +159,13 @@ class Generator:
             raise StylegradError(f"stylecodes need a Stable Diffusion 1.x model (the published Stylecodes model is "
                                  f"SD1.5-only); this is {'an SDXL' if family == 'sdxl' else 'a SD2.x'} model")
 
+    def request_addons(self, request: GenerationRequest) -> RequestAddons:
+        """The request's LoRAs bound to the pipeline, and the embeddings its text encoder can take."""
+        if is_sdxl(self.pipe) and (request.embeddings or self.addons.library.folders):
+            note("textual-inversion embeddings are not applied on SDXL models yet")
+        width = None if is_sdxl(self.pipe) else self.pipe.text_encoder.config.hidden_size
+        return self.addons.for_request(request, width)
+
     def _prepare(self, request: GenerationRequest):
         """What every image of a request shares: the pipeline to run, the style, the init image, the code."""
         self.check(request)
@@ -161,16 +180,22 @@ class Generator:
         init = load_init_image(request.init_image, request.width, request.height)
         return pipe, style, init, code
 
-    def embeddings(self, request: GenerationRequest, style: Style | None, desc: str = "style"):
+    def embeddings(self, request: GenerationRequest, style: Style | None, desc: str = "style",
+                   addons: RequestAddons | None = None):
         """(prompt_embeds, negative_prompt_embeds, pooled): plain when the request has no active style (no CLIP
-        loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2)."""
+        loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2). ``addons``: the request's LoRAs
+        and embeddings (resolved here when not given); the embeddings it used are in ``self.last_embeddings``."""
+        addons = addons or self.request_addons(request)
         if is_sdxl(self.pipe):
-            return sdxl_embeddings(self.pipe, request)
+            self.last_embeddings = []
+            return sdxl_embeddings(self.pipe, request, addons.loras)
         encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
         bar, callback = style_progress(request.style_options.steps if request.styled else 0, desc)
         try:
             pe, ne = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
-                                    request.negative, request.clip_skip, callback)
+                                    request.negative, request.clip_skip, callback, embeddings=addons.embeddings,
+                                    loras=addons.loras, weighting=request.weighting)
+            self.last_embeddings = list(encoder.last_embeddings)
             return pe, ne, {}
         finally:
             bar.close()
@@ -183,13 +208,16 @@ class Generator:
         if n < 1:
             raise StylegradError(f"n must be >= 1, got {n}")
         pipe, style, init, code = self._prepare(request)
-        pe, ne, pooled = self.embeddings(request, style)
+        addons = self.request_addons(request)
+        pe, ne, pooled = self.embeddings(request, style, addons=addons)
+        fields = addons.infotext_fields(self.last_embeddings)
         out = []
         for i in range(n):
             r = request.with_seed(request.seed + i)
-            image = run_pipeline(pipe, pe, ne, r, init, **pooled)
+            with addons.loras.applied(("unet",)) if addons.loras else nullcontext():
+                image = run_pipeline(pipe, pe, ne, r, init, **pooled)
             text = infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
-                            stylecode=code, model_hash=self._model_hash(self.model or r.model))
+                            stylecode=code, model_hash=self._model_hash(self.model or r.model), addons=fields)
             out.append((image, text))
         return out
 
@@ -205,16 +233,19 @@ class Generator:
         if request.style is None:
             raise StylegradError("a comparison needs a style")
         pipe, style, init, code = self._prepare(request)
+        addons = self.request_addons(request)
         columns = [0] + [k for k in dict.fromkeys(sweep) if k > 0]
         requests = [replace(request, style_options=replace(request.style_options, steps=k)) for k in columns]
-        embeds = [self.embeddings(r, style, f"style, {r.style_options.steps} steps") for r in requests]
-        rows = [[run_pipeline(pipe, pe, ne, r.with_seed(request.seed + i), init, **pooled)
-                 for r, (pe, ne, pooled) in zip(requests, embeds)] for i in range(n)]
+        embeds = [self.embeddings(r, style, f"style, {r.style_options.steps} steps", addons) for r in requests]
+        with addons.loras.applied(("unet",)) if addons.loras else nullcontext():
+            rows = [[run_pipeline(pipe, pe, ne, r.with_seed(request.seed + i), init, **pooled)
+                     for r, (pe, ne, pooled) in zip(requests, embeds)] for i in range(n)]
         grid = label_grid(rows, ["no style"] + [f"{k} steps" for k in columns[1:]],
                           [f"seed {request.seed + i}" for i in range(n)])
         text = infotext(requests[-1], size=rows[0][0].size, sampler_name=a1111_sampler_name(pipe.scheduler),
                         style=style, stylecode=code, model_hash=self._model_hash(self.model or request.model),
-                        extra={"Aesthetic steps sweep": " ".join(map(str, columns))})
+                        extra={"Aesthetic steps sweep": " ".join(map(str, columns))},
+                        addons=addons.infotext_fields(self.last_embeddings))
         out = Path(out)
         return save_png(grid, out / f"{next_index(out):05d}-compare-{request.seed}-{_slug(request.prompt)}.png", text)
 

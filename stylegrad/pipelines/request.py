@@ -37,8 +37,13 @@ class GenerationRequest:
     stylecode_strength: float = 1.0
     stylecode_guidance: bool = False
     stylecodes_model: str | None = None
+    loras: tuple[str, ...] = ()  # 'FILE_OR_NAME[:TE[:UNET]]', besides the prompt's <lora:...> tags
+    embeddings: tuple[str, ...] = ()  # textual-inversion files 'FILE[:TOKEN]', besides the embeddings folders
+    weighting: bool = True  # read A1111's emphasis syntax; False: brackets are plain text
 
     def __post_init__(self):
+        object.__setattr__(self, "loras", tuple(self.loras))
+        object.__setattr__(self, "embeddings", tuple(self.embeddings))
         if self.sampler is not None:
             object.__setattr__(self, "sampler", sampler_id(self.sampler))
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -73,7 +78,8 @@ class GenerationRequest:
 
 
 def infotext(request: GenerationRequest, *, size: tuple[int, int], sampler_name: str, style=None,
-             stylecode: str | None = None, model_hash: str | None = None, extra: dict | None = None) -> str:
+             stylecode: str | None = None, model_hash: str | None = None, extra: dict | None = None,
+             addons: dict | None = None) -> str:
     """The PNG's ``parameters`` text, with every field the image depends on. ``style``: the loaded Style;
     ``stylecode``: the code used (made from ``stylecode_image`` when that was given)."""
     r = request
@@ -95,8 +101,11 @@ def infotext(request: GenerationRequest, *, size: tuple[int, int], sampler_name:
         fields.update({"Stylecode": stylecode, "Stylecode strength": r.stylecode_strength,
                        "Stylecode guidance": r.stylecode_guidance, "Stylecode image": r.stylecode_image,
                        "Stylecodes model": r.stylecodes_model})
+    fields.update(addons or {})
     fields.update(extra or {})
-    fields.update({"Init image": r.init_image, "Model id": r.model, "CLIP model": r.clip_model,
+    fields.update({"Lora files": "|".join(r.loras) or None, "Embedding files": "|".join(r.embeddings) or None,
+                   "Prompt weighting": None if r.weighting else "off", "Init image": r.init_image, "Model id": r.model,
+                   "CLIP model": r.clip_model,
                    "Sampler id": r.sampler or "default", "Version": f"stylegrad {__version__}"})
     return format_infotext(r.prompt, r.negative, fields)
 
@@ -144,7 +153,13 @@ def request_from_infotext(text: str) -> GenerationRequest:
         stylecode_strength=_number(f, "Stylecode strength", float, 1.0),
         stylecode_guidance=str(f.get("Stylecode guidance", "False")).lower() == "true",
         stylecodes_model=f.get("Stylecodes model") or None,
+        loras=_list(f.get("Lora files")), embeddings=_list(f.get("Embedding files")),
+        weighting=f.get("Prompt weighting") != "off",
     )
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(v for v in (value or "").split("|") if v)
 
 
 def expected_style_digest(text: str) -> str | None:

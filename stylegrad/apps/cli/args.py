@@ -55,6 +55,25 @@ def add_model_options(g, default: str | None = None) -> None:
                    "(default: NAME.vae.safetensors beside the checkpoint, else the baked one)")
 
 
+def add_addon_options(p) -> None:
+    """LoRAs and textual-inversion embeddings, as A1111 users have them."""
+    g = p.add_argument_group("LoRAs and embeddings")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE:W",
+                   help="apply a LoRA/LyCORIS file (or a name in --loras) at multiplier W (default 1); FILE:TE:UNET "
+                   "sets the text-encoder and UNet multipliers apart; repeat for several. The prompt's "
+                   "<lora:NAME:W> tags work too")
+    g.add_argument("--loras", action="append", default=[], metavar="DIR",
+                   help="folder of LoRAs that <lora:NAME:W> tags and --lora NAME pick from by file name, like "
+                   "A1111's models/Lora (default: $STYLEGRAD_LORAS_DIR)")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding, active where the prompt writes its file name (or TOKEN)")
+    g.add_argument("--embeddings", action="append", default=[], metavar="DIR",
+                   help="folder of textual-inversion embeddings, like A1111's embeddings/: a file name written "
+                   "in the prompt or negative prompt activates that file (default: $STYLEGRAD_EMBEDDINGS_DIR)")
+    g.add_argument("--no-weighting", dest="weighting", action="store_false",
+                   help="read the prompt as plain text: no A1111 emphasis ((word:1.2), [word]) or BREAK")
+
+
 def _flag(name: str) -> str:
     return "--style-" + name.replace("_", "-")
 

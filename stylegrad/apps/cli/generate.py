@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from stylegrad.apps.cli.args import add_device, add_model_options, add_style_options, number_list, style_options
+from stylegrad.apps.cli.args import (
+    add_addon_options,
+    add_device,
+    add_model_options,
+    add_style_options,
+    number_list,
+    style_options,
+)
 from stylegrad.files.styles import load_style
 from stylegrad.pipelines.generation import Generator, request_from_png
 from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
@@ -24,6 +31,7 @@ def _request(a) -> GenerationRequest:
         strength=a.strength, style=a.style, style_options=style_options(a), clip_model=a.clip_model,
         stylecode=a.stylecode, stylecode_image=a.stylecode_image, stylecode_strength=a.stylecode_strength,
         stylecode_guidance=a.stylecode_guidance, stylecodes_model=a.stylecodes_model,
+        loras=tuple(a.lora), embeddings=tuple(a.embedding), weighting=a.weighting,
     )
 
 
@@ -42,7 +50,7 @@ def cmd_generate(a) -> None:
 
         models_dir(a.models_dir)
     generator = Generator.load(request.model, a.device, request.clip_model, a.siglip_model, vae=a.vae,
-                               models_dir=a.models_dir)
+                               models_dir=a.models_dir, embeddings_dirs=a.embeddings, loras_dirs=a.loras)
     if a.compare:
         print(generator.compare(request, a.compare_steps, a.out, a.n))
         return
@@ -62,6 +70,7 @@ def register(sub) -> None:
                    help="regenerate a stylegrad PNG from its metadata (--model, --vae, --style, --init-image, --clip-model, "
                    "--stylecodes-model, --out, --device override; other settings come from the image)")
     add_style_options(p)
+    add_addon_options(p)
     g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
     g.add_argument("--stylecode", metavar="CODE", help="a style code, or several with weights: 'CODE1::2 CODE2::1'")
     g.add_argument("--stylecode-image", metavar="IMG", help="make the code from this image, then use it")

@@ -1,0 +1,74 @@
+"""LoRAs by name: ``--lora FILE_OR_NAME:W`` and the prompt's ``<lora:NAME:W>`` tags, resolved inside the LoRA
+folders only (``--loras DIR``, ``$STYLEGRAD_LORAS_DIR``; A1111's ``models/Lora``), by file stem."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stylegrad.errors import StylegradError
+from stylegrad.files.hashes import sha256_file
+
+EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+ENV = "STYLEGRAD_LORAS_DIR"
+
+
+def parse_lora_arg(text: str) -> tuple[str, float, float]:
+    """``FILE_OR_NAME[:TE[:UNET]]`` -> (file or name, text-encoder multiplier, UNet multiplier)."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    te = numbers[0] if numbers else 1.0
+    unet = numbers[1] if len(numbers) > 1 else te
+    return ":".join(parts), te, unet
+
+
+class LoraLibrary:
+    def __init__(self, folders: list[str] | None = None):
+        self.folders = [Path(f).expanduser() for f in (folders or [])]
+        env = os.environ.get(ENV)
+        if env and not folders:
+            self.folders.append(Path(env).expanduser())
+        for f in self.folders:
+            if not f.is_dir():
+                raise StylegradError(f"LoRA folder not found: {f}")
+        self._found: dict[str, Path] | None = None
+
+    def _scan(self) -> dict[str, Path]:
+        if self._found is None:
+            self._found = {}
+            for folder in self.folders:
+                for p in sorted(folder.rglob("*")):
+                    if p.suffix.lower() in EXTENSIONS and p.is_file():
+                        self._found.setdefault(p.stem, p)
+        return self._found
+
+    def names(self) -> list[str]:
+        return sorted(self._scan())
+
+    def find(self, name: str) -> Path | None:
+        """A tag's name -> its file in the folders (a name is never a path: no traversal out of them)."""
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            return None
+        return self._scan().get(name)
+
+    def resolve(self, arg: str) -> Path | None:
+        """``--lora``'s FILE_OR_NAME: an existing file, else a name in the folders."""
+        p = Path(arg).expanduser()
+        return p if p.is_file() else self.find(arg)
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """A1111's ``Lora hashes`` value: the first 12 hex digits of the sha256 of a safetensors file's tensor data
+    (the header skipped, sd-webui-additional-networks' hash), or of the whole file for other formats."""
+    p = Path(path)
+    if p.suffix.lower() == ".safetensors":
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+        return sha256_file(p, offset=8 + n)[:12]
+    return sha256_file(p)[:12]
