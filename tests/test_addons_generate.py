@@ -1,0 +1,105 @@
+"""LoRAs and embeddings in a generation: the user's pipeline is left as it was, the PNG records them as A1111
+does, and ``--from`` makes the same image again."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from stylegrad import GenerationRequest, Generator
+from stylegrad.apps.cli import main
+from stylegrad.files.infotext import parse_infotext
+
+SIZE = ["--width", "32", "--height", "32", "--steps", "2"]
+
+
+def write_kohya(path, seed=0):
+    """A small kohya LoRA for the tiny model: a UNet cross-attention key and a text-encoder query."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out, inp) in {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (16, 32),
+                             "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v": (16, 16),
+                             "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=g).half()
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 4, generator=g).half()
+        tensors[f"{name}.alpha"] = torch.tensor(2.0).half()
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    loras, embeddings = tmp_path / "Lora", tmp_path / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    write_kohya(loras / "inked.safetensors")
+    torch.save({"string_to_param": {"*": torch.randn(2, 32) * 0.05}, "name": "other-name", "step": 100},
+               embeddings / "glossy.pt")
+    torch.save({"<x>": torch.randn(1024)}, embeddings / "wide.pt")  # another width: listed, not an error
+    return loras, embeddings
+
+
+def _addnet_hash(path) -> str:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+
+
+def test_lora_and_embedding_leave_the_pipeline_as_it_was(pipe, folders, tmp_path):
+    loras, embeddings = folders
+    before = {k: v.clone() for k, v in pipe.components["unet"].state_dict().items()}
+    te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    gen = Generator(pipe, embeddings_dirs=[str(embeddings)], loras_dirs=[str(loras)])
+    plain = GenerationRequest("a glossy red house", seed=3, steps=2, width=32, height=32)
+    styled = GenerationRequest("a glossy red house <lora:inked:0.8>", seed=3, steps=2, width=32, height=32)
+    with pytest.warns(UserWarning, match="wide skipped"):
+        (a, _), = gen.images(plain)
+    (b, text), = gen.images(styled)
+    (c, _), = gen.images(plain)
+    assert np.array_equal(np.asarray(a), np.asarray(c))  # the plain pipeline's image, bit for bit
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, te_before[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert not any(m._forward_hooks for m in list(pipe.unet.modules()) + list(pipe.text_encoder.modules()))
+    prompt, _, fields = parse_infotext(text)
+    assert prompt == "a glossy red house <lora:inked:0.8>"  # A1111 keeps the tag in the prompt
+    assert fields["Lora hashes"] == f"inked: {_addnet_hash(loras / 'inked.safetensors')}"
+    ti = hashlib.sha256((embeddings / "glossy.pt").read_bytes()).hexdigest()[:12]
+    assert fields["TI hashes"] == f"glossy: {ti}"
+    # the embedding's word alone changes the image: without the folder 'glossy' is just letters
+    (d, _), = Generator(pipe).images(plain)
+    assert not np.array_equal(np.asarray(d), np.asarray(a))
+
+
+def test_a_missing_lora_is_noted_and_the_image_made(pipe, folders):
+    loras, _ = folders
+    gen = Generator(pipe, loras_dirs=[str(loras)])
+    with pytest.warns(UserWarning, match="'nothere' .* not in the LoRA folders"):
+        images = gen.images(GenerationRequest("a cat <lora:nothere:1>", steps=2, width=32, height=32))
+    assert len(images) == 1
+    with pytest.raises(Exception, match="LoRA not found: ../inked"):
+        gen.images(GenerationRequest("a cat", loras=("../inked",), steps=2, width=32, height=32))
+
+
+def test_cli_lora_embedding_and_from(world, folders, tmp_path, capsys):
+    _, sd_dir = world
+    loras, embeddings = folders
+    extra = tmp_path / "extra.safetensors"
+    write_kohya(extra, seed=4)
+    assert main(["generate", "a (glossy:1.2) house <lora:inked:0.5>", "--model", str(sd_dir), "--loras", str(loras),
+                 "--embeddings", str(embeddings), "--lora", f"{extra}:0.3:0.6", "--seed", "2",
+                 "--out", str(tmp_path / "a"), *SIZE]) == 0
+    (first,) = capsys.readouterr().out.split()
+    fields = parse_infotext(Image.open(first).info["parameters"])[2]
+    assert set(dict(x.split(": ") for x in fields["Lora hashes"].split(", "))) == {"extra", "inked"}
+    assert main(["generate", "--from", first, "--loras", str(loras), "--embeddings", str(embeddings),
+                 "--out", str(tmp_path / "b")]) == 0
+    (again,) = capsys.readouterr().out.split()
+    with Image.open(first) as x, Image.open(again) as y:
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert main(["generate", "a cat", "--model", str(sd_dir), "--lora", str(tmp_path / "nope.safetensors"),
+                 "--out", str(tmp_path / "c"), *SIZE]) == 1
+    assert "LoRA not found" in capsys.readouterr().err
