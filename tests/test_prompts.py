@@ -152,6 +152,11 @@ def test_tuning_composes_with_a_text_encoder_lora_and_embeddings(pipe):
     assert (pe - ref).abs().max() < REFERENCE_ATOL
     plain_pe, _ = enc.encode(prompt, None, embeddings={"zq": vectors}, loras=net)
     assert (pe - plain_pe).abs().max() > 1e-3
+    with torch.no_grad():  # unstyled, the LoRA runs beside the encoder's weights: the merged model's states
+        assert (plain_pe - ref_model.text_model(input_ids=ids).last_hidden_state).abs().max() < REFERENCE_ATOL
+        no_ti, _ = enc.encode("a house", None, loras=net)
+        assert (no_ti - ref_model.text_model(input_ids=Vocabulary(pipe.tokenizer).chunks("a house").ids)
+                .last_hidden_state).abs().max() < REFERENCE_ATOL
     assert all(torch.equal(t, before[k]) for k, t in pipe.text_encoder.state_dict().items())
 
 

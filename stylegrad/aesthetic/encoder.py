@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 from torch.func import functional_call
@@ -134,16 +135,16 @@ class AestheticEncoder:
             neg.append(ne)
             self.last_embeddings += [u for u in used if u not in self.last_embeddings]
         width = max(t.shape[1] for t in pos + neg)
-        pos, neg = ([self._pad(t, width, clip_skip) for t in ts] for ts in (pos, neg))
+        pos, neg = ([self._pad(t, width, clip_skip, loras) for t in ts] for ts in (pos, neg))
         dtype = self.text_encoder.dtype
         return torch.cat(pos).to(dtype), torch.cat(neg).to(dtype)
 
-    def _pad(self, z: torch.Tensor, width: int, clip_skip) -> torch.Tensor:
+    def _pad(self, z: torch.Tensor, width: int, clip_skip, loras=None) -> torch.Tensor:
         """Longer prompts than this one: repeat the empty prompt's chunk until the lengths match (A1111's
         padding of the shorter of cond and uncond)."""
         if z.shape[1] == width:
             return z
-        empty = self.plain([""], clip_skip).to(z.dtype)
+        empty = self.states(Vocabulary(self.tokenizer).chunks(""), clip_skip, loras).to(z.dtype)
         return torch.cat([z, empty.repeat(1, (width - z.shape[1]) // empty.shape[1], 1)], dim=1)
 
     def _store(self, key, value):
@@ -158,18 +159,19 @@ class AestheticEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def states(self, chunks: Chunks, clip_skip: int | None, params: dict[str, torch.Tensor] | None = None):
-        """The unweighted conditioning of each chunk (C, S, H) with the original weights, or ``params`` in place
-        of some of them (a LoRA merged in), and the chunks' textual-inversion rows."""
+    def states(self, chunks: Chunks, clip_skip: int | None, loras=None):
+        """The unweighted conditioning of each chunk (C, S, H) by the original weights, with the chunks'
+        textual-inversion rows, and the text-encoder LoRAs of ``loras`` run beside the weights."""
         ids = chunks.ids.to(self.device)
-        if chunks.extra is None and not params:
-            return self.plain_ids(ids, clip_skip)
+        if chunks.extra is None:
+            with loras.applied(("te",)) if loras else nullcontext():
+                return self.plain_ids(ids, clip_skip)
         rows, local = torch.unique(ids, return_inverse=True)
         base = dict(self.text_encoder.named_parameters())
-        merged = {**base, **(params or {}), TOKEN: gather_rows(base[TOKEN], chunks.extra, rows)}
+        merged = {**base, TOKEN: gather_rows(base[TOKEN], chunks.extra, rows)}
         skeleton = self._skeleton()
         k = conditioning_layer(skeleton.config.num_hidden_layers, clip_skip)
-        with torch.no_grad():
+        with torch.no_grad(), loras.applied(("te",), {"te": skeleton}) if loras else nullcontext():
             out = functional_call(skeleton, merged, (local,), {"output_hidden_states": True})
             if k == skeleton.config.num_hidden_layers:
                 return out.last_hidden_state
@@ -185,8 +187,8 @@ class AestheticEncoder:
     def _encode_one(self, prompt, negative, style, options, clip_skip, callback, embeddings, loras, weighting):
         """(prompt states, negative states, embeddings used), each (1, 77 x chunks, H)."""
         vocab = Vocabulary(self.tokenizer, embeddings)
-        te_params = loras.text_params("te") if loras else {}
         styled = style is not None and options.active
+        te_params = loras.text_params("te") if loras and styled else {}  # tuning runs on the merged weights
         if styled:
             text = self.text_embedding(options.text) if options.text else None
             target = style_target(style.direction.to(self.device), text, options.text_angle, options.text_negative)
@@ -195,7 +197,7 @@ class AestheticEncoder:
             chunks = vocab.chunks(extract_tags(text_)[0], weighting)
             used += [e for e in chunks.embeddings if e not in used]
             if not (styled and tune):
-                z = self.states(chunks, clip_skip, te_params)
+                z = self.states(chunks, clip_skip, loras)
             else:
                 result = personalize(
                     self.tower, chunks.ids.to(self.device), target, steps=options.steps,
@@ -206,7 +208,7 @@ class AestheticEncoder:
                 self.last_similarities.append(result.similarities)
                 z = result.hidden
                 if options.weight != 1.0:  # the original states are only needed to blend
-                    z = blend(self.states(chunks, clip_skip, te_params).float(), z, options.weight, options.slerp)
+                    z = blend(self.states(chunks, clip_skip, loras).float(), z, options.weight, options.slerp)
             z = apply_weights(z.to(self.tower.dtype if styled else z.dtype), chunks.weights)
             out.append(z.reshape(1, -1, z.shape[-1]))
         return out[0], out[1], used

@@ -99,9 +99,12 @@ def _open_safetensors(path: Path) -> _Content:
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     dtypes = {k: _ST_DTYPES.get(v["dtype"], v["dtype"].lower()) for k, v in header.items()}
 
+    handle = []  # opened at the first read and kept while the content lives: one mapping for many reads
+
     def read(key: str) -> torch.Tensor:
-        with safe_open(str(path), framework="pt", device="cpu") as st:
-            return st.get_tensor(key)
+        if not handle:
+            handle.append(safe_open(str(path), framework="pt", device="cpu"))
+        return handle[0].get_tensor(key)
 
     return _Content("safetensors", shapes, dtypes, read, None, meta)
 

@@ -119,12 +119,17 @@ class LoraNetwork:
         return [p for p in self.patches if p.component == component and p.multiplier != 0]
 
     @contextmanager
-    def applied(self, components: tuple[str, ...] = ("unet", "te", "te2")):
-        """Within the block the named components compute as if the LoRAs were merged; nothing of theirs is written."""
-        by_module: dict[int, list[Patch]] = {}
+    def applied(self, components: tuple[str, ...] = ("unet", "te", "te2"),
+                targets: dict[str, torch.nn.Module] | None = None):
+        """Within the block the named components compute as if the LoRAs were merged; nothing of theirs is written.
+        ``targets``: another module tree to hook for a component (a parameter-free skeleton of it that is run with
+        ``functional_call``), at the same paths."""
+        by_module: dict[int, tuple[torch.nn.Module, list[Patch]]] = {}
         for p in self.patches:
             if p.component in components and p.multiplier != 0:
-                by_module.setdefault(id(p.module), []).append(p)
+                module = targets[p.component].get_submodule(p.path) if targets and p.component in targets \
+                    else p.module
+                by_module.setdefault(id(module), (module, []))[1].append(p)
         cache: dict = {}
         handles = []
 
@@ -137,8 +142,8 @@ class LoraNetwork:
             return hook
 
         try:
-            for patches in by_module.values():
-                handles.append(patches[0].module.register_forward_hook(hook_for(patches)))
+            for module, patches in by_module.values():
+                handles.append(module.register_forward_hook(hook_for(patches)))
             yield self
         finally:
             for h in handles:
