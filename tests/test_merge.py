@@ -187,3 +187,53 @@ def test_ckpt_inputs_and_the_streaming_writer(files, tmp_path, capsys):
     with pytest.raises(ValueError), SafetensorsWriter(tmp_path / "partial.safetensors", entries) as w:
         w.write("x", torch.ones(3, 2, dtype=torch.float16))
     assert not (tmp_path / "partial.safetensors").exists()
+
+
+def _kohya_for(pipe, path, sgm_names: bool):
+    """A kohya LoRA on every attention q/v of the UNet and the text encoder(s), SDXL's with its SGM block names."""
+    from ckpt_layout import unet_key
+
+    g = torch.Generator().manual_seed(9)
+    tensors = {}
+    parts = [("lora_unet", pipe.unet)] + [(p, m) for p, m in (("lora_te1" if sgm_names else "lora_te",
+                                                                  pipe.text_encoder),
+                                                                 ("lora_te2", getattr(pipe, "text_encoder_2", None)))
+                                          if m is not None]
+    for prefix, model in parts:
+        for name, m in model.named_modules():
+            if not name.endswith(("to_q", "to_v", "q_proj", "v_proj", "out_proj", "fc1")):
+                continue
+            if prefix == "lora_unet":
+                key = unet_key(name + ".weight", dict(pipe.unet.config))[:-len(".weight")] if sgm_names else name
+            else:
+                key = name if name.startswith("text_model.") else "text_model." + name
+            key = f"{prefix}_{key.replace('.', '_')}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, m.weight.shape[1], generator=g)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(m.weight.shape[0], 2, generator=g)
+            tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_merge_bakes_loras_into_the_original_layout(family, tmp_path, capsys):
+    """The baked file loads to the weights of the model with the LoRA merged in memory (fused q/k/v included)."""
+    from stylegrad.addons.lora.formats import read_lora
+    from stylegrad.addons.lora.network import LoraNetwork
+
+    pipe = tiny_pipeline(tiny_clip(0)) if family == "sd1" else family_pipeline(family)
+    model = write_checkpoint(pipe, tmp_path / "model.safetensors")
+    lora = _kohya_for(pipe, tmp_path / "lora.safetensors", sgm_names=family == "sdxl")
+    out = _run(capsys, model, "--lora", f"{lora}:0.5:0.8", "-o", tmp_path / "baked.safetensors")
+    baked, original = load_checkpoint(out), load_checkpoint(model)
+    LoraNetwork.for_pipeline(pipe, [(read_lora(lora), 0.5, 0.8)]).merge_into()
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is None:
+            continue
+        want, got = getattr(pipe, part).state_dict(), getattr(baked, part).state_dict()
+        before = getattr(original, part).state_dict()
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, atol=1e-5), (part, k)
+        assert any(not torch.equal(v, before[k]) for k, v in want.items())  # the LoRA did change this part
+    recipe = json.loads(safe_open(str(out), "pt").metadata()["sd_merge_recipe"])
+    assert recipe["loras"] == ["lora.safetensors:0.5:0.8"] and recipe["interp_method"] == "No interpolation"

@@ -94,9 +94,11 @@ def _vae_tensors(path: Path) -> tuple[TensorFile, dict[str, str]]:
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, c: str | os.PathLike | None = None,
                       out: str | os.PathLike = "merged.safetensors", method: str = "weighted-sum", alpha: float = 0.3,
                       block_weights: str | None = None, fp16: bool = False, bake_vae: str | os.PathLike | None = None,
-                      discard: str | None = None, progress: bool = True) -> Path:
+                      discard: str | None = None, progress: bool = True,
+                      loras: list[tuple[str, float, float]] | None = None) -> Path:
     """Merge checkpoints into ``out`` (a .safetensors file in the original layout, or a diffusers folder when
-    ``out`` has no suffix). ``block_weights``: a preset name or one weight per UNet block (see ``blocks.py``)."""
+    ``out`` has no suffix). ``block_weights``: a preset name or one weight per UNet block (see ``blocks.py``).
+    ``loras``: (file, text-encoder multiplier, UNet multiplier) baked into the result."""
     given, out, discard_rx = _check_arguments(method, (a, b, c), out, discard)
     inputs = [_Input(p, role) for p, role in zip(given, "ABC")]
     vae = None
@@ -115,7 +117,10 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
                 if k in kinds and tuple(vae.shape(vk)) != A.shapes[k]:
                     raise StylegradError(f"the VAE's {k[len(VAE):]} has shape {tuple(vae.shape(vk))}, the model's "
                                          f"{A.shapes[k]}: it is not a VAE for {NAMES[family]}")
+        baker = _baker(family, loras, A, keys)
         recipe = _recipe(inputs, method, alpha, fp16, out, bake_vae, discard)
+        if loras:
+            recipe["loras"] = [f"{Path(f).name}:{te}:{unet}" for f, te, unet in loras]
         if blocks:
             recipe["block_weights"] = {"BASE": base, **blocks}
 
@@ -126,7 +131,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
             return torch.float16 if fp16 and A.dtype(k).is_floating_point else A.dtype(k)
 
         target = out if out.suffix else out.with_name(f".{out.name}.merging.safetensors")
-        _write(target, inputs, keys, kinds, method, weight, dtype, recipe, vae, vae_names, progress)
+        _write(target, inputs, keys, kinds, method, weight, dtype, recipe, vae, vae_names, progress, baker)
     finally:
         for i in inputs:
             i.tf.close()
@@ -170,7 +175,7 @@ def _recipe(inputs: list[_Input], method: str, alpha: float, fp16: bool, out: Pa
 
 
 def _write(target: Path, inputs: list[_Input], keys: list[str], kinds: dict[str, str], method: str, weight, dtype,
-           recipe: dict, vae: TensorFile | None, vae_names: dict[str, str], progress: bool) -> None:
+           recipe: dict, vae: TensorFile | None, vae_names: dict[str, str], progress: bool, baker=None) -> None:
     """Stream the output, one key at a time, while a thread hashes the inputs for the metadata."""
     A = inputs[0]
     entries = [(k, dtype(k), A.shapes[k]) for k in keys]
@@ -187,6 +192,8 @@ def _write(target: Path, inputs: list[_Input], keys: list[str], kinds: dict[str,
                     t = work.read(A, k).to(dtype(k))
                 else:
                     t = work.combine(k, method, weight(k), kinds[k], dtype(k))
+                if baker is not None and k in baker[1]:
+                    t = baker[0].apply(baker[1][k], t).to(dtype(k))
                 writer.write(k, t)
                 bar.update(1)
             bar.close()
@@ -194,6 +201,22 @@ def _write(target: Path, inputs: list[_Input], keys: list[str], kinds: dict[str,
             for name, digest in zip(("primary", "secondary", "tertiary"), digests):
                 recipe[f"{name}_model_hash"] = digest
             writer.metadata = _metadata(recipe, inputs, digests)
+
+
+def _baker(family: str, loras, A: _Input, keys: list[str]):
+    """(the LoraBaker, checkpoint key -> its key) for ``loras``, or None; a LoRA key the checkpoint lacks is an
+    error before any work."""
+    if not loras:
+        return None
+    from stylegrad.checkpoints.bake import LoraBaker
+
+    baker = LoraBaker(family, loras)
+    ours = {ck: k for k, ck in baker.checkpoint_keys().items()}
+    missing = [k for k in ours if k not in A or k not in keys]
+    if missing:
+        raise StylegradError(f"the LoRAs change weights model A does not have (or --discard drops): "
+                             f"{', '.join(missing[:3])}")
+    return baker, ours
 
 
 def _sha256(path: Path) -> str:

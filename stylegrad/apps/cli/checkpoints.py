@@ -8,6 +8,7 @@ import sys
 from stylegrad.checkpoints.blocks import PRESET_NAMES, block_names
 from stylegrad.checkpoints.library import MODELS_DIR_ENV, family_name, list_models, resolve_model
 from stylegrad.checkpoints.merge import METHODS, merge_checkpoints
+from stylegrad.errors import StylegradError
 
 
 def cmd_models(a) -> None:
@@ -31,8 +32,21 @@ def cmd_models(a) -> None:
 def cmd_merge(a) -> None:
     b = resolve_model(a.b, a.models_dir) if a.b else None
     c = resolve_model(a.c, a.models_dir) if a.c else None
-    out = merge_checkpoints(resolve_model(a.a, a.models_dir), b, c, out=a.out, method=a.method, alpha=a.alpha,
-                            block_weights=a.block_weights, fp16=a.fp16, bake_vae=a.bake_vae, discard=a.discard)
+    loras = []
+    if a.lora:
+        from stylegrad.addons.lora.library import LoraLibrary, parse_lora_arg
+
+        library = LoraLibrary(a.loras)
+        for arg in a.lora:
+            name, te, unet = parse_lora_arg(arg)
+            path = library.resolve(name)
+            if path is None:
+                raise StylegradError(f"LoRA not found: {name}")
+            loras.append((str(path), te, unet))
+    method = a.method or ("none" if b is None and loras else "weighted-sum")
+    out = merge_checkpoints(resolve_model(a.a, a.models_dir), b, c, out=a.out, method=method, alpha=a.alpha,
+                            block_weights=a.block_weights, fp16=a.fp16, bake_vae=a.bake_vae, discard=a.discard,
+                            loras=loras)
     print(out)
 
 
@@ -58,12 +72,19 @@ def register(sub) -> None:
         f"{sd[13]}..{sd[-1]}), {len(xl)} for SDXL ({xl[0]}..{xl[8]}, M00, {xl[10]}..{xl[-1]}), optionally with BASE "
         "(text encoder and VAE) first; otherwise BASE is --alpha. time_embed goes with IN00, the final out layers "
         f"with the last OUT block. Presets: {', '.join(PRESET_NAMES)}. "
-        "Example: stylegrad merge base.safetensors style.safetensors --alpha 0.4 -o mix.safetensors")
+        "Example: stylegrad merge base.safetensors style.safetensors --alpha 0.4 -o mix.safetensors; "
+        "stylegrad merge base.safetensors --lora detail.safetensors:0.6 -o baked.safetensors")
     p.add_argument("a", metavar="A", help="primary model (file, or name in --models-dir)")
     p.add_argument("b", metavar="B", nargs="?", help="secondary model")
     p.add_argument("c", metavar="C", nargs="?", help="tertiary model (add difference: B - C is added)")
-    p.add_argument("--method", choices=list(METHODS), default="weighted-sum",
-                   help="interpolation (default: weighted-sum; add-difference needs C; none takes A alone)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="interpolation (default: weighted-sum; add-difference needs C; none takes A alone, the "
+                   "default with --lora and no B)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE:W",
+                   help="bake a LoRA/LyCORIS into the result at multiplier W (FILE:TE:UNET sets the text-encoder "
+                   "and UNet multipliers apart); repeat for several")
+    p.add_argument("--loras", action="append", default=[], metavar="DIR",
+                   help="folder that --lora NAME picks from (default: $STYLEGRAD_LORAS_DIR)")
     p.add_argument("--alpha", type=float, default=0.3, metavar="M", help="multiplier M (default 0.3, as A1111)")
     p.add_argument("--block-weights", metavar="LIST_OR_PRESET", help="a weight per UNet block (see below)")
     p.add_argument("--fp16", action="store_true", help="save as half precision")
