@@ -103,3 +103,36 @@ def test_cli_lora_embedding_and_from(world, folders, tmp_path, capsys):
     assert main(["generate", "a cat", "--model", str(sd_dir), "--lora", str(tmp_path / "nope.safetensors"),
                  "--out", str(tmp_path / "c"), *SIZE]) == 1
     assert "LoRA not found" in capsys.readouterr().err
+
+
+def test_from_an_a1111_png(world, folders, tmp_path, capsys):
+    """Prompt, negative, steps, sampler with its schedule, CFG, seed, size, clip skip, LoRAs and embeddings by name
+    from the folders; what cannot be honoured is one line each."""
+    from PIL.PngImagePlugin import PngInfo
+
+    _, sd_dir = world
+    loras, embeddings = folders
+    text = ("a glossy house <lora:inked:0.6>, (sunset:1.2)\nNegative prompt: blurry, lowres\n"
+            "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 32x40, "
+            "Model hash: 0123456789, Model: dreamy_v1, Clip skip: 2, Hires upscale: 2, "
+            'TI hashes: "glossy: 000000000000, missingword: 111111111111", '
+            f'Lora hashes: "inked: {_addnet_hash(loras / "inked.safetensors")}", Version: v1.10.1')
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (32, 40)).save(png, pnginfo=meta)
+    assert main(["generate", "--from", str(png), "--model", str(sd_dir), "--loras", str(loras),
+                 "--embeddings", str(embeddings), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    (made,) = out.out.split()
+    err = out.err
+    assert "Hires upscale: the hires. fix second pass is not run" in err
+    assert "the pixels are not" in err  # A1111's GPU noise
+    assert "'missingword' is not in the embeddings folders" in err
+    assert "'glossy' differs from the one the image was made with" in err
+    assert "LoRA 'inked'" not in err  # found, with the recorded hash
+    prompt, negative, f = parse_infotext(Image.open(made).info["parameters"])
+    assert (prompt, negative) == ("a glossy house <lora:inked:0.6>, (sunset:1.2)", "blurry, lowres")
+    assert (f["Steps"], f["Sampler"], f["CFG scale"], f["Seed"], f["Size"], f["Clip skip"]) == (
+        "3", "DPM++ 2M Karras", "6.5", "1234", "32x40", "2")
+    assert f["Lora hashes"].startswith("inked: ") and f["TI hashes"].startswith("glossy: ")

@@ -12,33 +12,62 @@ from stylegrad.files.hub import from_pretrained
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-# short name -> (diffusers scheduler class, A1111's name)
+KARRAS = {"use_karras_sigmas": True}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# short name -> (diffusers scheduler class, A1111's name, config changes): A1111's samplers that diffusers has
 SAMPLERS = {
-    "ddim": ("DDIMScheduler", "DDIM"),
-    "pndm": ("PNDMScheduler", "PLMS"),
-    "euler": ("EulerDiscreteScheduler", "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M"),
-    "unipc": ("UniPCMultistepScheduler", "UniPC"),
-    "lms": ("LMSDiscreteScheduler", "LMS"),
-    "heun": ("HeunDiscreteScheduler", "Heun"),
+    "ddim": ("DDIMScheduler", "DDIM", {}),
+    "pndm": ("PNDMScheduler", "PLMS", {}),
+    "euler": ("EulerDiscreteScheduler", "Euler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a", {}),
+    "euler_karras": ("EulerDiscreteScheduler", "Euler Karras", KARRAS),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", "DPM++ 2M Karras", KARRAS),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", "DPM++ 2M SDE", SDE),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", "DPM++ 2M SDE Karras", {**SDE, **KARRAS}),
+    "dpm2": ("KDPM2DiscreteScheduler", "DPM2", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", "DPM2 Karras", KARRAS),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", "DPM2 a", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", "DPM2 a Karras", KARRAS),
+    "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
+    "lms": ("LMSDiscreteScheduler", "LMS", {}),
+    "lms_karras": ("LMSDiscreteScheduler", "LMS Karras", KARRAS),
+    "heun": ("HeunDiscreteScheduler", "Heun", {}),
+    "lcm": ("LCMScheduler", "LCM", {}),
 }
-A1111_NAMES = {cls: a1111 for cls, a1111 in SAMPLERS.values()}
+# A1111 1.9+ writes 'Sampler: DPM++ 2M, Schedule type: Karras'; these schedule types map to a config change
+SCHEDULES = {"automatic": {}, "uniform": {}, "karras": KARRAS, "exponential": {"use_exponential_sigmas": True}}
 
 
 def sampler_id(name: str) -> str:
     """Our short name for a sampler given by short name or A1111's name (any case)."""
     wanted = name.strip().lower()
-    for short, (_, a1111) in SAMPLERS.items():
+    for short, (_, a1111, _) in SAMPLERS.items():
         if wanted in (short, a1111.lower()):
             return short
-    choices = ", ".join(f"{s} ({a})" for s, (_, a) in SAMPLERS.items())
+    choices = ", ".join(f"{s} ({a})" for s, (_, a, _) in SAMPLERS.items())
     raise StylegradError(f"unknown sampler '{name}' (choose from {choices})")
 
 
+def a1111_sampler(name: str, schedule: str | None = None) -> str | None:
+    """Our short name for what an A1111 PNG names ('DPM++ 2M Karras', or 'DPM++ 2M' with schedule type
+    'Karras'); None where diffusers has no equivalent."""
+    full = f"{name} {schedule}" if schedule and schedule.lower() == "karras" and "karras" not in name.lower() else name
+    try:
+        return sampler_id(full)
+    except StylegradError:
+        return None
+
+
 def a1111_sampler_name(scheduler) -> str:
-    name = type(scheduler).__name__
-    return A1111_NAMES.get(name, name)
+    """A1111's name for a scheduler (with its Karras or SDE variant), as its PNGs write it."""
+    name, config = type(scheduler).__name__, scheduler.config
+    best = None
+    for cls, a1111, changes in SAMPLERS.values():
+        if cls == name and all(config.get(k) == v for k, v in changes.items()):
+            if best is None or len(changes) > len(best[1]):
+                best = (a1111, changes)
+    return best[0] if best else name
 
 
 def with_sampler(pipe, sampler: str | None):
@@ -49,11 +78,16 @@ def with_sampler(pipe, sampler: str | None):
     import diffusers
 
     short = sampler_id(sampler)
-    cls = getattr(diffusers, SAMPLERS[short][0])
-    if isinstance(pipe.scheduler, cls):
+    cls_name, _, changes = SAMPLERS[short]
+    cls = getattr(diffusers, cls_name)
+    defaults = {k: False if isinstance(v, bool) else None for _, _, c in SAMPLERS.values() for k, v in c.items()}
+    config = {**pipe.scheduler.config, **{k: v for k, v in defaults.items() if k in pipe.scheduler.config}}
+    config.pop("algorithm_type", None)
+    if isinstance(pipe.scheduler, cls) and all(pipe.scheduler.config.get(k) == v for k, v in changes.items()) \
+            and a1111_sampler_name(pipe.scheduler) == SAMPLERS[short][1]:
         return pipe
     try:
-        scheduler = cls.from_config(pipe.scheduler.config)
+        scheduler = cls.from_config({**config, **changes})
     except ImportError as e:  # LMS needs scipy, which diffusers does not require
         missing = "scipy" if "scipy" in str(e) else "a package diffusers asks for"
         raise StylegradError(f"sampler {short} needs {missing} (pip install {missing.split()[0]})") from e

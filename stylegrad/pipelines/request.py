@@ -10,7 +10,7 @@ from stylegrad import __version__
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.errors import StylegradError
 from stylegrad.files.infotext import format_infotext, parse_infotext
-from stylegrad.pipelines.loading import DEFAULT_MODEL, sampler_id
+from stylegrad.pipelines.loading import DEFAULT_MODEL, a1111_sampler, sampler_id
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
             raise StylegradError(f"the image's metadata has a bad 'Size': {f['Size']!r}") from e
     sampler = f.get("Sampler id")
     if sampler is None and f.get("Sampler"):
-        try:
-            sampler = sampler_id(f["Sampler"])
-        except StylegradError:
-            sampler = None  # a sampler stylegrad does not have: the model's own
+        sampler = a1111_sampler(f["Sampler"], f.get("Schedule type"))  # None: no equivalent, the model's own
     clip_skip = _number(f, "Clip skip", int)
     style = f.get("Style file")
     init = f.get("Init image")
@@ -156,6 +153,39 @@ def request_from_infotext(text: str) -> GenerationRequest:
         loras=_list(f.get("Lora files")), embeddings=_list(f.get("Embedding files")),
         weighting=f.get("Prompt weighting") != "off",
     )
+
+
+# A1111 fields that change an image and that a diffusers pipeline does not reproduce
+_NOT_HONOURED = {
+    "Hires upscale": "the hires. fix second pass is not run",
+    "Hires upscaler": None,
+    "Face restoration": "face restoration is not run",
+    "Variation seed": "variation seeds are not mixed in",
+    "ENSD": "the eta noise seed delta is not applied",
+    "Eta": None,
+    "VAE": "the named VAE is not loaded (give it with --vae)",
+    "Refiner": "the refiner pass is not run",
+    "ADetailer model": "ADetailer is not run",
+}
+
+
+def foreign_notes(text: str) -> list[str]:
+    """One line for each thing an A1111 (or other tool's) PNG asks for that ``generate --from`` cannot honour."""
+    _, _, f = parse_infotext(text)
+    if "Sampler id" in f:  # stylegrad's own PNG: everything it records is honoured
+        return []
+    notes = []
+    if f.get("Sampler") and a1111_sampler(f["Sampler"], f.get("Schedule type")) is None:
+        notes.append(f"sampler '{f['Sampler']}' has no diffusers equivalent here: the model's own sampler is used")
+    schedule = (f.get("Schedule type") or "").lower()
+    if schedule not in ("", "automatic", "karras"):
+        notes.append(f"schedule type '{f['Schedule type']}' is not reproduced: the sampler's default is used")
+    notes += [f"{key}: {why}" for key, why in _NOT_HONOURED.items() if why and f.get(key)]
+    if f.get("RNG", "GPU").upper() != "CPU":
+        notes.append("A1111 drew the starting noise on the GPU (its default RNG source) and its samplers are "
+                     "k-diffusion's: stylegrad draws it on the CPU with diffusers' samplers, so the settings are the "
+                     "same, the pixels are not")
+    return notes
 
 
 def _list(value: str | None) -> tuple[str, ...]:

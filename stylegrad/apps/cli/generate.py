@@ -23,8 +23,8 @@ from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO
 
 def _request(a) -> GenerationRequest:
     if a.from_png:
-        return request_from_png(a.from_png, model=a.model, style=a.style, init_image=a.init_image,
-                                clip_model=a.clip_model, stylecodes_model=a.stylecodes_model)
+        return request_from_png(a.from_png, a.embeddings, a.loras, model=a.model, style=a.style,
+                                init_image=a.init_image, clip_model=a.clip_model, stylecodes_model=a.stylecodes_model)
     return GenerationRequest(
         prompt=a.prompt, negative=a.negative, seed=a.seed, steps=a.steps, cfg=a.cfg, width=a.width, height=a.height,
         sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL, init_image=a.init_image,
@@ -96,7 +96,7 @@ def register(sub) -> None:
     g.add_argument("--height", type=int, help="image height (default: the model's)")
     g.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     g.add_argument("--sampler", metavar="NAME", help="scheduler, by short or A1111 name: " + ", ".join(
-        f"{s} ({a1111})" for s, (_, a1111) in SAMPLERS.items()) + " (default: the model's)")
+        f"{s} ({a1111})" for s, (_, a1111, _) in SAMPLERS.items()) + " (default: the model's)")
     g.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's states K layers before the "
                    "last (diffusers' clip_skip; A1111's 'Clip skip' is K + 1)")
     g.add_argument("--init-image", metavar="IMG", help="start from this image (img2img)")
