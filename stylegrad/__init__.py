@@ -13,10 +13,16 @@ Public API::
     gen.generate(GenerationRequest("a lighthouse", style="mine.safetensors"), "outputs")   # PNGs with metadata
     sc = Stylecodes.load(pipe.unet); code = sc.code_for(image); styled = sc.pipeline(pipe, code)
     read_generation_info("image.png")                             # A1111, ComfyUI, NovelAI, kohya, stylegrad
+    loras = LoraNetwork.for_pipeline(pipe, [("ink.safetensors", 0.7, 0.7)])   # any LoRA/LyCORIS; runs beside
+    with loras.applied(): ...                                     # the weights, never written
+    enc.encode("a (cat:1.2) tok", style, embeddings={"tok": load_embedding("tok.pt").parts[""]}, loras=loras)
+    gen.generate(GenerationRequest("a cat <lora:ink:0.7>", loras=("more.safetensors:0.5",)), "outputs")
 """
 
 __version__ = "0.1.0"
 
+from stylegrad.addons.embeddings import load_embedding  # noqa: E402
+from stylegrad.addons.lora.network import LoraNetwork  # noqa: E402
 from stylegrad.aesthetic.embedding import embed_images  # noqa: E402
 from stylegrad.aesthetic.encoder import AestheticEncoder  # noqa: E402
 from stylegrad.aesthetic.options import StyleOptions  # noqa: E402
@@ -36,6 +42,7 @@ __all__ = [
     "AestheticEncoder",
     "GenerationRequest",
     "Generator",
+    "LoraNetwork",
     "Style",
     "StyleOptions",
     "Stylecodes",
@@ -44,6 +51,7 @@ __all__ = [
     "clip_score",
     "embed_images",
     "inspect_file",
+    "load_embedding",
     "load_pipeline",
     "load_predictor",
     "load_style",

@@ -136,3 +136,56 @@ def test_from_an_a1111_png(world, folders, tmp_path, capsys):
     assert (f["Steps"], f["Sampler"], f["CFG scale"], f["Seed"], f["Size"], f["Clip skip"]) == (
         "3", "DPM++ 2M Karras", "6.5", "1234", "32x40", "2")
     assert f["Lora hashes"].startswith("inked: ") and f["TI hashes"].startswith("glossy: ")
+
+
+def test_style_stylecode_lora_and_embedding_in_one_generation(world, folders, tmp_path, capsys):
+    """All four at once: each changes the image, all are recorded, and --from makes the same pixels."""
+    from diffusers import UNet2DConditionModel
+    from tiny import PROJ, tiny_stylecodes
+
+    from stylegrad import Style, save_style
+    from stylegrad.stylecodes.codec import random_code
+    from stylegrad.stylecodes.model import save_stylecodes
+
+    clip_dir, sd_dir = world
+    loras, embeddings = folders
+    style = save_style(Style(torch.randn(PROJ, generator=torch.Generator().manual_seed(2))), tmp_path / "s.safetensors")
+    ckpt = save_stylecodes(tiny_stylecodes(UNet2DConditionModel.from_pretrained(sd_dir / "unet")),
+                           tmp_path / "sc.safetensors")
+    base = ["--model", str(sd_dir), "--clip-model", str(clip_dir), "--seed", "4", *SIZE]
+    full = ["a glossy (red:1.1) house <lora:inked:0.7>", "--style", str(style), "--style-steps", "2",
+            "--stylecode", random_code(3), "--stylecodes-model", str(ckpt), "--loras", str(loras),
+            "--embeddings", str(embeddings)]
+    assert main(["generate", *full, *base, "--out", str(tmp_path / "all")]) == 0
+    (made,) = capsys.readouterr().out.split()
+    f = parse_infotext(Image.open(made).info["parameters"])[2]
+    assert {"Aesthetic embedding", "Stylecode", "Lora hashes", "TI hashes"} <= set(f)
+    assert main(["generate", "--from", made, "--loras", str(loras), "--embeddings", str(embeddings),
+                 "--out", str(tmp_path / "again")]) == 0
+    (again,) = capsys.readouterr().out.split()
+    with Image.open(made) as x, Image.open(again) as y:
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sdxl_lora_with_sgm_names(tmp_path):
+    """A kohya SDXL LoRA (input_blocks names, lora_te1/lora_te2) changes an SDXL generation and leaves the
+    pipeline as it was."""
+    from ckpt_layout import family_pipeline
+    from test_merge import _kohya_for
+
+    pipe = family_pipeline("sdxl")
+    lora = _kohya_for(pipe, tmp_path / "xl.safetensors", sgm_names=True)
+    before = {k: v.clone() for part in ("unet", "text_encoder", "text_encoder_2")
+              for k, v in getattr(pipe, part).state_dict().items()}
+    gen = Generator(pipe)
+    request = GenerationRequest("a house", steps=2, seed=1, width=32, height=32)
+    (plain, _), = gen.images(request)
+    (styled, text), = gen.images(GenerationRequest("a house", steps=2, seed=1, width=32, height=32,
+                                                   loras=(f"{lora}:1.0",)))
+    (again, _), = gen.images(request)
+    assert np.array_equal(np.asarray(plain), np.asarray(again)) and not np.array_equal(np.asarray(plain),
+                                                                                         np.asarray(styled))
+    after = {k: v for part in ("unet", "text_encoder", "text_encoder_2")
+             for k, v in getattr(pipe, part).state_dict().items()}
+    assert all(torch.equal(v, before[k]) for k, v in after.items())
+    assert "Lora hashes" in parse_infotext(text)[2]

@@ -67,8 +67,10 @@ def register(sub) -> None:
                        "PNG records all its settings; --from IMAGE.png makes the same image again.")
     p.add_argument("prompt", nargs="?", metavar="PROMPT")
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
-                   help="regenerate a stylegrad PNG from its metadata (--model, --vae, --style, --init-image, --clip-model, "
-                   "--stylecodes-model, --out, --device override; other settings come from the image)")
+                   help="make a stylegrad PNG again from its metadata, the same pixels (--model, --vae, --style, "
+                   "--init-image, --clip-model, --stylecodes-model, --out, --device override; other settings come from "
+                   "the image). An A1111 PNG gives its prompt and settings, its LoRAs and embeddings by name from "
+                   "--loras/--embeddings; what cannot be reproduced is listed")
     add_style_options(p)
     add_addon_options(p)
     g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
