@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stylegrad.addons.embeddings import EmbeddingLibrary, load_embedding, parse_embedding_arg
-from stylegrad.addons.lora.library import LoraLibrary, lora_hash, parse_lora_arg
+from stylegrad.addons.lora.library import LoraLibrary, lora_hash
 from stylegrad.addons.lora.network import LoraNetwork
 from stylegrad.errors import StylegradError
 from stylegrad.notes import note
@@ -47,14 +47,7 @@ class Addons:
 
     def lora_specs(self, request) -> list[tuple[str, float, float]]:
         """(file, te, unet) for ``request.loras`` and the tags of its prompt; a tag naming no file is noted."""
-        specs = []
-        for arg in request.loras:
-            name, te, unet = parse_lora_arg(arg)
-            path = self.lora_library.resolve(name)
-            if path is None:
-                raise StylegradError(f"LoRA not found: {name} (not a file, nor a name in the LoRA folders "
-                                     f"{', '.join(map(str, self.lora_library.folders)) or '(none set: --loras DIR)'})")
-            specs.append((str(path), te, unet))
+        specs = self.lora_library.specs(request.loras)
         _, tags = extract_tags(request.prompt)
         for tag in tags:
             path = self.lora_library.find(tag.name)

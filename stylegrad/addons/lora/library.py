@@ -62,6 +62,18 @@ class LoraLibrary:
         p = Path(arg).expanduser()
         return p if p.is_file() else self.find(arg)
 
+    def specs(self, args) -> list[tuple[str, float, float]]:
+        """``--lora`` arguments -> (file, text-encoder multiplier, UNet multiplier); a missing one is an error."""
+        out = []
+        for arg in args:
+            name, te, unet = parse_lora_arg(arg)
+            path = self.resolve(name)
+            if path is None:
+                where = ", ".join(map(str, self.folders)) or "(none set: --loras DIR)"
+                raise StylegradError(f"LoRA not found: {name} (not a file, nor a name in the LoRA folders {where})")
+            out.append((str(path), te, unet))
+        return out
+
 
 def lora_hash(path: str | os.PathLike) -> str:
     """A1111's ``Lora hashes`` value: the first 12 hex digits of the sha256 of a safetensors file's tensor data

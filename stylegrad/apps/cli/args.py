@@ -55,16 +55,20 @@ def add_model_options(g, default: str | None = None) -> None:
                    "(default: NAME.vae.safetensors beside the checkpoint, else the baked one)")
 
 
+def add_lora_options(g, what: str, tags: str = "") -> None:
+    """``--lora FILE:W`` (repeatable) and ``--loras DIR``."""
+    g.add_argument("--lora", action="append", default=[], metavar="FILE:W",
+                   help=f"{what} at multiplier W (default 1); FILE:TE:UNET sets the text-encoder and UNet "
+                   f"multipliers apart; repeat for several{tags}")
+    g.add_argument("--loras", action="append", default=[], metavar="DIR",
+                   help="folder of LoRAs that --lora NAME (and the prompt's <lora:NAME:W> tags) pick from by file "
+                   "name, like A1111's models/Lora (default: $STYLEGRAD_LORAS_DIR)")
+
+
 def add_addon_options(p) -> None:
     """LoRAs and textual-inversion embeddings, as A1111 users have them."""
     g = p.add_argument_group("LoRAs and embeddings")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE:W",
-                   help="apply a LoRA/LyCORIS file (or a name in --loras) at multiplier W (default 1); FILE:TE:UNET "
-                   "sets the text-encoder and UNet multipliers apart; repeat for several. The prompt's "
-                   "<lora:NAME:W> tags work too")
-    g.add_argument("--loras", action="append", default=[], metavar="DIR",
-                   help="folder of LoRAs that <lora:NAME:W> tags and --lora NAME pick from by file name, like "
-                   "A1111's models/Lora (default: $STYLEGRAD_LORAS_DIR)")
+    add_lora_options(g, "apply a LoRA/LyCORIS file (or a name in --loras)", ". The prompt's <lora:NAME:W> tags work too")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding, active where the prompt writes its file name (or TOKEN)")
     g.add_argument("--embeddings", action="append", default=[], metavar="DIR",

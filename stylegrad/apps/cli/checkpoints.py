@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from stylegrad.apps.cli.args import add_lora_options
 from stylegrad.checkpoints.blocks import PRESET_NAMES, block_names
 from stylegrad.checkpoints.library import MODELS_DIR_ENV, family_name, list_models, resolve_model
 from stylegrad.checkpoints.merge import METHODS, merge_checkpoints
-from stylegrad.errors import StylegradError
 
 
 def cmd_models(a) -> None:
@@ -32,17 +32,9 @@ def cmd_models(a) -> None:
 def cmd_merge(a) -> None:
     b = resolve_model(a.b, a.models_dir) if a.b else None
     c = resolve_model(a.c, a.models_dir) if a.c else None
-    loras = []
-    if a.lora:
-        from stylegrad.addons.lora.library import LoraLibrary, parse_lora_arg
+    from stylegrad.addons.lora.library import LoraLibrary
 
-        library = LoraLibrary(a.loras)
-        for arg in a.lora:
-            name, te, unet = parse_lora_arg(arg)
-            path = library.resolve(name)
-            if path is None:
-                raise StylegradError(f"LoRA not found: {name}")
-            loras.append((str(path), te, unet))
+    loras = LoraLibrary(a.loras).specs(a.lora)
     method = a.method or ("none" if b is None and loras else "weighted-sum")
     out = merge_checkpoints(resolve_model(a.a, a.models_dir), b, c, out=a.out, method=method, alpha=a.alpha,
                             block_weights=a.block_weights, fp16=a.fp16, bake_vae=a.bake_vae, discard=a.discard,
@@ -80,11 +72,7 @@ def register(sub) -> None:
     p.add_argument("--method", choices=list(METHODS), default=None,
                    help="interpolation (default: weighted-sum; add-difference needs C; none takes A alone, the "
                    "default with --lora and no B)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE:W",
-                   help="bake a LoRA/LyCORIS into the result at multiplier W (FILE:TE:UNET sets the text-encoder "
-                   "and UNet multipliers apart); repeat for several")
-    p.add_argument("--loras", action="append", default=[], metavar="DIR",
-                   help="folder that --lora NAME picks from (default: $STYLEGRAD_LORAS_DIR)")
+    add_lora_options(p, "bake a LoRA/LyCORIS file (or a name in --loras) into the result")
     p.add_argument("--alpha", type=float, default=0.3, metavar="M", help="multiplier M (default 0.3, as A1111)")
     p.add_argument("--block-weights", metavar="LIST_OR_PRESET", help="a weight per UNet block (see below)")
     p.add_argument("--fp16", action="store_true", help="save as half precision")
