@@ -193,10 +193,11 @@ class TunedWeights:
         return self.shape.norm(self.params, h, "final_layer_norm")  # (1, H)
 
     @torch.no_grad()
-    def finish(self, ids: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, ids: torch.Tensor, keep: int, norm_kept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the pending steps and run every token through every layer on the tuned tensors, with tuning's
-        products (the transformers module's generic ones are slower on few rows): (final-normed last layer, final-normed
-        state after ``keep`` layers), each (S, H). After this the state is closed."""
+        products (the transformers module's generic ones are slower on few rows): (final-normed last layer, state
+        after ``keep`` layers, final-normed unless ``norm_kept`` is False), each (S, H). After this the state is
+        closed."""
         if self.finished:
             raise RuntimeError("this prompt's tuning is already finished")
         self.finished = True
@@ -211,14 +212,16 @@ class TunedWeights:
         if any(m.pending is not None for m in self.matrices.values()):
             raise RuntimeError("an Adam step was left pending")  # every large weight is read by the full pass
         last = self.shape.norm(self.params, h, "final_layer_norm")
+        if not norm_kept:
+            return last, kept
         return last, (last if kept is h else self.shape.norm(self.params, kept, "final_layer_norm"))
 
     @torch.no_grad()
-    def encode(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """After ``finish``: the final-normed state after ``keep`` layers for more tokens (S,) (another chunk of a
-        long prompt), on the tuned tensors as they were left. (S, H)"""
+    def encode(self, ids: torch.Tensor, keep: int, norm_kept: bool = True) -> torch.Tensor:
+        """After ``finish``: the state after ``keep`` layers (final-normed unless ``norm_kept`` is False) for more
+        tokens (S,) (another chunk of a long prompt), on the tuned tensors as they were left. (S, H)"""
         if not self.finished:
             raise RuntimeError("finish the tuning first")
         h, kept = self.shape.run(self.params, ids, lambda x, prefix: linear(
             x, self.params[prefix + ".weight"], self.params[prefix + ".bias"]), eos_only=False, keep=keep)
-        return self.shape.norm(self.params, kept, "final_layer_norm")
+        return self.shape.norm(self.params, kept, "final_layer_norm") if norm_kept else kept

@@ -38,6 +38,8 @@ class StyleOptions:
                                            "Aesthetic target similarity")
     personalize_negative: bool = _opt(False, "also tune the negative prompt (as the AUTOMATIC1111 extension)",
                                       "Aesthetic personalize negative")
+    towers: str = _opt("both", "SDXL: the text towers to tune, l (CLIP-L), g (OpenCLIP bigG) or both; SD1.x/SD2.x "
+                       "have one", "Aesthetic towers")
     betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas", "Aesthetic betas")
     eps: float = _opt(1e-8, "Adam epsilon", "Aesthetic eps")
 
@@ -50,6 +52,7 @@ class StyleOptions:
             ("regularization", self.regularization, self.regularization >= 0, ">= 0"),
             ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("eps", self.eps, self.eps > 0, "> 0"),
+            ("towers", self.towers, self.towers in ("l", "g", "both"), "l, g or both"),
         ]
         if self.target_similarity is not None:
             checks.append(
@@ -89,7 +92,7 @@ class StyleOptions:
                 kw[f.name] = tuple(float(x) for x in raw.replace(",", " ").split())
             elif isinstance(default, int):
                 kw[f.name] = int(raw)
-            elif f.name == "text":
+            elif f.name == "text" or isinstance(default, str):
                 kw[f.name] = raw
             else:
                 kw[f.name] = None if raw == "None" else float(raw)

@@ -90,7 +90,9 @@ class TextTower:
     extra layers); ``cond_layers`` is how many of the layers belong to the pipeline's encoder.
     """
 
-    def __init__(self, encoder: CLIPTextModel, clip: ClipParts, eos_token_id: int):
+    def __init__(self, encoder: CLIPTextModel, clip: ClipParts, eos_token_id: int, sdxl: bool = False):
+        """``sdxl``: the UNet reads the penultimate layer's states without the final layer norm (SDXL's
+        ``hidden_states[-2]``, both towers), not the last layer's normed ones."""
         cfg_enc = encoder.config
         if clip.hidden_size != cfg_enc.hidden_size or clip.num_layers < cfg_enc.num_hidden_layers:
             raise StylegradError(
@@ -100,10 +102,11 @@ class TextTower:
             )
         self.cond_layers = cfg_enc.num_hidden_layers
         self.eos_token_id = eos_token_id
+        self.sdxl = sdxl
         self.device = encoder.device
         self.projection = clip.projection.detach().to(self.device)  # (P, H)
 
-        base = dict(encoder.named_parameters())
+        base = text_parameters(encoder)
         for name, tensor in clip.layers.items():
             layer = _layer_index(name)
             if layer is not None and layer >= self.cond_layers:  # layers beyond the pipeline's
@@ -133,8 +136,11 @@ class TextTower:
         return pooled.to(self.projection.dtype) @ self.projection.T  # (B, P)
 
     def condition(self, params: dict[str, torch.Tensor], out, clip_skip: int | None) -> torch.Tensor:
-        """The hidden states the pipeline feeds the UNet: final layer norm of layer ``cond_layers - clip_skip``."""
+        """The hidden states the pipeline feeds the UNet: final layer norm of layer ``cond_layers - clip_skip``
+        (SDXL: layer ``cond_layers - 1 - clip_skip`` as it is)."""
         k = self.cond_layer(clip_skip)
+        if self.sdxl:
+            return out.hidden_states[k]
         if k == self.total_layers:
             return out.last_hidden_state  # exactly what the encoder returns
         h = out.hidden_states[k]  # (B, S, H); hidden_states[0] is the embedding output
@@ -142,11 +148,31 @@ class TextTower:
         return torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, self.layer_norm_eps)
 
     def cond_layer(self, clip_skip: int | None) -> int:
-        """How many layers the UNet's conditioning goes through (then the final layer norm)."""
+        """How many layers the UNet's conditioning goes through (then the final layer norm, except on SDXL)."""
+        if self.sdxl:  # diffusers' hidden_states[-(clip_skip + 2)]; 0 is the embeddings' output
+            k = self.cond_layers - 1 - (clip_skip or 0)
+            if not 0 <= k < self.cond_layers:
+                raise StylegradError(f"clip_skip={clip_skip} is out of range for a {self.cond_layers}-layer text "
+                                     "encoder")
+            return k
         return conditioning_layer(self.cond_layers, clip_skip)
 
     def needs_hidden(self, clip_skip: int | None) -> bool:
-        return self.cond_layer(clip_skip) != self.total_layers
+        return self.sdxl or self.cond_layer(clip_skip) != self.total_layers
+
+
+def _text_module(encoder):
+    """The transformer of a ``CLIPTextModel`` (transformers 5: itself) or of a ``CLIPTextModelWithProjection``."""
+    return encoder.text_model if hasattr(encoder, "text_projection") else encoder
+
+
+def text_parameters(encoder) -> dict[str, torch.Tensor]:
+    """The text transformer's tensors under ``CLIPTextModel``'s names (``embeddings.*``, ``encoder.layers.*``,
+    ``final_layer_norm.*``), also for SDXL's ``CLIPTextModelWithProjection``; by reference."""
+    if hasattr(encoder, "text_projection"):
+        return {k.removeprefix("text_model."): v for k, v in encoder.named_parameters()
+                if not k.startswith("text_projection.")}
+    return dict(encoder.named_parameters())
 
 
 def meta_skeleton(encoder: CLIPTextModel, layers: int | None = None) -> CLIPTextModel:
@@ -156,7 +182,7 @@ def meta_skeleton(encoder: CLIPTextModel, layers: int | None = None) -> CLIPText
     config.num_hidden_layers = layers or config.num_hidden_layers
     with torch.device("meta"):
         skeleton = CLIPTextModel._from_config(config, attn_implementation=encoder.config._attn_implementation)
-    skeleton.embeddings.position_ids = encoder.embeddings.position_ids.detach().clone()
+    skeleton.embeddings.position_ids = _text_module(encoder).embeddings.position_ids.detach().clone()
     return skeleton.eval()
 
 
@@ -269,10 +295,14 @@ def load_clip_text(clip_model: str, device: torch.device | str = "cpu"):
     return from_pretrained(CLIPTextModelWithProjection, clip_model, what="CLIP model").to(device).eval()
 
 
-def tower_for(encoder: CLIPTextModel, tokenizer, clip_model=None) -> TextTower:
+def tower_for(encoder: CLIPTextModel, tokenizer, clip_model=None, sdxl: bool = False) -> TextTower:
     """Build the tower for a pipeline's text encoder; ``clip_model`` (an id, a folder or a loaded CLIP text model)
-    defaults to the family's CLIP."""
+    defaults to the family's CLIP. An encoder with its own projection (SDXL's second) is its own CLIP."""
+    if hasattr(encoder, "text_projection") and clip_model is None:
+        cfg = encoder.config
+        parts = ClipParts(encoder.text_projection.weight.detach(), {}, cfg.num_hidden_layers, cfg.hidden_size)
+        return TextTower(encoder, parts, tokenizer.eos_token_id, sdxl)
     if clip_model is None:
         clip_model = detect_family(encoder).clip_model
     parts = clip_parts(clip_model, encoder.config.num_hidden_layers, encoder.device)
-    return TextTower(encoder, parts, tokenizer.eos_token_id)
+    return TextTower(encoder, parts, tokenizer.eos_token_id, sdxl)

@@ -31,6 +31,7 @@ TOKEN = "embeddings.token_embedding.weight"
 class Personalized:
     hidden: torch.Tensor  # (C, S, H) float32: what the UNet gets from the tuned encoder, per chunk
     similarities: list[float]  # cos(text embedding, target) before each step, then after the last
+    text_embedding: torch.Tensor | None = None  # (1, P): the tuned CLIP text embedding (SDXL's pooled embeds)
 
 
 def first_eos(ids: torch.Tensor, eos_token_id: int) -> int:
@@ -97,13 +98,14 @@ def personalize(
         optimizer.step()
     del objective, optimizer, sim, loss  # the last graph and the small parameters' moments
 
-    keep = tower.cond_layer(clip_skip)
-    text, hidden = tuned.finish(local, keep)  # (S, H) each, every pending step taken
+    keep, norm = tower.cond_layer(clip_skip), not tower.sdxl
+    text, hidden = tuned.finish(local, keep, norm)  # (S, H) each, every pending step taken
     with torch.no_grad():
-        final = torch.cosine_similarity(text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T, target)
+        embedding = text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T  # (1, P)
+        final = torch.cosine_similarity(embedding, target)
     similarities.append(float(final))
-    more = [tuned.encode(c, keep) for c in local_all[1:]]  # the other chunks, on the tuned tensors
-    return Personalized(torch.stack([hidden, *more]), similarities)
+    more = [tuned.encode(c, keep, norm) for c in local_all[1:]]  # the other chunks, on the tuned tensors
+    return Personalized(torch.stack([hidden, *more]), similarities, embedding)
 
 
 def _eos_objective(tower: TextTower, tuned: TunedWeights, short: torch.Tensor, target: torch.Tensor):

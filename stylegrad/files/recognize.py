@@ -248,6 +248,13 @@ def _style(fmt: str, key: str, what: str) -> Callable[[_Content], dict]:
     return info
 
 
+def _sdxl_style(c: _Content) -> dict:
+    widths = [c.shapes["clip_l"][-1], c.shapes["clip_g"][-1]]
+    return dict(kind="style", format="stylegrad-sdxl", usable=True, shape=list(c.shapes["clip_l"]),
+                dtype=c.dtypes["clip_l"], width=widths[0], widths=widths, family="sdxl",
+                detail=f"stylegrad SDXL style (CLIP-L {widths[0]} + bigG {widths[1]})", _vector="clip_l")
+
+
 def _is_vector_shape(shape: tuple) -> bool:
     return (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) and shape[-1] > 1
 
@@ -284,6 +291,7 @@ def _list_lora(c: _Content) -> dict:
 RULES: list[tuple[Callable[[_Content], bool], Callable[[_Content], dict]]] = [
     (lambda c: STYLE_KEY in c.shapes and _is_vector_shape(c.shapes[STYLE_KEY]),
      _style("stylegrad", STYLE_KEY, "stylegrad style")),
+    (lambda c: c.metadata.get("format") == STYLE_FORMAT and {"clip_l", "clip_g"} <= set(c.shapes), _sdxl_style),
     (lambda c: isinstance(c.obj, dict) and "string_to_param" in c.obj and
      any(k.startswith("string_to_param.") for k in c.shapes),
      lambda c: _textual_inversion("a1111", next(k for k in c.shapes if k.startswith("string_to_param.")))(c)),
@@ -404,6 +412,6 @@ def open_file(path: str | os.PathLike) -> tuple[FileInfo, _Content | None, str |
             info.norm = float(v.norm())
             if info.norm == 0.0:
                 info.usable, info.detail = False, f"{info.detail} that is all zeros (no direction)"
-    if info.metadata.get("format") == STYLE_FORMAT:
+    if info.metadata.get("format") == STYLE_FORMAT and info.format != "stylegrad-sdxl":
         info.detail = "stylegrad style"
     return info, content, key

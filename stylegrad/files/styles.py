@@ -27,9 +27,27 @@ from stylegrad.files.recognize import STYLE_FORMAT, STYLE_KEY, describe_width, o
 class Style:
     """One aesthetic embedding. ``vector`` is stored as read; every use site takes ``direction``."""
 
-    vector: torch.Tensor  # (D,) float32
+    vector: torch.Tensor  # (D,) float32; for an SDXL style, its CLIP-L part
     metadata: dict[str, str] = field(default_factory=dict)
     name: str = "style"
+    g: torch.Tensor | None = None  # (1280,) float32: an SDXL style's OpenCLIP ViT-bigG/14 part
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.g is not None
+
+    def part(self, name: str) -> torch.Tensor | None:
+        """The unit direction of one part: ``clip_l`` (or the only vector), ``clip_g`` (None if absent)."""
+        if name == "clip_g":
+            return None if self.g is None else normalize(self.g.double()).float()
+        return self.direction
+
+    def check_part(self, name: str, width: int) -> None:
+        v = self.g if name == "clip_g" else self.vector
+        if v is None or v.shape[0] != width:
+            have = "none" if v is None else describe_width(v.shape[0])
+            raise StylegradError(f"style '{self.name}' has {have} for {name} but the model's tower is "
+                                 f"{describe_width(width)}")
 
     @property
     def width(self) -> int:
@@ -47,8 +65,11 @@ class Style:
 
     @property
     def digest(self) -> str:
-        """Hash of the direction: files that differ only in scale generate the same images."""
-        return hashlib.sha256(self.direction.contiguous().numpy().tobytes()).hexdigest()[:16]
+        """Hash of the direction(s): files that differ only in scale generate the same images."""
+        h = hashlib.sha256(self.direction.contiguous().numpy().tobytes())
+        if self.g is not None:
+            h.update(self.part("clip_g").contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def check_width(self, width: int) -> None:
         if self.width != width:
@@ -65,7 +86,9 @@ def load_style(path: str | os.PathLike) -> Style:
         raise StylegradError(f"{path} is not an aesthetic embedding: {info.detail}")
     vector = content.read(key).detach().reshape(-1).to(torch.float32).clone()
     meta = dict(info.metadata)
-    return Style(vector, meta, meta.get("name") or Path(path).stem)
+    g = content.read("clip_g").detach().reshape(-1).to(torch.float32).clone() if info.format == "stylegrad-sdxl" \
+        else None
+    return Style(vector, meta, meta.get("name") or Path(path).stem, g)
 
 
 def save_style(style: Style, path: str | os.PathLike, format: str | None = None) -> Path:
@@ -77,6 +100,8 @@ def save_style(style: Style, path: str | os.PathLike, format: str | None = None)
     if format not in ("safetensors", "pt"):
         raise StylegradError(f"unknown style format '{format}' (use safetensors or pt)")
     tensor = style.vector.detach().to(torch.float32).reshape(1, -1).contiguous().clone()
+    if style.is_sdxl and format == "pt":
+        raise StylegradError("an SDXL style has two parts (clip_l, clip_g): save it as .safetensors")
     with atomic_path(p) as tmp:
         if format == "pt":
             torch.save(tensor, tmp)
@@ -85,7 +110,12 @@ def save_style(style: Style, path: str | os.PathLike, format: str | None = None)
             meta.update(format=STYLE_FORMAT, format_version="1", width=str(style.width), name=style.name)
             meta.setdefault("stylegrad_version", __version__)
             meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
-            save_file({STYLE_KEY: tensor}, str(tmp), metadata=meta)
+            if style.is_sdxl:  # the keys SDXL embeddings use, one image mean per text tower
+                meta["widths"] = f"{style.width},{style.g.shape[0]}"
+                g = style.g.detach().to(torch.float32).reshape(1, -1).contiguous().clone()
+                save_file({"clip_l": tensor, "clip_g": g}, str(tmp), metadata=meta)
+            else:
+                save_file({STYLE_KEY: tensor}, str(tmp), metadata=meta)
     return p
 
 
@@ -93,11 +123,16 @@ def mix_styles(parts: list[tuple[Style, float]], use_slerp: bool = False, name: 
     """Normalized weighted mean of style directions; ``use_slerp`` walks the great circle between two styles."""
     if not parts:
         raise StylegradError("nothing to mix: give at least one style")
-    widths = {s.width for s, _ in parts}
+    widths = {(s.width, s.g.shape[0] if s.g is not None else None) for s, _ in parts}
     if len(widths) > 1:
         raise StylegradError(
-            "cannot mix styles of different widths: " + ", ".join(f"'{s.name}' is {s.width}" for s, _ in parts)
+            "cannot mix styles of different widths: " + ", ".join(
+                f"'{s.name}' is {s.width}" + (f"+{s.g.shape[0]}" if s.g is not None else "") for s, _ in parts)
         )
+    if parts[0][0].is_sdxl:  # each part mixed on its own
+        mixed_l = mix_styles([(Style(s.vector, s.metadata, s.name), w) for s, w in parts], use_slerp, name)
+        mixed_g = mix_styles([(Style(s.g, s.metadata, s.name), w) for s, w in parts], use_slerp, name)
+        return Style(mixed_l.vector, mixed_l.metadata, name, mixed_g.vector)
     total = sum(w for _, w in parts)
     if use_slerp:
         if len(parts) != 2:
