@@ -150,14 +150,35 @@ def test_sdxl_default_size_conditioning_and_img2img(sdxl, tmp_path):
     assert "Denoising strength: 0.5" in text
 
 
-def test_sdxl_refuses_style_and_stylecode_in_one_line(sdxl, tmp_path, capsys):
+def test_sdxl_styles_from_a_single_file_and_stylecodes_refused(sdxl, clip_dir, tmp_path, capsys):
+    """An SDXL checkpoint takes a two-part style (CLIP-L through --clip-model, bigG's own projection), txt2img and
+    img2img, with --from giving the same pixels; an SD1.x style tunes CLIP-L alone; stylecodes stay SD1.5-only."""
     ckpt = write_checkpoint(sdxl, tmp_path / "xl.safetensors")
-    style = save_style(Style(torch.randn(PROJ)), tmp_path / "s.safetensors")
-    assert main(["generate", "a cat", "--model", str(ckpt), "--style", str(style), *SIZE]) == 1
-    assert "SDXL" in _one_line_error(capsys)
+    g = torch.Generator().manual_seed(8)
+    style = save_style(Style(torch.randn(PROJ, generator=g), g=torch.randn(16, generator=g)),
+                       tmp_path / "xl-style.safetensors")
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (30, 90, 200)).save(init)
+    base = ["--model", str(ckpt), "--clip-model", str(clip_dir), "--style", str(style), "--style-steps", "2",
+            "--style-lr", "3e-3", *SIZE]
+    assert main(["generate", "a cat", *base, "--out", str(tmp_path / "a")]) == 0
+    (made,) = capsys.readouterr().out.split()
+    assert main(["generate", "a cat", *base, "--style-steps", "0", "--out", str(tmp_path / "p")]) == 0
+    (plain,) = capsys.readouterr().out.split()
+    assert not np.array_equal(_pixels(made), _pixels(plain))
+    assert np.array_equal(_pixels(plain), _plain(sdxl, "a cat", seed=0))  # 0 steps: diffusers' own image
+    text = Image.open(made).info["parameters"]
+    assert "Aesthetic towers: both" in text and "Aesthetic steps: 2" in text
+    assert main(["generate", "--from", made, "--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(_pixels(capsys.readouterr().out.split()[0]), _pixels(made))
+    assert main(["generate", "a cat", *base, "--init-image", str(init), "--strength", "0.6",
+                 "--out", str(tmp_path / "i")]) == 0
+    capsys.readouterr()
+    sd1_style = save_style(Style(torch.randn(PROJ)), tmp_path / "s.safetensors")
+    assert main(["generate", "a cat", *base[:4], "--style", str(sd1_style), *SIZE, "--out", str(tmp_path / "c")]) == 0
+    assert "only SDXL's CLIP-L text tower is tuned" in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", str(ckpt), "--stylecode", random_code(1), *SIZE]) == 1
     assert "SD1.5-only" in _one_line_error(capsys)
-    assert not (tmp_path / "outputs").exists()
 
 
 def test_variants_of_one_model_load_the_same_weights(sd1, tmp_path):

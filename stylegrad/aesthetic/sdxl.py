@@ -108,7 +108,7 @@ class SDXLAestheticEncoder:
         ``loras``: a ``LoraNetwork`` whose text-encoder changes apply (tuning starts from the merged tensors)."""
         options = options or StyleOptions()
         prompt, negative = extract_tags(prompt)[0], extract_tags(negative_prompt or "")[0]
-        towers = self._towers_for(style, options)
+        towers = self.towers_for(style, options)
         key = (prompt, negative, style.digest if style is not None and towers else None,
                options.key() if towers else None, clip_skip, loras.key() if loras else ())
         if key not in self._cache:
@@ -128,7 +128,7 @@ class SDXLAestheticEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def _towers_for(self, style: Style | None, options: StyleOptions) -> tuple[str, ...]:
+    def towers_for(self, style: Style | None, options: StyleOptions) -> tuple[str, ...]:
         """The towers to tune: the option's, among those the style has a part for."""
         if style is None or not options.active:
             return ()

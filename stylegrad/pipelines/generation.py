@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stylegrad.aesthetic.encoder import AestheticEncoder
+from stylegrad.aesthetic.sdxl import SDXLAestheticEncoder
 from stylegrad.errors import StylegradError
 from stylegrad.files.hashes import short_hash
 from stylegrad.files.infotext import parse_infotext
@@ -32,7 +33,6 @@ from stylegrad.pipelines.request import (
     infotext,
     request_from_infotext,
 )
-from stylegrad.prompts.syntax import extract_tags
 
 
 def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: GenerationRequest,
@@ -49,19 +49,6 @@ def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: Generatio
     img2img = (diffusers.StableDiffusionXLImg2ImgPipeline if is_sdxl(pipe)
                else diffusers.StableDiffusionImg2ImgPipeline).from_pipe(pipe)
     return img2img(image=init_image, strength=request.strength, **common).images[0]
-
-
-@torch.no_grad()
-def sdxl_embeddings(pipe, request: GenerationRequest, loras=None):
-    """SDXL's four conditioning tensors, as its pipeline makes them from the prompt (an empty negative prompt
-    gives zeros, diffusers' default for SDXL); LoRA tags removed, the text-encoder LoRAs applied."""
-    negative = extract_tags(request.negative)[0]
-    with loras.applied(("te", "te2")) if loras else nullcontext():
-        pe, ne, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=extract_tags(request.prompt)[0], device=pipe.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=request.cfg > 1, negative_prompt=negative or None,
-            clip_skip=request.clip_skip)
-    return pe, ne, dict(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
 
 
 def load_image(path: str, what: str = "image") -> Image.Image:
@@ -131,10 +118,12 @@ class Generator:
         path = resolve_model(model, models_dir)
         return cls(load_pipeline(path, device, vae=vae), path, clip_model, siglip_model, embeddings_dirs, loras_dirs)
 
-    def encoder(self, clip_model=None) -> AestheticEncoder:
+    def encoder(self, clip_model=None) -> AestheticEncoder | SDXLAestheticEncoder:
+        """The aesthetic encoder for this pipeline (SDXL's for SDXL pipelines), one per CLIP model."""
         key = clip_model or self.clip_model
         if key not in self._encoders:
-            self._encoders[key] = AestheticEncoder.from_pipeline(self.pipe, key)
+            cls = SDXLAestheticEncoder if is_sdxl(self.pipe) else AestheticEncoder
+            self._encoders[key] = cls.from_pipeline(self.pipe, key)
         return self._encoders[key]
 
     def style(self, path: str | None) -> Style | None:
@@ -159,9 +148,6 @@ class Generator:
     def check(self, request: GenerationRequest) -> None:
         """Refuse what this model cannot do, before any work."""
         family = pipeline_family(self.pipe)
-        if family == "sdxl" and request.style is not None:
-            raise StylegradError("aesthetic-gradient styles (--style) do not run on SDXL models yet; use an SD1.x "
-                                 "or SD2.x model, or generate without --style")
         if family in ("sdxl", "sd2") and request.uses_stylecode:
             raise StylegradError(f"stylecodes need a Stable Diffusion 1.x model (the published Stylecodes model is "
                                  f"SD1.5-only); this is {'an SDXL' if family == 'sdxl' else 'a SD2.x'} model")
@@ -193,11 +179,20 @@ class Generator:
         loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2). ``addons``: the request's LoRAs
         and embeddings (resolved here when not given); the embeddings it used are in ``self.last_embeddings``."""
         addons = addons or self.request_addons(request)
+        encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
+        steps = request.style_options.steps if request.styled else 0
         if is_sdxl(self.pipe):
             self.last_embeddings = []
-            return sdxl_embeddings(self.pipe, request, addons.loras)
-        encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
-        bar, callback = style_progress(request.style_options.steps if request.styled else 0, desc)
+            towers = len(encoder.towers_for(style, request.style_options)) if request.styled else 0
+            bar, callback = style_progress(steps * towers, desc)
+            try:
+                e = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
+                                   request.negative, request.clip_skip, callback, loras=addons.loras)
+            finally:
+                bar.close()
+            return e.prompt_embeds, e.negative_prompt_embeds, dict(
+                pooled_prompt_embeds=e.pooled_prompt_embeds, negative_pooled_prompt_embeds=e.negative_pooled_prompt_embeds)
+        bar, callback = style_progress(steps, desc)
         try:
             pe, ne = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
                                     request.negative, request.clip_skip, callback, embeddings=addons.embeddings,
