@@ -368,3 +368,32 @@ def test_models_folder_picks_by_name_and_lists(sd1, sdxl, tmp_path, capsys, monk
     assert "SDXL" in capsys.readouterr().out
     (models / "dreamshaper_8.ckpt").write_bytes(b"")  # same stem twice: the safetensors one is picked
     assert main(["generate", "a cat", "--model", "dreamshaper_8", "--out", str(tmp_path / "o2"), *SIZE]) == 0
+
+
+def test_embed_sdxl_style_info_and_mix(shared, clip_dir, tmp_path, capsys):
+    """embed --family sdxl writes both image means (clip_l, clip_g) in one file; info, mix and load read it."""
+    from tiny import tiny_clip, tiny_processor, tiny_tokenizer
+
+    from stylegrad import load_style
+
+    g_dir = tmp_path / "clip_g"
+    tiny_clip(7).save_pretrained(g_dir)
+    tiny_processor().save_pretrained(g_dir)
+    tiny_tokenizer().save_pretrained(g_dir)
+    images = shared / "images" / "aivazovsky"
+    for out in ("a.safetensors", "b.safetensors"):
+        assert main(["embed", str(images), "-o", str(tmp_path / out), "--family", "sdxl", "--clip-model",
+                     str(clip_dir), "--clip-model-g", str(g_dir)]) == 0
+    assert "widths 24 + 24" in capsys.readouterr().out
+    style = load_style(tmp_path / "a.safetensors")
+    assert style.is_sdxl and style.metadata["encoder_g"] == str(g_dir) and abs(style.g.norm() - 1) < 1e-5
+    assert not torch.allclose(style.vector, style.g)  # two different image towers
+    assert main(["info", str(tmp_path / "a.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)[0]
+    assert info["kind"] == "style" and info["widths"] == [24, 24] and info["family"] == "sdxl"
+    assert main(["mix", f"{tmp_path / 'a.safetensors'}:0.5", f"{tmp_path / 'b.safetensors'}:0.5", "-o",
+                 str(tmp_path / "m.safetensors")]) == 0
+    assert load_style(tmp_path / "m.safetensors").is_sdxl
+    assert main(["embed", str(images), "-o", str(tmp_path / "x.pt"), "--family", "sdxl", "--clip-model",
+                 str(clip_dir), "--clip-model-g", str(g_dir)]) == 1
+    assert "save it as .safetensors" in _one_line_error(capsys)

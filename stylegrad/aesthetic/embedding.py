@@ -145,9 +145,32 @@ def embed_images(
     return Style(vector, metadata, name)
 
 
+BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # SDXL's second text tower is this CLIP's (1280-wide space)
+BIGG_WIDTH = 1280
+
+
+def embed_images_sdxl(inputs: Iterable[str | os.PathLike], clip_model: str = SD1.clip_model, clip_model_g: str = BIGG,
+                      **kwargs) -> Style:
+    """An SDXL style: the images' mean in CLIP ViT-L/14's space (for SDXL's first text tower) and in OpenCLIP
+    ViT-bigG/14's (for its second), one file. bigG's image tower is large (1.8 B parameters): the images are read
+    once per tower, and only one tower is loaded at a time."""
+    first = embed_images(inputs, clip_model, **kwargs)
+    g = embed_images(inputs, clip_model_g, **kwargs)
+    if clip_model_g == BIGG and g.width != BIGG_WIDTH:
+        raise StylegradError(f"{clip_model_g} gives {g.width}-wide image embeddings; SDXL's second text tower "
+                             f"needs OpenCLIP ViT-bigG/14's {BIGG_WIDTH} (check the model's config.json: "
+                             "projection_dim must be 1280)")
+    meta = {**first.metadata, "encoder_g": g.metadata["encoder"], "family": "sdxl"}
+    return Style(first.vector, meta, first.name, g.vector)
+
+
 def embed_to_file(inputs: Iterable[str | os.PathLike], output: str | os.PathLike, clip_model: str = SD1.clip_model,
                   *, format: str | None = None, name: str | None = None, **kwargs) -> Style:
     """``embed_images`` saved to ``output`` (format from the suffix unless given); returns the style."""
-    style = embed_images(inputs, clip_model, name=name or Path(output).stem, **kwargs)
+    clip_model_g = kwargs.pop("clip_model_g", None)
+    if clip_model_g:
+        style = embed_images_sdxl(inputs, clip_model, clip_model_g, name=name or Path(output).stem, **kwargs)
+    else:
+        style = embed_images(inputs, clip_model, name=name or Path(output).stem, **kwargs)
     save_style(style, output, format)
     return style

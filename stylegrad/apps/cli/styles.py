@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from stylegrad.aesthetic.embedding import MEANS, embed_to_file
+from stylegrad.aesthetic.embedding import BIGG, MEANS, embed_to_file
 from stylegrad.aesthetic.tower import FAMILIES
 from stylegrad.apps.cli.args import add_device
 from stylegrad.errors import StylegradError
@@ -20,10 +21,18 @@ LONG = 200  # metadata values longer than this are shortened in text mode (kohya
 
 
 def cmd_embed(a) -> None:
-    clip = a.clip_model or FAMILIES[a.family].clip_model
+    sdxl = a.family == "sdxl"
+    clip = a.clip_model or FAMILIES["sd1" if sdxl else a.family].clip_model
+    extra = {"clip_model_g": a.clip_model_g or BIGG} if sdxl else {}
+    if a.clip_model_g and not sdxl:
+        a.parser.error("--clip-model-g is for --family sdxl")
+    if sdxl and (a.format or Path(a.output).suffix.lower().lstrip(".")) in ("pt", "pth", "bin"):
+        raise StylegradError("an SDXL style has two parts (clip_l, clip_g): save it as .safetensors")
     style = embed_to_file(a.inputs, a.output, clip, format=a.format, name=a.name, batch_size=a.batch_size,
-                          recursive=a.recursive, mean=a.mean, device=a.device)
-    print(f"{a.output}: style from {style.metadata['num_images']} images, width {style.width}, {clip}")
+                          recursive=a.recursive, mean=a.mean, device=a.device, **extra)
+    widths = f"widths {style.width} + {style.g.shape[0]}, {clip} + {extra['clip_model_g']}" if sdxl else \
+        f"width {style.width}, {clip}"
+    print(f"{a.output}: style from {style.metadata['num_images']} images, {widths}")
 
 
 def cmd_mix(a) -> None:
@@ -109,9 +118,12 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="STYLE", help="output file (.safetensors or .pt)")
     p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP model (default: the family's CLIP)")
-    p.add_argument("--family", choices=sorted(FAMILIES), default="sd1",
+    p.add_argument("--family", choices=sorted(FAMILIES) + ["sdxl"], default="sd1",
                    help="model family the style is for: " + ", ".join(f"{f.name} = {f.clip_model}"
-                                                                      for f in FAMILIES.values()) + " (default sd1)")
+                                                                      for f in FAMILIES.values())
+                   + f", sdxl = both {FAMILIES['sd1'].clip_model} and {BIGG} (two image towers; bigG's is 1.8 B "
+                   "parameters, about 3.7 GB in fp16) (default sd1)")
+    p.add_argument("--clip-model-g", metavar="ID_OR_PATH", help=f"--family sdxl: the bigG CLIP (default: {BIGG})")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
     p.add_argument("--recursive", action="store_true", help="also read images in sub-folders")
     p.add_argument("--mean", choices=list(MEANS), default="normalized",
@@ -122,7 +134,7 @@ def register(sub) -> None:
                    "extension (default: from the output suffix)")
     p.add_argument("--name", help="style name stored in the file (default: output file name)")
     add_device(p)
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=cmd_embed, parser=p)
 
     p = sub.add_parser("mix", help="mix styles into one", description="Normalized weighted mean of styles.")
     p.add_argument("styles", nargs="+", metavar="STYLE[:WEIGHT]", help="style files with optional weights")
