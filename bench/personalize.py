@@ -1,4 +1,4 @@
-"""Aesthetic-gradient personalization: the reference loop vs stylegrad, on the real SD1.x text-encoder size.
+"""Aesthetic-gradient personalization: the reference loop vs stylegrad, on the real SD1.x (or SDXL) text-encoder size.
 
 Builds CLIP ViT-L/14 (text tower 12x768 with projection, vision tower 24x1024) with random weights (speed does
 not depend on the values), a typical 15-token prompt, T = 10 Adam steps, lr 1e-4. Each side runs in its own
@@ -8,7 +8,15 @@ drift, which reaches 30% within an hour, falls on both alike instead of on which
 runs while the other is loaded: measured, a merely idle process holding the reference's memory slowed stylegrad by
 25% on this VM.
 
-    python bench/personalize.py            # prints a table, then one JSON line
+With ``--family sdxl``: SDXL's two text towers (CLIP-L 12x768 without its projection, which comes from the CLIP
+ViT-L/14 text model as for SD1.x; OpenCLIP bigG 32x1280 with its projection; random weights), both tuned towards
+their own style vectors. The reference copies both towers fresh and runs torch.optim.Adam over each text
+transformer, then computes what ``encode_prompt`` would from the tuned towers (penultimate states of both,
+concatenated; bigG's pooled text embedding). Both outputs are compared. The SD1.x figures are measured in the same
+run, before the SDXL ones.
+
+    python bench/personalize.py                 # prints a table, then one JSON line
+    python bench/personalize.py --family sdxl   # SD1.x, then SDXL (about half an hour on 2 cores)
 """
 
 from __future__ import annotations
@@ -139,10 +147,106 @@ class Side:
         return (time.perf_counter() - t0) / repeats
 
 
-def child(role: str, out: str) -> None:
+def bigg_text() -> CLIPTextModelWithProjection:
+    """OpenCLIP ViT-bigG/14's text tower with its projection, as SDXL's text_encoder_2 (random weights)."""
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(SEED + 1)
+    cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                         num_hidden_layers=32, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu",
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+class PadTokenizer(PromptTokenizer):
+    """tokenizer_2: pads with '!' (id 0) after the EOS, as SDXL's second tokenizer."""
+
+    def __call__(self, texts, **kw):
+        ids = super().__call__(texts, **kw).input_ids
+        for row in ids:
+            eos = int((row == EOS).nonzero()[0])
+            row[eos + 1:] = 0
+        return type("Tokens", (), {"input_ids": ids})()
+
+
+def style_g() -> torch.Tensor:
+    return torch.randn(1280, generator=torch.Generator().manual_seed(2))
+
+
+def run_reference_sdxl(towers, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh copies of both towers, Adam over each text transformer towards its style part; then the penultimate
+    states of both (concatenated) and bigG's pooled text embedding, as encode_prompt computes them."""
+    hidden, pooled = [], None
+    for (model, target), tokens in zip(towers, ids):
+        model = copy.deepcopy(model)
+        model.requires_grad_(True)
+        s = (target / target.norm())[None]
+        optimizer = torch.optim.Adam(model.text_model.parameters(), lr=LR)
+        for _ in range(STEPS):
+            e = model.text_projection(model.text_model(input_ids=tokens).pooler_output)
+            loss = -(e / e.norm(dim=-1, keepdim=True) @ s.T).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            out = model(input_ids=tokens, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out.text_embeds
+        del model, optimizer
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class SideXL(Side):
+    def __init__(self, role: str):
+        clip = vit_l14()
+        text_l = CLIPTextModelWithProjection(clip.config.text_config).eval()
+        text_l.text_model.load_state_dict(clip.text_model.state_dict())
+        text_l.text_projection.load_state_dict(clip.text_projection.state_dict())
+        del clip
+        text_g = bigg_text()
+        self.role, self.tok, self.tok2 = role, PromptTokenizer(), PadTokenizer()
+        self.ids = (self.tok([PROMPT]).input_ids, self.tok2([PROMPT]).input_ids)
+        if role == "reference":
+            self.towers = ((text_l, style_vector()), (text_g, style_g()))
+            self.base = reset_peak()
+            run_reference_sdxl(self.towers, tuple(i[:, :20] for i in self.ids))
+            return
+        from types import SimpleNamespace
+
+        from stylegrad import Style, StyleOptions
+        from stylegrad.aesthetic.sdxl import SDXLAestheticEncoder
+
+        encoder = CLIPTextModel(text_l.config).eval()  # SDXL's text_encoder: CLIP-L without its projection
+        encoder.load_state_dict(text_l.text_model.state_dict())
+        pipe = SimpleNamespace(text_encoder=encoder, text_encoder_2=text_g, tokenizer=self.tok, tokenizer_2=self.tok2,
+                               config=SimpleNamespace(force_zeros_for_empty_prompt=True))
+        self.enc = SDXLAestheticEncoder(pipe, text_l, cache_size=8)
+        self.style, self.options = Style(style_vector(), g=style_g()), StyleOptions(steps=STEPS, lr=LR)
+        self.base = reset_peak()
+        self.enc.encode("warm up", self.style, self.options)
+
+    def run(self) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        if self.role == "reference":
+            z, pooled = run_reference_sdxl(self.towers, self.ids)
+        else:
+            self.enc.clear_cache()
+            e = self.enc.encode(PROMPT, self.style, self.options)
+            z, pooled = e.prompt_embeds, e.pooled_prompt_embeds
+        return time.perf_counter() - t0, torch.cat([z.reshape(-1), pooled.reshape(-1)])
+
+    def cached(self) -> float:
+        self.enc.encode(PROMPT, self.style, self.options)
+        repeats, t0 = 20, time.perf_counter()
+        for _ in range(repeats):
+            self.enc.encode(PROMPT, self.style, self.options)
+        return (time.perf_counter() - t0) / repeats
+
+
+def child(role: str, out: str, family: str = "sd1") -> None:
     """One timed run (after a warm-up) in a fresh process; stylegrad's also times a cached repeat."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    side = Side(role)
+    side = SideXL(role) if family == "sdxl" else Side(role)
     seconds, z = side.run()
     result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
     if role == "stylegrad":
@@ -155,18 +259,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=["reference", "stylegrad"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=["sd1", "sdxl"], default="sd1",
+                        help="sdxl: also SDXL's two text towers, both tuned (SD1.x first, in the same run)")
+    parser.add_argument("--runs", type=int, default=None, help=f"runs per side (default {RUNS}; 3 for SDXL)")
     args = parser.parse_args()
     if args.role:
-        return child(args.role, args.out)
+        return child(args.role, args.out, args.family)
+    summary = compare("sd1", args.runs or RUNS)
+    if args.family == "sdxl":
+        summary = {"sd1": summary, "sdxl": compare("sdxl", args.runs or 3)}
+    print(json.dumps(summary))
 
+
+def compare(family: str, n_runs: int) -> dict:
     roles = ("reference", "stylegrad")
     runs = {role: [] for role in roles}
     peak, cached, outputs = {}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(RUNS):  # alternating who goes first: the VM's drift falls on both sides alike
+        for i in range(n_runs):  # alternating who goes first: the VM's drift falls on both sides alike
             for role in roles if i % 2 == 0 else roles[::-1]:
                 out = os.path.join(tmp, f"{role}.pt")
-                proc = subprocess.run([sys.executable, __file__, "--role", role, "--out", out],
+                proc = subprocess.run([sys.executable, __file__, "--role", role, "--out", out, "--family", family],
                                       capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     sys.exit(f"{role} run failed:\n{proc.stderr[-3000:]}")
@@ -186,14 +299,16 @@ def main() -> None:
         "reference_peak_mb": round(peak["reference"], 1),
         "stylegrad_peak_mb": round(peak["stylegrad"], 1),
     }
-    print(f"prompt: {PROMPT_TOKENS} tokens, T={STEPS}, lr={LR}, CLIP ViT-L/14 text tower (random weights), "
-          f"{torch.get_num_threads()} threads, {RUNS} interleaved runs per side")
+    towers = "SDXL's CLIP-L + bigG text towers" if family == "sdxl" else "CLIP ViT-L/14 text tower"
+    print(f"prompt: {PROMPT_TOKENS} tokens, T={STEPS}, lr={LR}, {towers} (random weights), "
+          f"{torch.get_num_threads()} threads, {n_runs} interleaved runs per side")
     print(f"{'':12}{'seconds (median)':>18}{'peak extra MB':>16}   runs")
     for name in roles:
         times = " ".join(f"{t:.2f}" for t in runs[name])
         print(f"{name:12}{statistics.median(runs[name]):>18.3f}{peak[name]:>16.1f}   {times}")
     print(f"{'cached':12}{cached:>18.5f}")
-    print(json.dumps(summary))
+    summary["peak_ratio"] = round(peak["stylegrad"] / peak["reference"], 3)
+    return summary
 
 
 if __name__ == "__main__":
