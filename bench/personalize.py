@@ -51,16 +51,28 @@ def vit_l14() -> CLIPModel:
 
 
 class PromptTokenizer:
-    """Stands in for the CLIP tokenizer: one id per word, BOS/EOS, padded with EOS to 77 (as SD's tokenizer)."""
+    """Stands in for the CLIP tokenizer: one id per word, BOS/EOS, padded to 77 (with EOS, as SD's tokenizer)."""
 
-    eos_token_id, model_max_length = EOS, 77
+    bos_token_id, eos_token_id, model_max_length = BOS, EOS, 77
+    pad_token_id = EOS
 
-    def __call__(self, texts, **_):
+    def __len__(self) -> int:
+        return VOCAB
+
+    def get_vocab(self) -> dict:
+        return {}
+
+    def _words(self, text: str) -> list[int]:
+        return [1000 + (sum(map(ord, w)) * 7919) % 40000 for w in text.split()]
+
+    def __call__(self, texts, add_special_tokens=True, **_):
+        if isinstance(texts, str) and not add_special_tokens:
+            return type("Tokens", (), {"input_ids": self._words(texts)})()
         texts = [texts] if isinstance(texts, str) else texts  # as a tokenizer takes one text or a batch
         rows = []
         for text in texts:
-            words = [1000 + (sum(map(ord, w)) * 7919) % 40000 for w in text.split()][:75]
-            rows.append([BOS] + words + [EOS] * (77 - 1 - len(words)))
+            words = self._words(text)[:75]
+            rows.append([BOS] + words + [EOS] + [self.pad_token_id] * (77 - 2 - len(words)))
         return type("Tokens", (), {"input_ids": torch.tensor(rows)})()
 
 
@@ -161,12 +173,7 @@ def bigg_text() -> CLIPTextModelWithProjection:
 class PadTokenizer(PromptTokenizer):
     """tokenizer_2: pads with '!' (id 0) after the EOS, as SDXL's second tokenizer."""
 
-    def __call__(self, texts, **kw):
-        ids = super().__call__(texts, **kw).input_ids
-        for row in ids:
-            eos = int((row == EOS).nonzero()[0])
-            row[eos + 1:] = 0
-        return type("Tokens", (), {"input_ids": ids})()
+    pad_token_id = 0
 
 
 def style_g() -> torch.Tensor:

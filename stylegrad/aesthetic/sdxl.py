@@ -16,15 +16,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.aesthetic.targets import blend, style_target
-from stylegrad.aesthetic.tower import SD1, TextTower, tower_for
-from stylegrad.aesthetic.tuning import personalize
+from stylegrad.aesthetic.tower import SD1, TextTower, meta_skeleton, text_parameters, tower_for
+from stylegrad.aesthetic.tuning import TOKEN, personalize
 from stylegrad.aesthetic.vectors import slerp
 from stylegrad.errors import StylegradError
 from stylegrad.files.styles import Style
 from stylegrad.notes import note
+from stylegrad.prompts.chunks import Chunks, Vocabulary, apply_weights, gather_rows
 from stylegrad.prompts.syntax import extract_tags
 
 TOWERS = {"l": ("l",), "g": ("g",), "both": ("l", "g")}
@@ -62,7 +64,9 @@ class SDXLAestheticEncoder:
         self._towers: dict[str, TextTower] = {}
         self._cache: OrderedDict = OrderedDict()
         self._noted: set[str] = set()
+        self._skeletons: dict = {}
         self.last_similarities: dict[str, list[list[float]]] = {}
+        self.last_embeddings: list[str] = []
 
     @classmethod
     def from_pipeline(cls, pipe, clip_model=None, **kwargs) -> SDXLAestheticEncoder:
@@ -92,27 +96,26 @@ class SDXLAestheticEncoder:
             note(f"prompt longer than {tok.model_max_length} tokens was truncated (SDXL): {text[:60]!r}...")
         return ids.to(self.device)
 
-    @torch.no_grad()
-    def _plain(self, which: str, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states the UNet reads, pooled embedding or None), as ``encode_prompt`` computes them."""
-        encoder, _ = self._parts(which)
-        out = encoder(self._ids(which, text), output_hidden_states=True)
-        hidden = out.hidden_states[-(clip_skip + 2) if clip_skip is not None else -2]
-        return hidden, (out[0] if which == "g" else None)
-
     def encode(self, prompt: str, style: Style | None, options: StyleOptions | None = None,
                negative_prompt: str | None = None, clip_skip: int | None = None, callback=None, *,
-               loras=None) -> SDXLEmbeddings:
+               loras=None, embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
+               weighting: bool = True) -> SDXLEmbeddings:
         """SDXL's four conditioning tensors for one prompt, personalized towards ``style``; an empty negative
-        prompt gives zeros (diffusers' ``force_zeros_for_empty_prompt``). ``<lora:...>`` tags are removed;
-        ``loras``: a ``LoraNetwork`` whose text-encoder changes apply (tuning starts from the merged tensors)."""
+        prompt gives zeros (diffusers' ``force_zeros_for_empty_prompt``). Prompts are read as A1111 reads them
+        (``weighting``: emphasis, BREAK, 75-token chunks; each tower's states weighted on their own; the pooled
+        embedding from the first chunk); ``<lora:...>`` tags are removed. ``loras``: a ``LoraNetwork`` whose
+        text-encoder changes apply (tuning starts from the merged tensors). ``embeddings``: ``{'l': {word: (N, 768)},
+        'g': {word: (N, 1280)}}``, SDXL textual inversions' two parts."""
         options = options or StyleOptions()
         prompt, negative = extract_tags(prompt)[0], extract_tags(negative_prompt or "")[0]
         towers = self.towers_for(style, options)
+        embeddings = {t: dict((embeddings or {}).get(t) or {}) for t in ("l", "g")}
+        addons = tuple((t, n, v.data_ptr(), tuple(v.shape)) for t in ("l", "g") for n, v in sorted(embeddings[t].items()))
         key = (prompt, negative, style.digest if style is not None and towers else None,
-               options.key() if towers else None, clip_skip, loras.key() if loras else ())
+               options.key() if towers else None, clip_skip, loras.key() if loras else (), addons, weighting)
         if key not in self._cache:
-            value = self._encode(prompt, negative, style, options, towers, clip_skip, callback, loras)
+            value = self._encode(prompt, negative, style, options, towers, clip_skip, callback, loras, embeddings,
+                                 weighting)
             if self.cache_size > 0:
                 self._cache[key] = value
                 while len(self._cache) > self.cache_size:
@@ -121,7 +124,7 @@ class SDXLAestheticEncoder:
                 self._cache.clear()
                 self._cache[key] = value
         self._cache.move_to_end(key)
-        pe, ne, pp, np_ = self._cache[key]
+        pe, ne, pp, np_, self.last_embeddings = self._cache[key]
         dtype = self.pipe.text_encoder_2.dtype
         return SDXLEmbeddings(pe.to(dtype), ne.to(dtype), pp.to(dtype), np_.to(dtype))
 
@@ -141,32 +144,77 @@ class SDXLAestheticEncoder:
             style.check_part("clip_" + t, self.tower(t).width)
         return have
 
-    def _encode(self, prompt, negative, style, options, towers, clip_skip, callback, loras):
+    def _encode(self, prompt, negative, style, options, towers, clip_skip, callback, loras, embeddings, weighting):
         self.last_similarities = {}
         zero_negative = not negative and getattr(self.pipe.config, "force_zeros_for_empty_prompt", True)
-        out = []
+        out, used = [], []
         for i, (text, tune) in enumerate(((prompt, True), (negative, options.personalize_negative))):
             if i == 1 and zero_negative:
                 out.append(None)
                 continue
             hidden, pooled = [], None
             for which in ("l", "g"):
-                h, p = self._one(which, text, style, options, towers if tune else (), clip_skip, callback, loras)
-                hidden.append(h)
+                chunks = Vocabulary(self._parts(which)[1], embeddings[which]).chunks(text, weighting)
+                used += [e for e in chunks.embeddings if e not in used]
+                h, p = self._one(which, chunks, style, options, towers if tune else (), clip_skip, callback, loras)
+                hidden.append(apply_weights(h, chunks.weights).reshape(1, -1, h.shape[-1]))
                 pooled = p if which == "g" else pooled
+            if hidden[0].shape != hidden[1].shape[:-1] + hidden[0].shape[-1:]:
+                raise StylegradError("SDXL's two tokenizers cut this prompt into different chunks")
             out.append((torch.cat(hidden, dim=-1), pooled))
         pe, pp = out[0]
         if out[1] is None:
             ne, np_ = torch.zeros_like(pe), torch.zeros_like(pp)
         else:
             ne, np_ = out[1]
-        return pe, ne, pp, np_
+        width = max(pe.shape[1], ne.shape[1])
+        pe = self._pad(pe, width, clip_skip, loras)
+        ne = torch.zeros_like(pe) if zero_negative else self._pad(ne, width, clip_skip, loras)
+        return pe, ne, pp, np_, used
 
-    def _one(self, which, text, style, options, towers, clip_skip, callback, loras):
-        """(hidden (1, 77, H), pooled (1, P) or None) of one tower, tuned if it is among ``towers``."""
+    def _pad(self, z: torch.Tensor, width: int, clip_skip, loras) -> torch.Tensor:
+        """The shorter of prompt and negative: the empty prompt's chunk repeated (A1111's padding)."""
+        if z.shape[1] == width:
+            return z
+        empty = torch.cat([self._states(w, Vocabulary(self._parts(w)[1]).chunks(""), clip_skip, loras)[0][0]
+                           for w in ("l", "g")], dim=-1).to(z.dtype)  # (77, 2048)
+        return torch.cat([z, empty.repeat((width - z.shape[1]) // empty.shape[0], 1)[None]], dim=1)
+
+    @torch.no_grad()
+    def _states(self, which: str, chunks: Chunks, clip_skip, loras) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the unweighted states the UNet reads, (C, 77, H); pooled (1, P) of the first chunk, bigG only) by the
+        tower's own weights, LoRAs beside them; with embedding rows through a skeleton of it."""
+        encoder, _ = self._parts(which)
         component = "te" if which == "l" else "te2"
-        with loras.applied((component,)) if loras else nullcontext():
-            plain = self._plain(which, text, clip_skip)
+        ids = chunks.ids.to(self.device)
+        k = -(clip_skip + 2) if clip_skip is not None else -2
+        if chunks.extra is None:
+            with loras.applied((component,)) if loras else nullcontext():
+                out = encoder(ids, output_hidden_states=True)
+            return out.hidden_states[k], (out[0][:1] if which == "g" else None)
+        rows, local = torch.unique(ids, return_inverse=True)
+        base = text_parameters(encoder)
+        params = {**base, TOKEN: gather_rows(base[TOKEN], chunks.extra, rows)}
+        skeleton = self._skeleton(which)
+        with loras.applied((component,), {component: skeleton}) if loras else nullcontext():
+            out = functional_call(skeleton, params, (local,), {"output_hidden_states": True})
+        pooled = None
+        if which == "g":
+            eos = int((ids[0] == self.tower_eos(which)).nonzero()[0])
+            pooled = out.last_hidden_state[:1, eos] @ encoder.text_projection.weight.T
+        return out.hidden_states[k], pooled
+
+    def tower_eos(self, which: str) -> int:
+        return self._parts(which)[1].eos_token_id
+
+    def _skeleton(self, which: str):
+        if which not in self._skeletons:
+            self._skeletons[which] = meta_skeleton(self._parts(which)[0])
+        return self._skeletons[which]
+
+    def _one(self, which, chunks, style, options, towers, clip_skip, callback, loras):
+        """(hidden (C, 77, H), pooled (1, P) or None) of one tower, tuned if it is among ``towers``."""
+        plain = self._states(which, chunks, clip_skip, loras)
         if which not in towers:
             return plain
         tower = self.tower(which)
@@ -176,13 +224,14 @@ class SDXLAestheticEncoder:
         direction = style.part("clip_" + which)
         target = style_target(direction.to(self.device), text_target, options.text_angle, options.text_negative)
         base = None
+        component = "te" if which == "l" else "te2"
         if loras:
             merged = {k.removeprefix("text_model."): v for k, v in loras.text_params(component).items()}
             base = {**tower.base, **merged} if merged else None
-        result = personalize(tower, self._ids(which, text), target, steps=options.steps,
+        result = personalize(tower, chunks.ids.to(self.device), target, steps=options.steps,
                              adam=options.adam(self.device), regularization=options.regularization,
                              target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
-                             base=base)
+                             extra_rows=chunks.extra, base=base)
         self.last_similarities.setdefault(which, []).append(result.similarities)
         hidden, pooled = result.hidden.to(tower.dtype), (result.text_embedding if which == "g" else None)
         if options.weight != 1.0:
@@ -191,7 +240,7 @@ class SDXLAestheticEncoder:
                 p0 = plain[1].float()
                 pooled = slerp(p0, pooled.float(), options.weight, dim=-1) if options.slerp else \
                     (1 - options.weight) * p0 + options.weight * pooled.float()
-        return hidden, (pooled if which == "g" else None)
+        return hidden, pooled
 
     @torch.no_grad()
     def _text_embedding(self, which: str, text: str) -> torch.Tensor:

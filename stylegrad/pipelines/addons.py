@@ -19,7 +19,7 @@ from stylegrad.prompts.syntax import extract_tags
 @dataclass
 class RequestAddons:
     loras: LoraNetwork | None
-    embeddings: dict[str, torch.Tensor]  # trigger word -> (N, H) for the first text encoder
+    embeddings: dict[str, dict[str, torch.Tensor]]  # text encoder ('' for SD, 'l'/'g' for SDXL) -> word -> (N, H)
     lora_hashes: dict[str, str] = field(default_factory=dict)
     ti_hashes: dict[str, str] = field(default_factory=dict)  # every embedding that could apply, by name
 
@@ -61,7 +61,9 @@ class Addons:
             self._note_once("LoRA tags in the negative prompt are removed and not applied (as in A1111)")
         return specs
 
-    def for_request(self, request, width: int | None) -> RequestAddons:
+    def for_request(self, request, encoders: dict[str, tuple[int, str]]) -> RequestAddons:
+        """``encoders``: each text encoder's key, width and the part of an embedding file it takes
+        (``{'': (768, '')}`` for SD1.x, ``{'l': (768, 'clip_l'), 'g': (1280, 'clip_g')}`` for SDXL)."""
         specs = self.lora_specs(request)
         key = tuple(specs)
         if key and key not in self._networks:
@@ -69,27 +71,28 @@ class Addons:
                 self._networks.pop(next(iter(self._networks)))
             self._networks[key] = LoraNetwork.for_pipeline(self.pipe, specs)
         network = self._networks.get(key) if key else None
-        embeddings: dict[str, torch.Tensor] = {}
+        embeddings: dict[str, dict[str, torch.Tensor]] = {}
         ti_hashes: dict[str, str] = {}
-        if width is not None:
-            embeddings = self.library.for_encoder(width)
-            for name in embeddings:
+        for enc, (width, part) in encoders.items():
+            words = embeddings[enc] = self.library.for_encoder(width, part)
+            for name in words:
                 ti_hashes[name] = self.library.get(name).short_hash
             for arg in request.embeddings:
                 path, token = parse_embedding_arg(arg)
                 if arg not in self._files:
                     self._files[arg] = load_embedding(path, token)
                 e = self._files[arg]
-                v = e.for_width(width)
+                v = e.for_width(width, part)
                 if v is None:
                     raise StylegradError(f"embedding {e.describe()} does not fit this model's text encoder "
-                                         f"(width {width})")
-                embeddings[e.name], ti_hashes[e.name] = v, e.short_hash
+                                         f"({part or 'width'} {width})")
+                words[e.name], ti_hashes[e.name] = v, e.short_hash
             for lora, _, _ in network.loras if network else ():
                 for token, v in lora.embeddings.items():  # lora_diffusion's bundled tokens
-                    if v.shape[-1] == width:
-                        embeddings.setdefault(token, v.reshape(-1, width))
-            for name, why in self.library.skipped.items():
+                    if v.shape[-1] == width and not part:
+                        words.setdefault(token, v.reshape(-1, width))
+        for name, why in self.library.skipped.items():
+            if all(name not in words for words in embeddings.values()):
                 self._note_once(f"embedding {name} skipped: {why}")
         hashes = {}
         for lora, _, _ in network.loras if network else ():

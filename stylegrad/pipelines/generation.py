@@ -153,11 +153,13 @@ class Generator:
                                  f"SD1.5-only); this is {'an SDXL' if family == 'sdxl' else 'a SD2.x'} model")
 
     def request_addons(self, request: GenerationRequest) -> RequestAddons:
-        """The request's LoRAs bound to the pipeline, and the embeddings its text encoder can take."""
-        if is_sdxl(self.pipe) and (request.embeddings or self.addons.library.folders):
-            note("textual-inversion embeddings are not applied on SDXL models yet")
-        width = None if is_sdxl(self.pipe) else self.pipe.text_encoder.config.hidden_size
-        return self.addons.for_request(request, width)
+        """The request's LoRAs bound to the pipeline, and the embeddings its text encoders can take."""
+        if is_sdxl(self.pipe):
+            encoders = {"l": (self.pipe.text_encoder.config.hidden_size, "clip_l"),
+                        "g": (self.pipe.text_encoder_2.config.hidden_size, "clip_g")}
+        else:
+            encoders = {"": (self.pipe.text_encoder.config.hidden_size, "")}
+        return self.addons.for_request(request, encoders)
 
     def _prepare(self, request: GenerationRequest):
         """What every image of a request shares: the pipeline to run, the style, the init image, the code."""
@@ -182,12 +184,13 @@ class Generator:
         encoder = self.encoder(request.clip_model) if request.styled else self.encoder(None)
         steps = request.style_options.steps if request.styled else 0
         if is_sdxl(self.pipe):
-            self.last_embeddings = []
             towers = len(encoder.towers_for(style, request.style_options)) if request.styled else 0
             bar, callback = style_progress(steps * towers, desc)
             try:
                 e = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
-                                   request.negative, request.clip_skip, callback, loras=addons.loras)
+                                   request.negative, request.clip_skip, callback, loras=addons.loras,
+                                   embeddings=addons.embeddings, weighting=request.weighting)
+                self.last_embeddings = list(encoder.last_embeddings)
             finally:
                 bar.close()
             return e.prompt_embeds, e.negative_prompt_embeds, dict(
@@ -195,7 +198,7 @@ class Generator:
         bar, callback = style_progress(steps, desc)
         try:
             pe, ne = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
-                                    request.negative, request.clip_skip, callback, embeddings=addons.embeddings,
+                                    request.negative, request.clip_skip, callback, embeddings=addons.embeddings[""],
                                     loras=addons.loras, weighting=request.weighting)
             self.last_embeddings = list(encoder.last_embeddings)
             return pe, ne, {}
