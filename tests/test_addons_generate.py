@@ -189,3 +189,22 @@ def test_sdxl_lora_with_sgm_names(tmp_path):
              for k, v in getattr(pipe, part).state_dict().items()}
     assert all(torch.equal(v, before[k]) for k, v in after.items())
     assert "Lora hashes" in parse_infotext(text)[2]
+
+
+def test_sdxl_textual_inversion_from_a_folder(tmp_path):
+    """An SDXL embedding (clip_l + clip_g) from the embeddings folder acts on an SDXL generation and is recorded;
+    an SD1.x embedding in the same folder is listed as skipped."""
+    from ckpt_layout import family_pipeline
+
+    pipe = family_pipeline("sdxl")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"clip_l": torch.randn(2, 32) * 0.1, "clip_g": torch.randn(2, 32) * 0.1},
+              str(folder / "xlword.safetensors"))
+    torch.save({"string_to_param": {"*": torch.randn(1, 32)}}, folder / "sd1word.pt")
+    request = GenerationRequest("a xlword house", steps=2, seed=1, width=32, height=32)
+    with pytest.warns(UserWarning, match="sd1word skipped"):
+        (with_word, text), = Generator(pipe, embeddings_dirs=[str(folder)]).images(request)
+    (without, _), = Generator(pipe).images(request)
+    assert not np.array_equal(np.asarray(with_word), np.asarray(without))
+    assert parse_infotext(text)[2]["TI hashes"].startswith("xlword: ")

@@ -132,3 +132,61 @@ def test_options_and_negative(xl):
     assert not torch.allclose(tuned_neg.negative_prompt_embeds, plain.negative_prompt_embeds, atol=1e-4)
     reg = enc.encode(PROMPT, style, StyleOptions(steps=4, lr=3e-3, regularization=100.0))
     assert (reg.prompt_embeds - plain.prompt_embeds).abs().mean() < (full.prompt_embeds - plain.prompt_embeds).abs().mean()
+
+
+def _extended(model, vectors):
+    """A copy of a tower whose token table has the embedding's rows appended (the reference for embedding words)."""
+    model = copy.deepcopy(model)
+    text = getattr(model, "text_model", model)
+    table = text.embeddings.token_embedding
+    bigger = torch.nn.Embedding(table.num_embeddings + vectors.shape[0], table.embedding_dim)
+    with torch.no_grad():
+        bigger.weight.copy_(torch.cat([table.weight, vectors]))
+    text.embeddings.token_embedding = bigger
+    return model
+
+
+def test_embeddings_and_emphasis_on_sdxl(xl):
+    """An SDXL textual inversion gives each tower its own rows; emphasis weights each tower's states (A1111's mean
+    restore) and the pooled embedding comes from the first chunk; tuning reads the embedding rows too."""
+    from stylegrad.prompts.chunks import Vocabulary, apply_weights
+
+    pipe, clip_l = xl
+    g = torch.Generator().manual_seed(9)
+    words = {"l": {"zq": torch.randn(2, 32, generator=g) * 0.05},
+             "g": {"zq": torch.randn(2, 32, generator=g) * 0.05}}
+    enc = SDXLAestheticEncoder(pipe, clip_l)
+    prompt = "a zq (house:1.3)"
+    e = enc.encode(prompt, None, embeddings=words)
+    assert enc.last_embeddings == ["zq"]
+    hidden, pooled = [], None
+    for which, model, tok in (("l", pipe.text_encoder, pipe.tokenizer), ("g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        chunks = Vocabulary(tok, words[which]).chunks(prompt)
+        with torch.no_grad():
+            out = _extended(model, words[which]["zq"])(input_ids=chunks.ids, output_hidden_states=True)
+        hidden.append(apply_weights(out.hidden_states[-2], chunks.weights))
+        pooled = out.text_embeds if which == "g" else pooled
+    ref = torch.cat(hidden, dim=-1)
+    assert (e.prompt_embeds - ref).abs().max() < 1e-3 * ref.abs().max()  # the mean restore scales rounding
+    assert (e.pooled_prompt_embeds - pooled).abs().max() < REFERENCE_ATOL
+    style = xl_style(pipe, clip_l)
+    tuned = enc.encode("a zq house", style, StyleOptions(steps=4, lr=3e-3), embeddings=words)
+    hidden = []
+    for which, model, tok, target in (("l", clip_l, pipe.tokenizer, style.vector),
+                                      ("g", pipe.text_encoder_2, pipe.tokenizer_2, style.g)):
+        ids = Vocabulary(tok, words[which]).chunks("a zq house").ids
+        model = _extended(model, words[which]["zq"])
+        model.requires_grad_(True)
+        opt = torch.optim.Adam(model.text_model.parameters(), lr=3e-3)
+        for _ in range(4):
+            emb = model.text_projection(model.text_model(input_ids=ids).pooler_output)
+            loss = -(normalize(emb) @ normalize(target)[None].T).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds
+    assert (tuned.prompt_embeds - torch.cat(hidden, dim=-1)).abs().max() < REFERENCE_ATOL
+    assert (tuned.pooled_prompt_embeds - pooled).abs().max() < REFERENCE_ATOL
