@@ -204,7 +204,7 @@ def run_reference_sdxl(towers, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SideXL(Side):
-    def __init__(self, role: str):
+    def __init__(self, role: str, towers: str = "both"):
         clip = vit_l14()
         text_l = CLIPTextModelWithProjection(clip.config.text_config).eval()
         text_l.text_model.load_state_dict(clip.text_model.state_dict())
@@ -228,7 +228,8 @@ class SideXL(Side):
         pipe = SimpleNamespace(text_encoder=encoder, text_encoder_2=text_g, tokenizer=self.tok, tokenizer_2=self.tok2,
                                config=SimpleNamespace(force_zeros_for_empty_prompt=True))
         self.enc = SDXLAestheticEncoder(pipe, text_l, cache_size=8)
-        self.style, self.options = Style(style_vector(), g=style_g()), StyleOptions(steps=STEPS, lr=LR)
+        self.style = Style(style_vector(), g=style_g())
+        self.options = StyleOptions(steps=STEPS, lr=LR, towers=towers)
         self.base = reset_peak()
         self.enc.encode("warm up", self.style, self.options)
 
@@ -242,22 +243,19 @@ class SideXL(Side):
             z, pooled = e.prompt_embeds, e.pooled_prompt_embeds
         return time.perf_counter() - t0, torch.cat([z.reshape(-1), pooled.reshape(-1)])
 
-    def cached(self) -> float:
-        self.enc.encode(PROMPT, self.style, self.options)
-        repeats, t0 = 20, time.perf_counter()
-        for _ in range(repeats):
-            self.enc.encode(PROMPT, self.style, self.options)
-        return (time.perf_counter() - t0) / repeats
 
 
-def child(role: str, out: str, family: str = "sd1") -> None:
+def child(role: str, out: str, family: str = "sd1", towers: str = "both") -> None:
     """One timed run (after a warm-up) in a fresh process; stylegrad's also times a cached repeat."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    side = SideXL(role) if family == "sdxl" else Side(role)
+    side = SideXL(role, towers) if family == "sdxl" else Side(role)
     seconds, z = side.run()
     result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
     if role == "stylegrad":
         result["cached_seconds"] = side.cached()
+        sims = side.enc.last_similarities
+        result["cos"] = {k: [v[0][0], v[0][-1]] for k, v in sims.items()} if isinstance(sims, dict) else \
+            {"l": [sims[0][0], sims[0][-1]]}
     torch.save(z.detach().cpu(), out)
     print(json.dumps(result))
 
@@ -269,13 +267,36 @@ def main() -> None:
     parser.add_argument("--family", choices=["sd1", "sdxl"], default="sd1",
                         help="sdxl: also SDXL's two text towers, both tuned (SD1.x first, in the same run)")
     parser.add_argument("--runs", type=int, default=None, help=f"runs per side (default {RUNS}; 3 for SDXL)")
+    parser.add_argument("--towers", nargs="?", const="all", default=None,
+                        help="with --family sdxl: only stylegrad, once per tower choice (l, g, both): seconds, peak "
+                        "extra memory and each tower's cosine to its style before and after tuning")
     args = parser.parse_args()
     if args.role:
-        return child(args.role, args.out, args.family)
+        return child(args.role, args.out, args.family, args.towers or "both")
+    if args.towers:
+        return towers_table()
     summary = compare("sd1", args.runs or RUNS)
     if args.family == "sdxl":
         summary = {"sd1": summary, "sdxl": compare("sdxl", args.runs or 3)}
     print(json.dumps(summary))
+
+
+def towers_table() -> None:
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for towers in ("l", "g", "both"):
+            proc = subprocess.run([sys.executable, __file__, "--role", "stylegrad", "--out", os.path.join(tmp, "z.pt"),
+                                   "--family", "sdxl", "--towers", towers], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+            rows[towers] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"SDXL, T={STEPS}, lr={LR}, {PROMPT_TOKENS}-token prompt: one stylegrad run per tower choice")
+    print(f"{'towers':8}{'seconds':>10}{'peak extra MB':>16}   cos to style (before -> after)")
+    for towers, r in rows.items():
+        cos = ", ".join(f"{k}: {a:.4f} -> {b:.4f}" for k, (a, b) in r["cos"].items())
+        print(f"{towers:8}{r['seconds']:>10.2f}{r['peak_extra_mb']:>16.1f}   {cos}")
+    print(json.dumps({t: {"seconds": round(r["seconds"], 2), "peak_extra_mb": round(r["peak_extra_mb"], 1),
+                          "cos": r["cos"]} for t, r in rows.items()}))
 
 
 def compare(family: str, n_runs: int) -> dict:
