@@ -130,12 +130,8 @@ class EmbeddingLibrary:
                 continue
             v = e.for_width(width, part)
             if v is None:
-                self.skipped.setdefault(name, f"{e.describe()} does not fit a text encoder of width {width}")
+                what = f"{part} part of width {width}" if part else f"width {width}"
+                self.skipped.setdefault(name, f"{e.describe()} does not fit this model's text encoder ({what})")
             else:
                 out[name] = v
         return out
-
-    def used_in(self, *prompts: str) -> list[Embedding]:
-        """The embeddings whose trigger word appears in one of the prompts (A1111's ``TI hashes``)."""
-        return [e for n in self.names() if any(n in p for p in prompts) and (e := self.get(n)) is not None
-                and n not in self.skipped]

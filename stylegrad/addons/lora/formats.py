@@ -48,10 +48,6 @@ class LoraFile:
     def name(self) -> str:
         return Path(self.path).stem
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups.values() for t in g.values())
-
 
 def _kohya(keys, read, groups, unread):
     for k in keys:
