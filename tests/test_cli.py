@@ -42,6 +42,12 @@ def _bad_lines(tmp: Path, shared: Path) -> list[list[str]]:
         (["code", "decode", "not-a-code"], "stylecode 'not-a-code'"),
         (["embed", str(tmp / "nothing"), "-o", str(tmp / "x.safetensors")], "no such file or folder"),
         (["generate"], "give a PROMPT"),
+        (["generate", "x", "--lora", str(shared / "community" / "lora" / "lora_pop.pt")], "unnamed tensors"),
+        (["generate", "x", "--lora", ti], "is not a LoRA"),
+        (["generate", "x", "--lora", "nothere:0.5"], "LoRA not found: nothere"),
+        (["generate", "x", "--embedding", str(shared / "community" / "lora" / "lora_disney.safetensors")],
+         "is not a textual-inversion embedding"),
+        (["generate", "x", "--loras", str(tmp / "nofolder")], "LoRA folder not found"),
     ]
 
 

@@ -84,7 +84,8 @@ def _bind_file(lora: LoraFile, components: dict[str, torch.nn.Module], te: float
             module = model.get_submodule(path)
             adapter.check(module.weight.shape)
         except StylegradError as e:
-            raise StylegradError(f"LoRA {lora.name}: {component} module {path}: {e}") from e
+            raise StylegradError(f"LoRA {lora.name}: {component} module {path}: {e} (a LoRA for another model "
+                                 "family?)") from e
         patches.append(Patch(lora.name, component, path, module, adapter, te if component != "unet" else unet))
     failed = unknown + missing
     if failed and not patches:

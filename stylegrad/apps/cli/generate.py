@@ -35,6 +35,18 @@ def _request(a) -> GenerationRequest:
     )
 
 
+def _check_addon_files(request: GenerationRequest, a) -> None:
+    """A --lora or --embedding that is missing or not what it should be fails before any model loads."""
+    from stylegrad.addons.embeddings import load_embedding, parse_embedding_arg
+    from stylegrad.addons.lora.formats import read_lora
+    from stylegrad.addons.lora.library import LoraLibrary
+
+    for path, _, _ in LoraLibrary(a.loras).specs(request.loras):
+        read_lora(path)
+    for arg in request.embeddings:
+        load_embedding(*parse_embedding_arg(arg))
+
+
 def cmd_generate(a) -> None:
     if (a.prompt is None) == (a.from_png is None):
         a.parser.error("give a PROMPT, or --from IMAGE.png to regenerate an image")
@@ -45,6 +57,7 @@ def cmd_generate(a) -> None:
         a.parser.error(f"--n must be >= 1, got {a.n}")
     if request.style:
         load_style(request.style)  # a bad style file fails before any model loads
+    _check_addon_files(request, a)
     if a.models_dir:
         from stylegrad.checkpoints.library import models_dir
 
