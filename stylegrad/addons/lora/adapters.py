@@ -13,6 +13,7 @@ scale = alpha / rank where the file has an alpha (else 1), times the user's mult
 
 from __future__ import annotations
 
+import abc
 import copy
 
 import torch
@@ -35,7 +36,7 @@ def _flat2(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """One module's change. ``tensors`` keep the file's dtype; maths run in float32 (or the input's dtype)."""
 
     kind = "?"
@@ -48,9 +49,9 @@ class Adapter:
             self.scale = float(tensors["scale"])
         self.bias = tensors.get("diff_b")
 
+    @abc.abstractmethod
     def delta(self, weight: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-        """dW * scale (before the user's multiplier), in the shape the file implies."""
-        raise NotImplementedError  # each kind below
+        """dW (before the scale and the user's multiplier), in the shape the file implies."""
 
     def check(self, shape: torch.Size) -> None:
         """Raise if the change cannot be read as a change of a weight of ``shape`` (worked out on meta tensors, so
