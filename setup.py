@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 ext_modules = []
 if platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32":
     ext_modules.append(Extension("stylegrad.aesthetic._fewrows", ["stylegrad/aesthetic/_fewrows.c"],
+                                 depends=["stylegrad/aesthetic/_fewrows_isa.h"],
                                  extra_compile_args=["-O3", "-fopenmp"],
                                  extra_link_args=["-fopenmp"], optional=True))
 

@@ -252,10 +252,10 @@ def child(role: str, out: str, family: str = "sd1", towers: str = "both") -> Non
     seconds, z = side.run()
     result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
     if role == "stylegrad":
-        result["cached_seconds"] = side.cached()
-        sims = side.enc.last_similarities
+        sims = side.enc.last_similarities  # of the timed run: a cached repeat records none
         result["cos"] = {k: [v[0][0], v[0][-1]] for k, v in sims.items()} if isinstance(sims, dict) else \
             {"l": [sims[0][0], sims[0][-1]]}
+        result["cached_seconds"] = side.cached()
     torch.save(z.detach().cpu(), out)
     print(json.dumps(result))
 

@@ -1,162 +1,34 @@
 /* Products of one large float32 weight W (O rows, K columns, row-major) with a few token rows, and an Adam step
-of W fused with the next of them, for AVX2 + FMA.
+of W fused with the next of them, for AVX-512 or AVX2 + FMA.
 
 Why: tuning runs each of the 72 large matrices of a text tower through three products per step on about 17 rows
 (forward, input gradient, weight gradient) and one Adam step. BLAS kernels, built for many rows, waste vector
 lanes on the short side; these never vectorise over tokens, and ran each kind of work about 1.5x faster than
 torch's kernels on two cores of the test machine (bench/products.py):
-- forward, y = x W^T + b: dot products along K, 4 rows of W against 3 tokens at a time, so each row block,
-  streamed once from memory, is reused from L1 for every token;
-- input gradient, gx = g W: rows of W scaled and summed along K, 6 tokens x 16 columns at a time, over blocks
-  of 128 rows of W so that block is read once from memory and reused from cache for every token;
+- forward, y = x W^T + b: dot products along K, 4 rows of W against 6 tokens (3 on AVX2) at a time, so each row
+  block, streamed once from memory, is reused from L1 for every token;
+- input gradient, gx = g W: rows of W scaled and summed along K, 12 tokens x 32 columns (6 x 16 on AVX2) at a
+  time, over panels of rows of W streamed in memory order, each thread summing over its own rows;
 - Adam, then forward (adam_linear): each block of rows forms its gradient from the two factors the backward
   pass kept, takes its Adam step and runs the next forward product while in cache. Per step, W and its moments
   cross memory once, and no full gradient is ever stored.
 Threads come from OpenMP: linked against libgomp.so.1, this module shares the runtime torch has already loaded, so
 torch.set_num_threads applies and its worker threads are reused. stylegrad uses the module only if it was built
-and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products and fused Adam. */
+and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products and fused Adam. The AVX-512 kernels
+(twice the lanes and registers) run where the CPU has AVX-512F; _fewrows_isa.h holds both sets' code. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <stdlib.h>
+#include <string.h>
 
-/* Only the kernels are compiled for AVX2 + FMA, so that importing the module is safe on any x86-64 CPU. */
-#define KERNEL __attribute__((target("avx2,fma")))
-#define INLINE static inline __attribute__((always_inline)) KERNEL
-#define ROWS 4      /* forward: rows of W per block */
-#define TOKENS 3    /* forward: tokens per block */
-#define GTOKENS 6   /* input gradient: tokens per block */
-#define GROWS 128   /* input gradient: rows of W per cache block */
-#define AHEAD 48    /* input gradient: prefetch distance in rows of W */
-#define KCHUNK 1024 /* forward: columns per pass, so a block of W stays in L1 while every token reads it */
-
-INLINE float hsum(__m256 v)
-{
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
-
-/* y[t..t+n, o..o+ROWS] (+)= x[t..t+n, k0:k1] . w[o..o+ROWS, k0:k1]; n is a constant after inlining.
-   ``next`` is a row of the next block to prefetch to L1 while this one computes (or NULL), ``later`` rows to
-   prefetch to L2. */
-INLINE void dot_block(const float *x, const float *w, float *y, long K, long O, long t, long k0, long k1,
-                      const int n, int add, const float *next, const float *const *later, int nlater)
-{
-    __m256 acc[ROWS][TOKENS];
-    long kv = k0 + (k1 - k0) / 8 * 8;
-    for (int r = 0; r < ROWS; r++)
-        for (int j = 0; j < n; j++) acc[r][j] = _mm256_setzero_ps();
-    for (long k = k0; k < kv; k += 8) {
-        __m256 wv[ROWS];
-        for (int r = 0; r < ROWS; r++) wv[r] = _mm256_loadu_ps(w + r * K + k);
-        if (next && !(k & 15)) _mm_prefetch((const char *)(next + k), _MM_HINT_T0);
-        if (!(k & 15))
-            for (int p = 0; p < nlater; p++) _mm_prefetch((const char *)(later[p] + k), _MM_HINT_T1);
-        for (int j = 0; j < n; j++) {
-            __m256 xv = _mm256_loadu_ps(x + (t + j) * K + k);
-            for (int r = 0; r < ROWS; r++) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);
-        }
-    }
-    for (int j = 0; j < n; j++)
-        for (int r = 0; r < ROWS; r++) {
-            float *p = y + (t + j) * O + r;
-            float s = hsum(acc[r][j]);
-            for (long k = kv; k < k1; k++) s += x[(t + j) * K + k] * w[r * K + k];
-            *p = add ? *p + s : s;
-        }
-}
-
-/* Rows [o0, o1) of y = x W^T (o1 - o0 a multiple of ROWS). */
-KERNEL static void forward_rows(const float *x, const float *w, float *y, long T, long K, long O, long o0, long o1)
-{
-    for (long o = o0; o < o1; o += ROWS) {
-        const float *wo = w + o * K;
-        for (long k0 = 0; k0 < K; k0 += KCHUNK) {
-            long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
-            int add = k0 > 0, g = 0;
-            long t = 0;
-/* each token block prefetches one row of the next row block: ROWS blocks cover it */
-#define NEXT (o + ROWS < o1 && g < ROWS ? wo + (ROWS + g) * K : (const float *)0)
-            for (; t + TOKENS <= T; t += TOKENS, g++)
-                dot_block(x, wo, y + o, K, O, t, k0, k1, TOKENS, add, NEXT, NULL, 0);
-            if (T - t == 1) dot_block(x, wo, y + o, K, O, t, k0, k1, 1, add, NEXT, NULL, 0);
-            if (T - t == 2) dot_block(x, wo, y + o, K, O, t, k0, k1, 2, add, NEXT, NULL, 0);
-#undef NEXT
-        }
-    }
-}
-
-/* The columns of y left over when O is not a multiple of ROWS. */
-KERNEL static void forward_tail(const float *x, const float *w, float *y, long T, long K, long O, long o0)
-{
-    for (long o = o0; o < O; o++)
-        for (long t = 0; t < T; t++) {
-            __m256 acc = _mm256_setzero_ps();
-            long k = 0;
-            for (; k + 8 <= K; k += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + o * K + k), _mm256_loadu_ps(x + t * K + k), acc);
-            float s = hsum(acc);
-            for (; k < K; k++) s += x[t * K + k] * w[o * K + k];
-            y[t * O + o] = s;
-        }
-}
-
-/* gx[t..t+n, k:k+16] (+)= sum over o in [o0, o1) of g[t.., o] * w[o, k:k+16]. The first token block reads
-   this strip of W from memory: it prefetches AHEAD rows ahead, in the order the strips are read, so the next strip is in
-   cache when its turn comes (prefetching only within the strip leaves that wait exposed). */
-INLINE void axpy_block(const float *g, const float *w, float *gx, long K, long O, long k, long k1, long t,
-                       long o0, long o1, const int n, int add)
-{
-    __m256 a[GTOKENS][2];
-    for (int j = 0; j < n; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
-    for (long o = o0; o < o1; o++) {
-        __m256 w0 = _mm256_loadu_ps(w + o * K + k), w1 = _mm256_loadu_ps(w + o * K + k + 8);
-        if (t == 0) {
-            long ahead = o + AHEAD;
-            if (ahead < o1)
-                _mm_prefetch((const char *)(w + ahead * K + k), _MM_HINT_T0);
-            else if (k + 16 < k1 && ahead - (o1 - o0) < o1)
-                _mm_prefetch((const char *)(w + (ahead - (o1 - o0)) * K + k + 16), _MM_HINT_T0);
-        }
-        for (int j = 0; j < n; j++) {
-            __m256 b = _mm256_broadcast_ss(g + (t + j) * O + o);
-            a[j][0] = _mm256_fmadd_ps(b, w0, a[j][0]);
-            a[j][1] = _mm256_fmadd_ps(b, w1, a[j][1]);
-        }
-    }
-    for (int j = 0; j < n; j++) {
-        float *p = gx + (t + j) * K + k;
-        if (add) {
-            a[j][0] = _mm256_add_ps(a[j][0], _mm256_loadu_ps(p));
-            a[j][1] = _mm256_add_ps(a[j][1], _mm256_loadu_ps(p + 8));
-        }
-        _mm256_storeu_ps(p, a[j][0]);
-        _mm256_storeu_ps(p + 8, a[j][1]);
-    }
-}
-
-/* Columns [k0, k1) of gx = g W (multiples of 16). */
-KERNEL static void input_grad_columns(const float *g, const float *w, float *gx, long T, long K, long O, long k0, long k1)
-{
-    for (long o0 = 0; o0 < O; o0 += GROWS) {
-        long o1 = o0 + GROWS < O ? o0 + GROWS : O;
-        int add = o0 > 0;
-        for (long k = k0; k < k1; k += 16) {
-            long t = 0;
-            for (; t + GTOKENS <= T; t += GTOKENS) axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, GTOKENS, add);
-            switch (T - t) {
-            case 1: axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, 1, add); break;
-            case 2: axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, 2, add); break;
-            case 3: axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, 3, add); break;
-            case 4: axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, 4, add); break;
-            case 5: axpy_block(g, w, gx, K, O, k, k1, t, o0, o1, 5, add); break;
-            }
-        }
-    }
-}
+#define ROWS 4        /* forward and Adam: rows of W per block */
+#define PANEL 131072  /* input gradient: floats of W per panel of rows (512 KB: it and the next fit in L2) */
+#define KCHUNK 1024   /* forward: columns per pass, so a block of W stays in L1 while every token reads it */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
 
 /* One Adam step of a weight whose gradient is gp^T xp (gp: Tp x O, xp: Tp x K, the factors the backward pass
    saved), fused with the next forward product on the updated rows. Why: a step otherwise reads W four times from
@@ -170,30 +42,6 @@ typedef struct {
     float step_size, inv_bc2_sqrt, beta1, beta2, eps;
     float c1, c2;               /* 1 - beta1, 1 - beta2, rounded from double as torch does */
 } adam_args;
-
-INLINE __m256 adam_vec(const adam_args *a, long i, __m256 g)
-{
-    const __m256 c1 = _mm256_set1_ps(a->c1), c2 = _mm256_set1_ps(a->c2);
-    __m256 m = _mm256_mul_ps(c1, g), v = _mm256_mul_ps(_mm256_mul_ps(c2, g), g);
-    if (!a->first) {
-        m = _mm256_fmadd_ps(_mm256_set1_ps(a->beta1), _mm256_loadu_ps(a->m + i), m);
-        v = _mm256_fmadd_ps(_mm256_set1_ps(a->beta2), _mm256_loadu_ps(a->v + i), v);
-    }
-    if (a->keep) {
-        _mm256_storeu_ps(a->m + i, m);
-        _mm256_storeu_ps(a->v + i, v);
-    }
-    /* sqrt and division from the CPU's estimates refined by one Newton step each (a few ulp from exact, tested
-       against torch's Adam): with vsqrtps and vdivps this step was bound by them, not by memory */
-    const __m256 half = _mm256_set1_ps(0.5f), three = _mm256_set1_ps(3.f), two = _mm256_set1_ps(2.f);
-    __m256 vc = _mm256_max_ps(v, _mm256_set1_ps(1.17549435e-38f));           /* v = 0: sqrt 0, not 0 * inf */
-    __m256 r = _mm256_rsqrt_ps(vc);
-    r = _mm256_mul_ps(_mm256_mul_ps(half, r), _mm256_fnmadd_ps(_mm256_mul_ps(vc, r), r, three)); /* 1 / sqrt v */
-    __m256 den = _mm256_fmadd_ps(_mm256_mul_ps(vc, r), _mm256_set1_ps(a->inv_bc2_sqrt), _mm256_set1_ps(a->eps));
-    __m256 q = _mm256_rcp_ps(den);
-    q = _mm256_mul_ps(q, _mm256_fnmadd_ps(den, q, two));                       /* 1 / den */
-    return _mm256_fnmadd_ps(_mm256_set1_ps(a->step_size), _mm256_mul_ps(m, q), _mm256_loadu_ps(a->src + i));
-}
 
 static float adam_scalar(const adam_args *a, long i, float g)
 {
@@ -209,83 +57,71 @@ static float adam_scalar(const adam_args *a, long i, float g)
     return a->src[i] - a->step_size * (m / (sqrtf(v) * a->inv_bc2_sqrt + a->eps));
 }
 
-/* Rows o..o+n (n a constant after inlining), columns [k0, k1) of the weight take their Adam step. */
-INLINE void adam_block(const adam_args *a, long o, long k0, long k1, const int n)
+/* AVX2 + FMA. Only the kernels are compiled for it, so that importing the module is safe on any x86-64 CPU. */
+#define KERNEL __attribute__((target("avx2,fma")))
+#define SFX(name) CAT(name, _avx2)
+#define V __m256
+#define VW 8
+#define TOKENS 3
+#define GTOKENS 6
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VZERO _mm256_setzero_ps
+#define VSET1 _mm256_set1_ps
+#define VFMA _mm256_fmadd_ps
+#define VFNMA _mm256_fnmadd_ps
+#define VMUL _mm256_mul_ps
+#define VMAX _mm256_max_ps
+#define VRSQRT _mm256_rsqrt_ps
+#define VRCP _mm256_rcp_ps
+static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2(__m256 v)
 {
-    const long K = a->K, O = a->O, Tp = a->Tp; /* locals: the compiler then keeps the sums in registers */
-    const float *gp = a->gp + o, *xp = a->xp;
-    long k = k0;
-    for (; k + 16 <= k1; k += 16) {
-        __m256 acc[ROWS][2];
-        for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (long t = 0; t < Tp; t++) {
-            __m256 x0 = _mm256_loadu_ps(xp + t * K + k), x1 = _mm256_loadu_ps(xp + t * K + k + 8);
-            for (int r = 0; r < n; r++) {
-                __m256 b = _mm256_broadcast_ss(gp + t * O + r);
-                acc[r][0] = _mm256_fmadd_ps(b, x0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
-            }
-        }
-#pragma GCC unroll 8 /* constant indices: the sums stay in registers through the t loop */
-        for (int r = 0; r < n; r++) {
-            long i = (o + r) * K + k;
-            __m256 w0 = adam_vec(a, i, acc[r][0]), w1 = adam_vec(a, i + 8, acc[r][1]);
-            _mm256_storeu_ps(a->dst + i, w0);
-            _mm256_storeu_ps(a->dst + i + 8, w1);
-        }
-    }
-    for (; k < k1; k++)
-        for (int r = 0; r < n; r++) {
-            float g = 0.f;
-            for (long t = 0; t < a->Tp; t++) g += a->gp[t * O + o + r] * a->xp[t * K + k];
-            a->dst[(o + r) * K + k] = adam_scalar(a, (o + r) * K + k, g);
-        }
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
 }
+#define HSUM hsum_avx2
+#include "_fewrows_isa.h"
+#undef KERNEL
+#undef SFX
+#undef V
+#undef VW
+#undef TOKENS
+#undef GTOKENS
+#undef VLOAD
+#undef VSTORE
+#undef VZERO
+#undef VSET1
+#undef VFMA
+#undef VFNMA
+#undef VMUL
+#undef VMAX
+#undef VRSQRT
+#undef VRCP
+#undef HSUM
 
-/* The rows from o0 on, when O is not a multiple of ROWS, take their step. */
-KERNEL static void adam_tail(const adam_args *a, long o0)
-{
-    for (long o = o0; o < a->O; o++) adam_block(a, o, 0, a->K, 1);
-}
+/* AVX-512F: 16 lanes and 32 registers, so twice the tokens per block. */
+#define KERNEL __attribute__((target("avx512f,fma")))
+#define SFX(name) CAT(name, _avx512)
+#define V __m512
+#define VW 16
+#define TOKENS 6
+#define GTOKENS 12
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VZERO _mm512_setzero_ps
+#define VSET1 _mm512_set1_ps
+#define VFMA _mm512_fmadd_ps
+#define VFNMA _mm512_fnmadd_ps
+#define VMUL _mm512_mul_ps
+#define VMAX _mm512_max_ps
+#define VRSQRT _mm512_rsqrt14_ps
+#define VRCP _mm512_rcp14_ps
+#define HSUM _mm512_reduce_add_ps
+#include "_fewrows_isa.h"
 
-/* Rows [o0, o1) (a multiple of ROWS) take their step, then y = x W^T on them, chunk by chunk from cache. While
-   the product of one chunk computes, the weight and moments of the next are prefetched to L2, so memory and
-   arithmetic overlap: without it the fused step would wait on memory as long as the three passes it replaces. */
-KERNEL static void adam_forward_rows(const adam_args *a, const float *x, float *y, long T, long o0, long o1)
-{
-    const long K = a->K, O = a->O;
-    const int blocks = (int)((T + TOKENS - 1) / TOKENS), arrays = a->first ? 1 : 3, rows = ROWS * arrays;
-    const int per = (rows + blocks - 1) / blocks; /* rows to prefetch in each token block */
-    for (long o = o0; o < o1; o += ROWS) {
-        const float *wo = a->dst + o * K;
-        for (long k0 = 0; k0 < K; k0 += KCHUNK) {
-            long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
-            /* the next chunk: further along these rows, or the start of the next rows */
-            long no = k1 < K ? o : o + ROWS, nk = k1 < K ? k1 : 0;
-            const float *later[3 * ROWS];
-            int nlater = 0;
-            if (no < o1)
-                for (int r = 0; r < ROWS; r++) {
-                    long i = (no + r) * K + nk - k0; /* offset so that later[p] + k walks the next chunk */
-                    later[nlater++] = a->src + i;
-                    if (!a->first) {
-                        later[nlater++] = a->m + i;
-                        later[nlater++] = a->v + i;
-                    }
-                }
-            int add = k0 > 0, g = 0;
-            long t = 0;
-            adam_block(a, o, k0, k1, ROWS);
-#define LATER(g) (later + ((g) * per < nlater ? (g) * per : nlater)), \
-                 ((g) * per < nlater ? ((g) * per + per < nlater ? per : nlater - (g) * per) : 0)
-            for (; t + TOKENS <= T; t += TOKENS, g++)
-                dot_block(x, wo, y + o, K, O, t, k0, k1, TOKENS, add, NULL, LATER(g));
-            if (T - t == 1) dot_block(x, wo, y + o, K, O, t, k0, k1, 1, add, NULL, LATER(g));
-            if (T - t == 2) dot_block(x, wo, y + o, K, O, t, k0, k1, 2, add, NULL, LATER(g));
-#undef LATER
-        }
-    }
-}
+static int wide; /* use the AVX-512 kernels */
 
 /* The columns of gx left over when K is not a multiple of 16. */
 static void input_grad_tail(const float *g, const float *w, float *gx, long T, long K, long O, long k0)
@@ -349,9 +185,12 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     {
         long o0, o1;
         share(O, ROWS, &o0, &o1);
-        forward_rows(x, w, y, T, K, O, o0, o1);
+        if (wide)
+            forward_rows_avx512(x, w, y, T, K, O, o0, o1);
+        else
+            forward_rows_avx2(x, w, y, T, K, O, o0, o1);
     }
-    forward_tail(x, w, y, T, K, O, O / ROWS * ROWS);
+    (wide ? forward_tail_avx512 : forward_tail_avx2)(x, w, y, T, K, O, O / ROWS * ROWS);
     add_bias(y, b, T, O);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -364,15 +203,33 @@ static PyObject *py_input_grad(PyObject *self, PyObject *const *args, Py_ssize_t
     if (parse(args, nargs, p, d, 3) < 0) return NULL;
     const float *g = p[0], *w = p[1];
     float *gx = p[2];
-    long T = d[0], K = d[1], O = d[2];
+    long T = d[0], K = d[1], O = d[2], kv = K / (wide ? 32 : 16) * (wide ? 32 : 16);
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
+    /* each thread sums over its own rows of W; thread 0 into gx, the others into their own buffers, added after */
+    int threads = omp_get_max_threads();
+    float *parts = threads > 1 && kv ? malloc(sizeof(float) * (size_t)(threads - 1) * T * K) : NULL;
+    if (!parts) threads = 1; /* no memory for the other threads' sums: one thread does it all */
+#pragma omp parallel num_threads(threads)
     {
+        long o0, o1;
+        int id = omp_get_thread_num(), used = omp_get_num_threads();
+        share(O, 1, &o0, &o1);
+        float *out = id == 0 ? gx : parts + (size_t)(id - 1) * T * K;
+        if (kv) {
+            if (o1 > o0)
+                (wide ? input_grad_rows_avx512 : input_grad_rows_avx2)(g, w, out, T, K, O, o0, o1);
+            else
+                for (long t = 0; t < T; t++) memset(out + t * K, 0, sizeof(float) * kv);
+        }
+#pragma omp barrier
         long k0, k1;
-        share(K, 16, &k0, &k1);
-        if (k1 > k0) input_grad_columns(g, w, gx, T, K, O, k0, k1);
+        share(kv, 16, &k0, &k1); /* kv is a multiple of 16 */
+        for (int q = 1; q < used; q++)
+            for (long t = 0; t < T; t++)
+                for (long k = k0; k < k1; k++) gx[t * K + k] += parts[(size_t)(q - 1) * T * K + t * K + k];
     }
-    input_grad_tail(g, w, gx, T, K, O, K / 16 * 16);
+    free(parts);
+    input_grad_tail(g, w, gx, T, K, O, kv);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -387,7 +244,7 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
                           &a.K, &a.O, &a.first, &a.keep, &a.step_size, &a.inv_bc2_sqrt, &a.eps, &beta1, &beta2))
         return NULL;
     a.beta1 = (float)beta1, a.beta2 = (float)beta2, a.c1 = (float)(1.0 - beta1), a.c2 = (float)(1.0 - beta2);
-    if (T < 1 || a.Tp < 1 || a.K < 1 || a.O < 1 || ((!a.first || a.keep) && (!m || !v))) {
+    if (T < 0 || (T > 0 && (!x || !y)) || a.Tp < 1 || a.K < 1 || a.O < 1 || ((!a.first || a.keep) && (!m || !v))) {
         PyErr_SetString(PyExc_ValueError, "bad shapes or moments");
         return NULL;
     }
@@ -401,10 +258,10 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
     {
         long o0, o1;
         share(O, ROWS, &o0, &o1);
-        adam_forward_rows(&a, xs, ys, T, o0, o1);
+        (wide ? adam_forward_rows_avx512 : adam_forward_rows_avx2)(&a, xs, ys, T, o0, o1);
     }
-    adam_tail(&a, O / ROWS * ROWS);
-    forward_tail(xs, a.dst, ys, T, K, O, O / ROWS * ROWS);
+    (wide ? adam_tail_avx512 : adam_tail_avx2)(&a, O / ROWS * ROWS);
+    (wide ? forward_tail_avx512 : forward_tail_avx2)(xs, a.dst, ys, T, K, O, O / ROWS * ROWS);
     add_bias(ys, bias, T, O);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -416,6 +273,30 @@ static PyObject *py_supported(PyObject *self, PyObject *unused)
     return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
 }
 
+static int has_avx512(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+}
+
+/* use(name): 'avx512' (where the CPU has it) or 'avx2'; returns the set now in use. Tests run both. */
+static PyObject *py_use(PyObject *self, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    if (strcmp(name, "avx512") == 0 && has_avx512())
+        wide = 1;
+    else if (strcmp(name, "avx2") == 0)
+        wide = 0;
+    else {
+        PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(wide ? "avx512" : "avx2");
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(wide ? "avx512" : "avx2"); }
+
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL,
      "linear(x, w, b_or_0, y, T, K, O): y = x w^T + b on data pointers; x (T, K), w (O, K), y (T, O)."},
@@ -424,11 +305,19 @@ static PyMethodDef methods[] = {
     {"adam_linear", py_adam_linear, METH_VARARGS,
      "adam_linear(src, dst, m, v, gp, xp, x, b, y, Tp, T, K, O, first, keep, step_size, inv_bc2_sqrt, eps, beta1,"
      " beta2):"
-     " one Adam step of w from the gradient gp^T xp, then y = x w^T + b on the stepped weight."},
+     " one Adam step of w from the gradient gp^T xp, then y = x w^T + b on the stepped weight (T = 0: the step"
+     " alone)."},
     {"supported", py_supported, METH_NOARGS, "Whether this CPU has the AVX2 and FMA instructions these use."},
+    {"use", py_use, METH_O, "use('avx512' or 'avx2'): pick the kernels' instruction set; returns the one in use."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: 'avx512' or 'avx2'."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fewrows", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fewrows(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fewrows(void)
+{
+    const char *isa = getenv("STYLEGRAD_KERNELS_ISA"); /* 'avx2' keeps the narrower kernels */
+    wide = has_avx512() && !(isa && strcmp(isa, "avx2") == 0);
+    return PyModule_Create(&module);
+}

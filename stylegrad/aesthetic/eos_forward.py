@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
-from stylegrad.aesthetic.products import can_fuse_adam, fused_adam_linear, input_grad, linear
+from stylegrad.aesthetic.products import can_fuse_adam, empty_huge, fused_adam_linear, input_grad, linear
 from stylegrad.aesthetic.tower import TextTower
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -51,10 +51,10 @@ class AdamMatrix:
         self.deferred = can_fuse_adam(self.weight)
 
     def _take_copy(self) -> None:
-        self.weight = self.params[self.name] = self.weight.to(torch.float32, memory_format=torch.contiguous_format,
-                                                               copy=True)
+        copy = empty_huge(self.weight.to(torch.float32) if self.weight.dtype != torch.float32 else self.weight)
+        self.weight = self.params[self.name] = copy.copy_(self.weight)
         # zeroed here, the moments are still in cache when Adam reads them
-        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.weight), torch.zeros_like(self.weight)
+        self.exp_avg, self.exp_avg_sq = empty_huge(self.weight).zero_(), empty_huge(self.weight).zero_()
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """One Adam step with grad W = grad_out^T @ x (rows are tokens): now, or kept for the next ``forward``."""
@@ -84,9 +84,9 @@ class AdamMatrix:
         first = self.exp_avg is None
         source = self.weight
         if first:
-            self.weight = self.params[self.name] = torch.empty_like(source, memory_format=torch.contiguous_format)
+            self.weight = self.params[self.name] = empty_huge(source)
         if first and not last:  # written before they are read
-            self.exp_avg, self.exp_avg_sq = torch.empty_like(self.weight), torch.empty_like(self.weight)
+            self.exp_avg, self.exp_avg_sq = empty_huge(self.weight), empty_huge(self.weight)
         y = fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
                               first=first, keep=not last, step=int(self.step), adam=self.adam)
         if last:

@@ -7,8 +7,10 @@ Set STYLEGRAD_KERNELS=0 to use torch's kernels only."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,9 @@ _KERNELS = _compiled()
 _ONEDNN = _onednn_linear()
 _FEW_ROWS = 32  # on oneDNN, up to this many rows a contiguous weight goes first in the product
 _KERNEL_ROWS = 96  # compiled kernels up to here: they cover SD's 77-token prompts with room to spare
+# the forward product on the kernels up to here; beyond, oneDNN's blocked GEMM reuses each row of x across more
+# rows of W and ran 1.7x faster at 77 rows (a fused Adam step then runs alone, and oneDNN takes the product)
+_KERNEL_PRODUCT_ROWS = 32
 
 
 def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -54,6 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T (+ bias) for (T, K) x and (O, K) weight, without autograd."""
     global _ONEDNN
     if (_fits_kernels(x, weight) and x.shape[1] == weight.shape[1]
+            and (x.shape[0] <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None)
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
                                   and bias.shape == weight.shape[:1]))):  # else torch's path, and its errors
         x = x.contiguous()
@@ -82,6 +88,40 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                             weight.shape[1], weight.shape[0])
         return gx
     return linear(grad_out, weight.T)
+
+
+def _madvise():
+    """libc's madvise, on Linux; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+        fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _madvise()
+_HUGE = 2 << 20  # a transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+def empty_huge(like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` (contiguous), backed by 2 MB pages where Linux allows it. Why: a tuned weight and its
+    moments (7.5 GB for SDXL's bigG) are fresh memory every prompt; in 4 KB pages that is two million page
+    faults, and every pass over them walks a page table that misses the TLB at each new page. Asked on the
+    allocation, before any page is touched, the kernel maps them 2 MB at a time (its "madvise" mode, the default
+    of most distributions). Elsewhere, or if refused, the tensor is an ordinary one."""
+    t = torch.empty_like(like, memory_format=torch.contiguous_format)
+    nbytes = t.numel() * t.element_size()
+    if _MADVISE is not None and t.device.type == "cpu" and nbytes >= 2 * _HUGE:
+        start = -(-t.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside the tensor
+        end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal changes nothing but speed
+    return t
 
 
 def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
@@ -115,11 +155,12 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
             and (bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32
                                   and bias.is_contiguous()))):
         raise ValueError("fused_adam_linear: shapes, dtypes or layouts the kernel does not take (see can_fuse_adam)")
-    y = x.new_empty(rows, out_features)
+    fused = rows <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None
+    y = x.new_empty(rows, out_features) if fused else None
     _KERNELS.adam_linear(
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
-        0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(), x.data_ptr(),
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), grad_out.shape[0], rows, weight.shape[1],
-        weight.shape[0], int(first), int(keep), adam.lr / (1 - adam.beta1 ** step),
-        1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2)
-    return y
+        0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(),
+        x.data_ptr() if fused else 0, 0 if bias is None else bias.data_ptr(), y.data_ptr() if fused else 0,
+        grad_out.shape[0], rows if fused else 0, weight.shape[1], weight.shape[0], int(first), int(keep),
+        adam.lr / (1 - adam.beta1 ** step), 1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2)
+    return y if fused else linear(x, weight, bias)

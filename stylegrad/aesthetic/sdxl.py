@@ -214,9 +214,8 @@ class SDXLAestheticEncoder:
 
     def _one(self, which, chunks, style, options, towers, clip_skip, callback, loras):
         """(hidden (C, 77, H), pooled (1, P) or None) of one tower, tuned if it is among ``towers``."""
-        plain = self._states(which, chunks, clip_skip, loras)
         if which not in towers:
-            return plain
+            return self._states(which, chunks, clip_skip, loras)
         tower = self.tower(which)
         text_target = None
         if options.text:
@@ -234,7 +233,8 @@ class SDXLAestheticEncoder:
                              extra_rows=chunks.extra, base=base)
         self.last_similarities.setdefault(which, []).append(result.similarities)
         hidden, pooled = result.hidden.to(tower.dtype), (result.text_embedding if which == "g" else None)
-        if options.weight != 1.0:
+        if options.weight != 1.0:  # the untuned states only now: at weight 1 they would cost a whole 77-token pass
+            plain = self._states(which, chunks, clip_skip, loras)
             hidden = blend(plain[0].float(), hidden.float(), options.weight, options.slerp).to(tower.dtype)
             if pooled is not None:
                 p0 = plain[1].float()
