@@ -7,6 +7,7 @@ style files and init images by path."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -36,12 +37,20 @@ from stylegrad.pipelines.request import (
 
 
 def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: GenerationRequest,
-                 init_image: Image.Image | None = None, **pooled) -> Image.Image:
+                 init_image: Image.Image | None = None, on_step: Callable[[int, int], None] | None = None,
+                 **pooled) -> Image.Image:
     """One image: seeded through ``torch.Generator('cpu')`` so results match plain diffusers on any device.
-    ``pooled``: SDXL's pooled_prompt_embeds and negative_pooled_prompt_embeds."""
+    ``pooled``: SDXL's pooled_prompt_embeds and negative_pooled_prompt_embeds. ``on_step(done, total)`` after each
+    denoising step (an exception it raises stops the image)."""
     generator = torch.Generator("cpu").manual_seed(request.seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                   num_inference_steps=request.steps, guidance_scale=request.cfg, generator=generator, **pooled)
+    if on_step is not None:
+        def step_end(pipe_, i, t, kwargs):
+            on_step(i + 1, pipe_.num_timesteps)
+            return kwargs
+
+        common["callback_on_step_end"] = step_end
     if init_image is None:
         return pipe(height=request.height, width=request.width, **common).images[0]
     import diffusers
@@ -63,18 +72,27 @@ def load_init_image(path: str | None, width: int | None, height: int | None) -> 
     """The img2img start, resized to the request's size (or its own) rounded down to a multiple of 8."""
     if path is None:
         return None
-    image = load_image(path, "init image")
+    return fit_init_image(load_image(path, "init image"), width, height)
+
+
+def fit_init_image(image: Image.Image, width: int | None, height: int | None) -> Image.Image:
     w, h = width or image.width, height or image.height
-    return image.resize((w - w % 8, h - h % 8), Image.LANCZOS)
+    return image.convert("RGB").resize((w - w % 8, h - h % 8), Image.LANCZOS)
 
 
-def style_progress(total: int, desc: str = "style"):
-    """A tqdm bar and the callback that advances it (one tick per Adam step)."""
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=total == 0)
+# progress(stage, done, total): 'style' Adam steps and 'denoising' steps as they happen; raising stops the work
+Progress = Callable[[str, int, int], None]
+
+
+def style_progress(total: int, desc: str = "style", progress: Progress | None = None):
+    """A tqdm bar and the callback that advances it (one tick per Adam step), also reported to ``progress``."""
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=total == 0 or progress is not None)
 
     def callback(step: int, similarity: float) -> None:
         bar.set_postfix(cos=f"{similarity:.3f}")
         bar.update(1)
+        if progress is not None:
+            progress("style", bar.n, total)
 
     return bar, callback
 
@@ -171,12 +189,12 @@ class Generator:
         code = None
         if request.uses_stylecode:
             pipe, code = self._stylecode_pipeline(pipe, request)
-        pipe.set_progress_bar_config(desc="denoising", leave=False)
+        pipe.set_progress_bar_config(desc="denoising", leave=False, disable=False)
         init = load_init_image(request.init_image, request.width, request.height)
         return pipe, style, init, code
 
     def embeddings(self, request: GenerationRequest, style: Style | None, desc: str = "style",
-                   addons: RequestAddons | None = None):
+                   addons: RequestAddons | None = None, progress: Progress | None = None):
         """(prompt_embeds, negative_prompt_embeds, pooled): plain when the request has no active style (no CLIP
         loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2). ``addons``: the request's LoRAs
         and embeddings (resolved here when not given); the embeddings it used are in ``self.last_embeddings``."""
@@ -185,7 +203,7 @@ class Generator:
         steps = request.style_options.steps if request.styled else 0
         if is_sdxl(self.pipe):
             towers = len(encoder.towers_for(style, request.style_options)) if request.styled else 0
-            bar, callback = style_progress(steps * towers, desc)
+            bar, callback = style_progress(steps * towers, desc, progress)
             try:
                 e = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
                                    request.negative, request.clip_skip, callback, loras=addons.loras,
@@ -195,7 +213,7 @@ class Generator:
                 bar.close()
             return e.prompt_embeds, e.negative_prompt_embeds, dict(
                 pooled_prompt_embeds=e.pooled_prompt_embeds, negative_pooled_prompt_embeds=e.negative_pooled_prompt_embeds)
-        bar, callback = style_progress(steps, desc)
+        bar, callback = style_progress(steps, desc, progress)
         try:
             pe, ne = encoder.encode(request.prompt, style if request.styled else None, request.style_options,
                                     request.negative, request.clip_skip, callback, embeddings=addons.embeddings[""],
@@ -208,19 +226,28 @@ class Generator:
     def _model_hash(self, model: str) -> str | None:
         return short_hash(model) if Path(model).is_file() else None
 
-    def images(self, request: GenerationRequest, n: int = 1) -> list[tuple[Image.Image, str]]:
-        """``n`` images with seeds ``seed .. seed+n-1`` and the infotext of each; the style is applied once."""
+    def images(self, request: GenerationRequest, n: int = 1, progress: Progress | None = None,
+               init_image: Image.Image | None = None) -> list[tuple[Image.Image, str]]:
+        """``n`` images with seeds ``seed .. seed+n-1`` and the infotext of each; the style is applied once.
+        ``progress``: see ``Progress`` (no terminal bars then). ``init_image``: an img2img start given as an image
+        rather than as ``request.init_image``'s path (resized as that would be)."""
         if n < 1:
             raise StylegradError(f"n must be >= 1, got {n}")
         pipe, style, init, code = self._prepare(request)
+        if init_image is not None:
+            init = fit_init_image(init_image, request.width, request.height)
         addons = self.request_addons(request)
-        pe, ne, pooled = self.embeddings(request, style, addons=addons)
+        pe, ne, pooled = self.embeddings(request, style, addons=addons, progress=progress)
         fields = addons.infotext_fields(self.last_embeddings)
         out = []
+        if progress is not None:
+            pipe.set_progress_bar_config(disable=True)
         for i in range(n):
             r = request.with_seed(request.seed + i)
+            on_step = None if progress is None else (lambda done, total, i=i: progress(
+                "denoising", i * total + done, n * total))
             with addons.loras.applied(("unet",)) if addons.loras else nullcontext():
-                image = run_pipeline(pipe, pe, ne, r, init, **pooled)
+                image = run_pipeline(pipe, pe, ne, r, init, on_step, **pooled)
             text = infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
                             stylecode=code, model_hash=self._model_hash(self.model or r.model), addons=fields)
             out.append((image, text))

@@ -1,0 +1,83 @@
+"""``serve``: the web UI and the HTTP APIs (A1111's subset and stylegrad's own) over one loaded model."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from stylegrad.apps.cli.args import add_device, add_model_options
+from stylegrad.pipelines.loading import DEFAULT_MODEL
+
+
+def cmd_serve(a) -> None:
+    from stylegrad.apps.serve.settings import ServeSettings, default_dirs
+
+    settings = ServeSettings(  # a bad address or key fails before any model loads
+        host=a.host, port=a.port, api_key=a.api_key or os.environ.get("STYLEGRAD_API_KEY") or None,
+        styles_dirs=tuple(a.styles or default_dirs("STYLEGRAD_STYLES_DIR")),
+        loras_dirs=tuple(a.loras or default_dirs("STYLEGRAD_LORAS_DIR")),
+        embeddings_dirs=tuple(a.embeddings or default_dirs("STYLEGRAD_EMBEDDINGS_DIR")),
+        max_waiting=a.queue, max_side=a.max_side, max_steps=a.max_steps, max_images=a.max_images,
+        max_upload_bytes=a.max_upload_mb << 20, log_prompts=a.log_prompts, ui=not a.no_ui, predictor=a.predictor)
+    for d in settings.styles_dirs:
+        os.makedirs(d, exist_ok=True)
+    import logging
+
+    import uvicorn
+
+    from stylegrad.apps.serve.app import create_app
+    from stylegrad.apps.serve.service import Service
+    from stylegrad.pipelines.generation import Generator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    generator = Generator.load(a.model or DEFAULT_MODEL, a.device, a.clip_model, a.siglip_model, vae=a.vae,
+                               models_dir=a.models_dir, embeddings_dirs=list(settings.embeddings_dirs),
+                               loras_dirs=list(settings.loras_dirs))
+    service = Service(generator, settings, a.clip_model, a.stylecodes_model)
+    app = create_app(service)
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    print(f"stylegrad serving {generator.model} on http://{shown}:{settings.port}/ (UI), /sdapi/v1 (A1111), "
+          f"/v1 and /docs (stylegrad API){' - API key required' if settings.api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="web UI and HTTP API (A1111-compatible) over one model",
+                       description="Serve one loaded model: a web UI at / (make a style from pictures, generate with "
+                       "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
+                       "img2img, png-info, progress, interrupt, sd-models, samplers, loras, embeddings; the aesthetic "
+                       "fields under alwayson_scripts['Aesthetic embeddings']) and stylegrad's own API at /v1 (its "
+                       "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
+                       epilog="Example: stylegrad serve --model dreamshaper_8.safetensors --styles styles/ --loras "
+                       "models/Lora --embeddings embeddings/")
+    g = p.add_argument_group("model")
+    add_model_options(g, DEFAULT_MODEL)
+    g.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP that styles are made with and measured in "
+                   "(default: the model family's)")
+    g.add_argument("--stylecodes-model", metavar="ID_OR_PATH", help="Stylecodes checkpoint (default: the published)")
+    g.add_argument("--siglip-model", metavar="ID_OR_PATH", help="SigLIP image encoder for stylecodes")
+    g.add_argument("--predictor", metavar="NAME_OR_FILE", help="aesthetic predictor that scores new styles "
+                   "(default: none)")
+    add_device(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "any other needs --api-key)")
+    g.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    g.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (the web UI asks for it as "
+                   "a password); default $STYLEGRAD_API_KEY")
+    g.add_argument("--no-ui", action="store_true", help="the APIs only")
+    g.add_argument("--log-prompts", action="store_true", help="name prompts in the request log (default: not)")
+    g = p.add_argument_group("folders (names in requests resolve only inside these)")
+    g.add_argument("--styles", action="append", default=[], metavar="DIR",
+                   help="style files; new styles are saved in the first (default: $STYLEGRAD_STYLES_DIR)")
+    g.add_argument("--loras", action="append", default=[], metavar="DIR", help="LoRAs (default: $STYLEGRAD_LORAS_DIR)")
+    g.add_argument("--embeddings", action="append", default=[], metavar="DIR",
+                   help="textual-inversion embeddings (default: $STYLEGRAD_EMBEDDINGS_DIR)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--queue", type=int, default=16, metavar="N", help="requests waiting behind the running one before "
+                   "429 (default 16)")
+    g.add_argument("--max-side", type=int, default=2048, metavar="PX", help="largest width or height (default 2048)")
+    g.add_argument("--max-steps", type=int, default=150, metavar="N", help="most denoising steps (default 150)")
+    g.add_argument("--max-images", type=int, default=8, metavar="N", help="most images per request (default 8)")
+    g.add_argument("--max-upload-mb", type=int, default=20, metavar="MB", help="largest uploaded image (default 20)")
+    p.set_defaults(func=cmd_serve, parser=p)

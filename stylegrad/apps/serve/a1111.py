@@ -1,0 +1,253 @@
+"""The part of AUTOMATIC1111's HTTP API that clients call (Open WebUI, SillyTavern, Photoshop plugins, the
+``webuiapi`` client): its request fields and defaults, its response shapes (``modules/api/models.py``), and the
+aesthetic-gradients extension's fields under its script title in ``alwayson_scripts``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.errors import StylegradError
+from stylegrad.pipelines.loading import sampler_id
+from stylegrad.pipelines.request import GenerationRequest
+
+SCRIPT = "aesthetic embeddings"  # the extension's script title, as A1111 matches alwayson_scripts keys
+# the extension's ui() order, and its defaults
+SCRIPT_ARGS = ("aesthetic_weight", "aesthetic_steps", "aesthetic_lr", "aesthetic_slerp", "aesthetic_imgs",
+               "aesthetic_imgs_text", "aesthetic_slerp_angle", "aesthetic_text_negative")
+SCRIPT_DEFAULTS = dict(aesthetic_weight=0.9, aesthetic_steps=5, aesthetic_lr=0.0001, aesthetic_slerp=False,
+                       aesthetic_imgs="None", aesthetic_imgs_text="", aesthetic_slerp_angle=0.1,
+                       aesthetic_text_negative=False)
+
+
+class Txt2Img(BaseModel):
+    """A1111's StableDiffusionProcessingTxt2Img fields that change the picture here; others (restore_faces,
+    tiling, ...) are accepted and ignored, as clients send them all."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(7.0, ge=0, le=100)
+    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=8)
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+    force_task_id: str | None = Field(None, max_length=128)
+
+
+class Img2Img(Txt2Img):
+    init_images: list[str] | None = None
+    denoising_strength: float = Field(0.75, gt=0, le=1)
+
+
+class PNGInfoRequest(BaseModel):
+    image: str
+
+
+def _script_args(scripts: dict[str, Any]) -> dict[str, Any] | None:
+    """The extension's arguments from ``alwayson_scripts`` (a list in its ui() order, or a dict by name)."""
+    entry = next((v for k, v in scripts.items() if k.strip().lower() == SCRIPT), None)
+    if entry is None:
+        return None
+    args = entry.get("args", entry) if isinstance(entry, dict) else entry
+    if isinstance(args, dict):
+        unknown = set(args) - set(SCRIPT_ARGS)
+        if unknown:
+            raise StylegradError(f"alwayson_scripts['{SCRIPT}']: unknown argument(s) {', '.join(sorted(unknown))}")
+        return {**SCRIPT_DEFAULTS, **args}
+    if not isinstance(args, list) or len(args) > len(SCRIPT_ARGS):
+        raise StylegradError(f"alwayson_scripts['{SCRIPT}'].args: a list of at most {len(SCRIPT_ARGS)} values "
+                             f"({', '.join(SCRIPT_ARGS)})")
+    return {**SCRIPT_DEFAULTS, **dict(zip(SCRIPT_ARGS, args))}
+
+
+def _number(args: dict, key: str, kind, lo: float, hi: float):
+    try:
+        v = kind(args[key])
+    except (TypeError, ValueError) as e:
+        raise StylegradError(f"{key}: {args[key]!r} is not a number") from e
+    if not lo <= v <= hi:
+        raise StylegradError(f"{key}: {v} is outside {lo}..{hi}")
+    return v
+
+
+def to_request(body: Txt2Img, service, seed: int, init: bool = False) -> GenerationRequest:
+    """Our request for an A1111 one; every name resolved inside the server's folders, every limit checked."""
+    s = service.settings
+    if body.width > s.max_side or body.height > s.max_side:
+        raise StylegradError(f"width and height must be at most {s.max_side}")
+    if body.width % 8 or body.height % 8:
+        raise StylegradError("width and height must be multiples of 8")
+    if body.steps > s.max_steps:
+        raise StylegradError(f"steps must be at most {s.max_steps}")
+    name = body.sampler_name or body.sampler_index
+    if body.scheduler and body.scheduler.lower() == "karras" and "karras" not in name.lower():
+        name = f"{name} Karras"
+    sampler = sampler_id(name)
+    clip_skip = None
+    stop = body.override_settings.get("CLIP_stop_at_last_layers")
+    if stop is not None:
+        if not isinstance(stop, int) or not 1 <= stop <= 12:
+            raise StylegradError("override_settings.CLIP_stop_at_last_layers must be 1..12")
+        clip_skip = stop - 1 or None  # A1111's 1 = the last layer = no skip
+    style, options = None, StyleOptions(steps=0)
+    args = _script_args(body.alwayson_scripts)
+    if args is not None and str(args["aesthetic_imgs"]) not in ("", "None"):
+        style = service.style_path(str(args["aesthetic_imgs"]))
+        options = StyleOptions(
+            steps=_number(args, "aesthetic_steps", int, 0, s.max_style_steps),
+            lr=_number(args, "aesthetic_lr", float, 0.0, 1.0),
+            weight=_number(args, "aesthetic_weight", float, 0.0, 1.0),
+            slerp=bool(args["aesthetic_slerp"]),
+            text=str(args["aesthetic_imgs_text"]) or None,
+            text_angle=_number(args, "aesthetic_slerp_angle", float, 0.0, 1.0),
+            text_negative=bool(args["aesthetic_text_negative"]),
+            personalize_negative=True,  # the extension tunes every prompt it encodes, the negative too
+        )
+    return GenerationRequest(
+        prompt=body.prompt, negative=body.negative_prompt, seed=seed, steps=body.steps, cfg=body.cfg_scale,
+        width=body.width, height=body.height, sampler=sampler, clip_skip=clip_skip,
+        model=str(service.generator.model or ""), clip_model=service.clip_model, style=style, style_options=options,
+        strength=getattr(body, "denoising_strength", 0.75) if init else 0.75)
+
+
+def info_json(body: Txt2Img, request: GenerationRequest, seeds: list[int], infotexts: list[str], service) -> str:
+    """A1111's ``info``: a JSON string describing the batch (the fields clients read)."""
+    n = len(seeds)
+    return json.dumps({
+        "prompt": body.prompt, "all_prompts": [body.prompt] * n,
+        "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * n,
+        "seed": seeds[0] if seeds else request.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
+        "subseed_strength": 0, "width": request.width, "height": request.height,
+        "sampler_name": service.sampler_label(request.sampler), "cfg_scale": request.cfg, "steps": request.steps,
+        "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": service.model_name, "sd_model_hash": service.model_hash(), "sd_vae_name": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": request.strength if isinstance(body, Img2Img) else None,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (request.clip_skip or 0) + 1,
+        "is_using_inpainting_conditioning": False, "version": "stylegrad",
+    })
+
+
+def routes(app, service) -> None:
+    from .app import wait
+    from .images import decode_b64, open_image, png_b64
+    from .service import random_seed
+
+    s = service.settings
+
+    async def run(body: Txt2Img, init: bool):
+        n = body.batch_size * body.n_iter
+        if n > s.max_images:
+            raise StylegradError(f"batch_size x n_iter must be at most {s.max_images}")
+        seed = random_seed() if body.seed == -1 else body.seed
+        if not 0 <= seed < 2**32:
+            raise StylegradError("seed must be -1 or 0..4294967295")
+        init_image = None
+        if init:
+            if not body.init_images:
+                raise StylegradError("init_images: one base64 image is needed")
+            init_image = open_image(decode_b64(body.init_images[0], s.max_upload_bytes, "init_images[0]"),
+                                    s.max_upload_bytes, "init_images[0]")
+        request = to_request(body, service, seed, init)
+        job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id)
+        results = await wait(job)
+        seeds = [seed + i for i in range(n)]
+        infotexts = [text for _, text in results]
+        images = [png_b64(im, text) for im, text in results] if body.send_images else None
+        parameters = body.model_dump(exclude={"init_images"})
+        return {"images": images, "parameters": parameters,
+                "info": info_json(body, request, seeds, infotexts, service)}
+
+    @app.post("/sdapi/v1/txt2img", tags=["A1111"])
+    async def txt2img(body: Txt2Img):
+        """Text to image, as A1111's API (the aesthetic fields under alwayson_scripts['Aesthetic embeddings'])."""
+        return await run(body, False)
+
+    @app.post("/sdapi/v1/img2img", tags=["A1111"])
+    async def img2img(body: Img2Img):
+        return await run(body, True)
+
+    @app.get("/sdapi/v1/sd-models", tags=["A1111"])
+    async def sd_models():
+        model = str(service.generator.model or "")
+        h = service.model_hash()
+        return [{"title": f"{service.model_name} [{h}]" if h else service.model_name, "model_name": service.model_name,
+                 "hash": h, "sha256": None, "filename": model, "config": None}]
+
+    @app.get("/sdapi/v1/samplers", tags=["A1111"])
+    async def samplers():
+        return [{"name": a1111, "aliases": [short], "options": {}} for short, a1111 in service.samplers()]
+
+    @app.get("/sdapi/v1/loras", tags=["A1111"])
+    async def loras():
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+                for name, path in sorted(service.loras().items())]
+
+    @app.get("/sdapi/v1/embeddings", tags=["A1111"])
+    async def embeddings():
+        from stylegrad.addons.embeddings import load_embedding
+
+        widths = service.encoder_widths()
+        loaded, skipped = {}, {}
+        for name, path in sorted(service.embeddings().items()):
+            try:
+                e = load_embedding(path, name)
+            except StylegradError:
+                continue
+            v = next(iter(e.parts.values()))
+            item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(v.shape[-1]),
+                    "vectors": e.vectors}
+            fits = any(e.for_width(w, part) is not None for w, part in widths)
+            (loaded if fits else skipped)[name] = item
+        return {"loaded": loaded, "skipped": skipped}
+
+    @app.get("/sdapi/v1/progress", tags=["A1111"])
+    async def progress(skip_current_image: bool = False):
+        job = service.queue.current
+        snap = job.snapshot() if job else None
+        return {
+            "progress": snap["progress"] if snap else 0.0,
+            "eta_relative": snap["eta_seconds"] if snap else 0.0,
+            "state": {"skipped": False, "interrupted": bool(snap and snap["cancelled"]), "stopping_generation": False,
+                      "job": job.id if job else "", "job_count": service.queue.waiting + (1 if job else 0),
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": job.number if job else 0,
+                      "sampling_step": snap["step"] if snap else 0, "sampling_steps": snap["steps"] if snap else 0},
+            "current_image": None,
+            "textinfo": snap["stage"] if snap else None,
+        }
+
+    @app.post("/sdapi/v1/interrupt", tags=["A1111"])
+    async def interrupt():
+        """Stops the running generation (as A1111's does); waiting requests still run."""
+        job = service.queue.current
+        if job is not None:
+            job.cancel()
+        return {}
+
+    @app.post("/sdapi/v1/skip", tags=["A1111"])
+    async def skip():
+        return await interrupt()
+
+    @app.post("/sdapi/v1/png-info", tags=["A1111"])
+    async def png_info(body: PNGInfoRequest):
+        raw = decode_b64(body.image, s.max_upload_bytes, "image")
+        open_image(raw, s.max_upload_bytes, "image")  # an image by its content, or one clear error
+        info, items, fields = service.png_info(raw)
+        return {"info": info, "items": items, "parameters": fields.get("parameters", {}) | (
+            {"Prompt": fields["prompt"], "Negative prompt": fields["negative"]} if fields else {})}

@@ -1,0 +1,46 @@
+"""Names a client may use for styles, LoRAs and embeddings: files inside the configured folders, nothing else.
+
+A request names a file by its stem ('watercolor', as A1111's lists show them) or by a path relative to a folder;
+the resolved path must lie inside that folder after resolving '..' and symlinks, so no request reads a file the
+operator did not put there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stylegrad.errors import StylegradError
+
+STYLE_SUFFIXES = (".safetensors", ".pt", ".bin", ".npy")
+ADDON_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+
+
+def listing(dirs, suffixes) -> dict[str, Path]:
+    """stem -> file for every file with one of ``suffixes`` in ``dirs`` (sub-folders too); the first folder wins,
+    and in a folder a .safetensors file wins over a pickle of the same stem."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            continue
+        files = sorted((p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()),
+                       key=lambda p: (p.stem, suffixes.index(p.suffix.lower())))
+        for p in files:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def resolve(name: str, dirs, suffixes, what: str) -> Path:
+    """The file ``name`` means in ``dirs``; a ``StylegradError`` (HTTP 422) for anything else."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise StylegradError(f"{what}: a name is needed")
+    if not dirs:
+        raise StylegradError(f"{what} '{name}': this server has no {what} folder configured")
+    by_stem = listing(dirs, suffixes)
+    if name in by_stem:
+        return by_stem[name]
+    for d in dirs:
+        root = Path(d).resolve()
+        candidate = (root / name).resolve()
+        if candidate.suffix.lower() in suffixes and candidate.is_file() and candidate.is_relative_to(root):
+            return candidate
+    raise StylegradError(f"{what} '{name}' is not in this server's {what} folders")

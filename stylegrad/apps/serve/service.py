@@ -1,0 +1,258 @@
+"""What every front end of ``stylegrad serve`` asks of the one loaded model (the A1111 API, the native API and the
+web UI alike): generations, styles from images, stylecodes, PNG info, and the lists of what is installed. Every
+name a client gives is resolved inside the configured folders here, and every job runs through the one queue."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+
+from stylegrad.aesthetic.embedding import embed_images
+from stylegrad.errors import StylegradError
+from stylegrad.files.pnginfo import read_generation_info
+from stylegrad.files.styles import Style, load_style, save_style
+from stylegrad.pipelines.generation import Generator
+from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name, pipeline_family
+from stylegrad.pipelines.request import GenerationRequest
+
+from . import folders
+from .images import png_bytes
+from .jobs import Job, JobQueue
+from .settings import ServeSettings
+
+log = logging.getLogger("stylegrad.serve")
+
+
+class Service:
+    def __init__(self, generator: Generator, settings: ServeSettings, clip_model: str | None = None,
+                 stylecodes_model: str | None = None):
+        self.generator, self.settings = generator, settings
+        self.clip_model = clip_model  # the image tower styles are made with (default: the model family's)
+        self.stylecodes_model = stylecodes_model
+        self.queue = JobQueue(settings.max_waiting)
+        self._image_encoder = None
+        self._codes = None
+
+    # -- names inside the configured folders ------------------------------------------------------------
+    def style_path(self, name: str) -> str:
+        return str(folders.resolve(name, self.settings.styles_dirs, folders.STYLE_SUFFIXES, "style"))
+
+    def lora_arg(self, spec: str) -> str:
+        """'NAME[:TE[:UNET]]' with NAME resolved inside the LoRA folders (never a path of the client's)."""
+        name, _, weights = spec.partition(":")
+        path = folders.resolve(name, self.settings.loras_dirs, folders.ADDON_SUFFIXES, "LoRA")
+        return f"{path}:{weights}" if weights else str(path)
+
+    def embedding_arg(self, name: str) -> str:
+        return str(folders.resolve(name, self.settings.embeddings_dirs, folders.ADDON_SUFFIXES, "embedding"))
+
+    # -- the lists A1111 clients read ---------------------------------------------------------------------
+    def styles(self) -> dict[str, Path]:
+        return folders.listing(self.settings.styles_dirs, folders.STYLE_SUFFIXES)
+
+    def loras(self) -> dict[str, Path]:
+        return folders.listing(self.settings.loras_dirs, folders.ADDON_SUFFIXES)
+
+    def embeddings(self) -> dict[str, Path]:
+        return folders.listing(self.settings.embeddings_dirs, folders.ADDON_SUFFIXES)
+
+    @property
+    def model_name(self) -> str:
+        return Path(str(self.generator.model or "model")).stem or str(self.generator.model)
+
+    @property
+    def family(self) -> str | None:
+        return pipeline_family(self.generator.pipe)
+
+    def samplers(self) -> list[tuple[str, str]]:
+        return [(short, a1111) for short, (_, a1111, _) in SAMPLERS.items()]
+
+    def default_sampler(self) -> str:
+        return a1111_sampler_name(self.generator.pipe.scheduler)
+
+    def default_size(self) -> int:
+        """The model's own image side (its UNet's sample size x the VAE's scale), as diffusers defaults to."""
+        pipe = self.generator.pipe
+        return int(pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8))
+
+    def encoder_widths(self) -> list[tuple[int, str]]:
+        """(width, part of an embedding file) of each text encoder: what an embedding must fit."""
+        pipe = self.generator.pipe
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            return [(pipe.text_encoder.config.hidden_size, "clip_l"), (pipe.text_encoder_2.config.hidden_size, "clip_g")]
+        return [(pipe.text_encoder.config.hidden_size, "")]
+
+    def sampler_label(self, short: str | None) -> str:
+        return SAMPLERS[short][1] if short else self.default_sampler()
+
+    def model_hash(self) -> str | None:
+        model = self.generator.model
+        return self.generator._model_hash(str(model)) if model else None
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+    def submit_generation(self, request: GenerationRequest, n: int = 1, init_image: Image.Image | None = None,
+                          stylecode_image: Image.Image | None = None, job_id: str | None = None) -> Job:
+        if n > self.settings.max_images:
+            raise StylegradError(f"at most {self.settings.max_images} images per request (asked for {n})")
+        if self.settings.log_prompts:
+            log.info("generate %r seed=%s steps=%s style=%s", request.prompt, request.seed, request.steps,
+                     request.style)
+        else:
+            log.info("generate: %d image(s), %d steps, %s", n, request.steps, "styled" if request.styled else "plain")
+
+        def run(job: Job):
+            with tempfile.TemporaryDirectory(prefix="stylegrad-serve-") as tmp:
+                r = request
+                if stylecode_image is not None:
+                    path = Path(tmp) / "stylecode.png"
+                    stylecode_image.save(path)
+                    r = replace(r, stylecode_image=str(path))
+                return self.generator.images(r, n, progress=job.step, init_image=init_image)
+
+        return self.queue.submit(run, "generate", job_id)
+
+    def submit_style(self, images: list[bytes], name: str, save: bool = True) -> Job:
+        """A style from uploaded images (already checked by content), saved into the first styles folder."""
+        if not images:
+            raise StylegradError("a style needs at least one image")
+        if len(images) > self.settings.max_style_images:
+            raise StylegradError(f"at most {self.settings.max_style_images} images per style (got {len(images)})")
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64].strip("_") or "style"
+
+        def run(job: Job):
+            job.step("style", 0, len(images))
+            with tempfile.TemporaryDirectory(prefix="stylegrad-style-") as tmp:
+                paths = []
+                for i, raw in enumerate(images):
+                    p = Path(tmp) / f"{i:04d}.png"
+                    Image.open(io.BytesIO(raw)).convert("RGB").save(p)
+                    paths.append(p)
+                if self.family == "sdxl":  # both image towers: CLIP-L's and bigG's
+                    from stylegrad.aesthetic.embedding import embed_images_sdxl
+
+                    style = embed_images_sdxl(paths, self._style_clip(), progress=False, name=safe)
+                else:
+                    style = embed_images(paths, self._style_clip(), encoder=self._encoder(), progress=False,
+                                         name=safe)
+            job.step("style", len(images), len(images))
+            saved = None
+            if save and self.settings.styles_dirs:
+                folder = Path(self.settings.styles_dirs[0])
+                folder.mkdir(parents=True, exist_ok=True)
+                saved = save_style(style, _free_name(folder, safe))
+            return style, saved, self.score(style)
+
+        return self.queue.submit(run, "style")
+
+    def submit_code(self, image: Image.Image) -> Job:
+        def run(job: Job):
+            job.step("code", 0, 1)
+            return self._stylecodes().code_for(image)
+
+        return self.queue.submit(run, "code")
+
+    def submit_evaluation(self, prompts: list[str], style: str, steps: list[int], seeds: int, base: GenerationRequest,
+                          out: Path) -> Job:
+        """The paper's experiment on a few prompts (``evaluate``), its report written into ``out``."""
+        if not self.settings.predictor:
+            raise StylegradError("evaluation needs an aesthetic predictor: start the server with --predictor")
+        if not prompts or len(prompts) > 20 or seeds < 1 or seeds > 4 or not steps or len(steps) > 6:
+            raise StylegradError("evaluate takes 1-20 prompts, 1-4 seeds and 1-6 step counts here (the CLI has no "
+                                 "such limits)")
+        path = self.style_path(style)
+
+        def run(job: Job):
+            from stylegrad.evaluation.experiment import evaluate
+            from stylegrad.evaluation.metrics import ClipEmbedder
+            from stylegrad.evaluation.predictors import load_predictor
+
+            job.step("evaluate", 0, 1)
+            embedder = ClipEmbedder(self._style_clip(), self.generator.pipe.device)
+            summary = evaluate(self.generator, embedder, load_predictor(self.settings.predictor), prompts, [path],
+                               steps, list(range(base.seed, base.seed + seeds)), base, out, progress=False)
+            job.step("evaluate", 1, 1)
+            return summary
+
+        return self.queue.submit(run, "evaluate")
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _style_clip(self) -> str:
+        from stylegrad.aesthetic.tower import SD1, detect_family
+
+        if self.clip_model:
+            return self.clip_model
+        if self.family == "sdxl":
+            return SD1.clip_model
+        return detect_family(self.generator.pipe.text_encoder).clip_model
+
+    def _encoder(self):
+        if self._image_encoder is None:
+            from stylegrad.aesthetic.embedding import load_image_encoder
+
+            self._image_encoder = load_image_encoder(self._style_clip())
+        return self._image_encoder
+
+    def _stylecodes(self):
+        if self._codes is None:
+            from stylegrad.stylecodes.facade import SIGLIP, Stylecodes
+
+            self._codes = Stylecodes.load(None, self.stylecodes_model, self.generator.siglip_model or SIGLIP)
+        return self._codes
+
+    def score(self, style: Style) -> float | None:
+        """The style's aesthetic score by the configured predictor, where one is configured and fits."""
+        if not self.settings.predictor:
+            return None
+        from stylegrad.evaluation.metrics import aesthetic_score
+        from stylegrad.evaluation.predictors import load_predictor
+
+        try:
+            pred = load_predictor(self.settings.predictor)
+            pred.check_width(style.width)
+        except StylegradError as e:
+            log.info("no aesthetic score: %s", e)
+            return None
+        return float(aesthetic_score(pred, style.vector[None])[0])
+
+    def png_info(self, raw: bytes) -> tuple[str, dict, dict]:
+        """(infotext, the PNG's other text chunks, the parsed fields) of an uploaded image."""
+        with tempfile.NamedTemporaryFile(suffix=".png") as f:
+            f.write(raw)
+            f.flush()
+            with Image.open(f.name) as im:
+                items = {k: v for k, v in im.info.items() if isinstance(v, str) and k != "parameters"}
+            info = read_generation_info(f.name)
+        if info is None:
+            return "", items, {}
+        fields = {k: v for k, v in info.as_dict().items() if k != "raw"}
+        return info.raw or "", items, fields
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    path = folder / f"{stem}.safetensors"
+    i = 1
+    while path.exists():
+        path = folder / f"{stem}-{i}.safetensors"
+        i += 1
+    return path
+
+
+def random_seed() -> int:
+    return random.randrange(0, 2**32 - 1)
+
+
+def style_of(path: str) -> Style:
+    return load_style(path)
+
+
+def png(image: Image.Image, text: str) -> bytes:
+    return png_bytes(image, text)

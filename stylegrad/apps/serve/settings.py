@@ -1,0 +1,54 @@
+"""What one ``stylegrad serve`` process allows: limits on every request, the folders it reads, who may call it."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from stylegrad.errors import StylegradError
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None  # required off loopback: clients send 'Authorization: Bearer KEY'
+    styles_dirs: tuple[str, ...] = ()  # where request styles are looked up by name, and new styles are saved
+    loras_dirs: tuple[str, ...] = ()
+    embeddings_dirs: tuple[str, ...] = ()
+    max_waiting: int = 16  # requests queued behind the running one; more get 429
+    max_side: int = 2048  # width and height, pixels
+    max_steps: int = 150  # denoising steps
+    max_style_steps: int = 100  # aesthetic-gradient steps
+    max_images: int = 8  # images per request (A1111's batch_size x n_iter)
+    max_upload_bytes: int = 20 << 20  # one uploaded image
+    max_style_images: int = 200  # images in one style upload
+    log_prompts: bool = False  # request logs name prompts only when asked
+    ui: bool = True  # the Gradio web UI at /
+    predictor: str | None = None  # aesthetic predictor for the style's score (name or file); None: no score
+
+    def __post_init__(self):
+        if self.api_key is None and not is_loopback(self.host):
+            raise StylegradError(f"serving on {self.host} (reachable from other machines) needs --api-key KEY "
+                                 "(or $STYLEGRAD_API_KEY); clients then send 'Authorization: Bearer KEY'")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise StylegradError("--api-key must be at least 8 characters")
+        for name in ("max_waiting", "max_side", "max_steps", "max_images", "max_upload_bytes", "max_style_images"):
+            if getattr(self, name) < 1:
+                raise StylegradError(f"{name.replace('_', '-')} must be >= 1")
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach it ('' and 0.0.0.0 mean every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only 'localhost' is known to stay on this machine
+        return False
+
+
+def default_dirs(env: str) -> tuple[str, ...]:
+    value = os.environ.get(env)
+    return tuple(p for p in value.split(os.pathsep) if p) if value else ()

@@ -1,0 +1,247 @@
+"""The web UI (Gradio, this field's convention), mounted at / in the same app as the APIs, over the same
+``Service``: every button queues a job like an API request does, and shows that job's progress."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.errors import StylegradError
+from stylegrad.pipelines.grids import label_grid
+from stylegrad.pipelines.loading import sampler_id
+from stylegrad.pipelines.request import GenerationRequest
+
+NO_STYLE = "(none)"
+
+
+def _wait(job, progress):
+    """The job's result, the Gradio progress bar following its steps meanwhile."""
+    while not job.future.done():
+        snap = job.snapshot()
+        progress(snap["progress"], desc=f"{snap['stage']} {snap['step']}/{snap['steps']}" if snap["steps"] else
+                 snap["stage"])
+        time.sleep(0.1)
+    return job.future.result()
+
+
+def _png_file(image, text: str) -> str:
+    """The image as a PNG file carrying its parameters (what the gallery serves, so a download keeps them)."""
+    from stylegrad.files.pnginfo import save_png
+
+    folder = Path(tempfile.gettempdir()) / "stylegrad-ui"
+    folder.mkdir(exist_ok=True)
+    fd, name = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    return str(save_png(image, name, text))
+
+
+def _fail(e: Exception):
+    import gradio as gr
+
+    raise gr.Error(str(e)) from e
+
+
+def build_ui(service):
+    import gradio as gr
+
+    s = service.settings
+    samplers = [a for _, a in service.samplers()]
+
+    def style_choices():
+        return [NO_STYLE] + sorted(service.styles())
+
+    def make_style(files, name, progress=gr.Progress()):
+        try:
+            if not files:
+                raise StylegradError("add some pictures first")
+            from .images import open_image
+
+            raws = []
+            for f in files:
+                raw = Path(f if isinstance(f, str) else f.name).read_bytes()
+                open_image(raw, s.max_upload_bytes, Path(str(f)).name)
+                raws.append(raw)
+            style, saved, score = _wait(service.submit_style(raws, name or "style"), progress)
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            _fail(e)
+        if saved is None:
+            out = Path(tempfile.mkdtemp(prefix="stylegrad-ui-")) / f"{style.name}.safetensors"
+            from stylegrad.files.styles import save_style
+
+            saved = save_style(style, out)
+        score_text = f", aesthetic score {score:.2f}" if score is not None else ""
+        summary = (f"**{saved.stem}**: a style from {len(raws)} images (width {style.width}{score_text}). "
+                   + ("Saved on the server: pick it in *Generate*." if s.styles_dirs else ""))
+        return str(saved), summary, gr.update(choices=style_choices(), value=saved.stem)
+
+    def generate(prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
+                 lora_weight, seed, width, height, steps, cfg, sampler, compare, progress=gr.Progress()):
+        try:
+            options = StyleOptions(steps=int(style_steps), lr=float(style_lr), weight=float(style_weight))
+            request = GenerationRequest(
+                prompt=prompt or "", negative=negative or "", seed=int(seed), steps=int(steps), cfg=float(cfg),
+                width=int(width), height=int(height), sampler=sampler_id(sampler) if sampler else None,
+                model=str(service.generator.model or ""),
+                style=service.style_path(style) if style and style != NO_STYLE else None, style_options=options,
+                loras=tuple(service.lora_arg(f"{x}:{lora_weight}") for x in (loras or [])),
+                stylecode=(stylecode or "").strip() or None)
+            for side in (request.width, request.height):
+                if side > s.max_side:
+                    raise StylegradError(f"width and height must be at most {s.max_side}")
+            if request.steps > s.max_steps:
+                raise StylegradError(f"steps must be at most {s.max_steps}")
+            code_img = code_image if code_image is not None and not request.stylecode else None
+            styled = _wait(service.submit_generation(request, 1, stylecode_image=code_img), progress)
+            image, text = styled[0]
+            shown = [(_png_file(image, text), "with style" if request.styled else "result")]
+            grid = None
+            if compare and request.styled:
+                from dataclasses import replace
+
+                plain, plain_text = _wait(service.submit_generation(replace(request, style=None), 1,
+                                                                    stylecode_image=code_img), progress)[0]
+                shown.insert(0, (_png_file(plain, plain_text), "without style"))
+                grid = label_grid([[plain, image]], ["without style", f"with style ({request.style_options.steps} "
+                                                     "steps)"], [f"seed {request.seed}"])
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            _fail(e)
+        return shown, grid, text
+
+    def code_of(image, progress=gr.Progress()):
+        if image is None:
+            raise gr.Error("drop an image first")
+        try:
+            return _wait(service.submit_code(image.convert("RGB")), progress)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+
+    def png_info(file):
+        if file is None:
+            return "", {}
+        try:
+            from .images import open_image
+
+            raw = Path(file if isinstance(file, str) else file.name).read_bytes()
+            open_image(raw, s.max_upload_bytes)
+            text, _, fields = service.png_info(raw)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return text or "(no generation parameters in this image)", fields
+
+    def send_to_generate(fields):
+        p = (fields or {}).get("parameters", {})
+
+        def num(key, default):
+            try:
+                return type(default)(p.get(key, default))
+            except (TypeError, ValueError):
+                return default
+
+        size = str(p.get("Size", "")).split("x")
+        w, h = (int(size[0]), int(size[1])) if len(size) == 2 and all(x.isdigit() for x in size) else (None, None)
+        return (gr.update(value=(fields or {}).get("prompt", "")), gr.update(value=(fields or {}).get("negative", "")),
+                gr.update(value=num("Seed", 0)), gr.update(value=num("Steps", 20)),
+                gr.update(value=num("CFG scale", 7.0)), gr.update(value=w) if w else gr.update(),
+                gr.update(value=h) if h else gr.update(),
+                gr.update(value=p["Sampler"]) if p.get("Sampler") in samplers else gr.update(),
+                gr.update(selected="generate"))
+
+    def evaluate(prompts, style, steps, seeds, progress=gr.Progress()):
+        try:
+            lines = [x.strip() for x in (prompts or "").splitlines() if x.strip()]
+            step_list = [int(x) for x in str(steps).replace(",", " ").split()]
+            if not style or style == NO_STYLE:
+                raise StylegradError("pick a style to evaluate")
+            out = Path(tempfile.mkdtemp(prefix="stylegrad-eval-"))
+            base = GenerationRequest(prompt="", model=str(service.generator.model or ""),
+                                     style_options=StyleOptions(steps=0), width=int(width_default),
+                                     height=int(height_default), steps=20)
+            summary = _wait(service.submit_evaluation(lines, style, step_list, int(seeds), base, out), progress)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        rows = ["| style | steps | aesthetic | CLIP score | style similarity |", "|---|---|---|---|---|"]
+        for name, by_steps in summary.items():
+            for k, m in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
+                rows.append(f"| {name} | {k} | {m['aesthetic']['mean']:.3f} | {m['clip_score']['mean']:.2f} | "
+                            f"{m['style_similarity']['mean']:.3f} |")
+        return "\n".join(rows), str(out / "report.html")
+
+    width_default = height_default = service.default_size()
+    with gr.Blocks(title="stylegrad") as ui:
+        gr.Markdown(f"## stylegrad · {service.model_name}\nStyles from a handful of pictures (aesthetic gradients), "
+                    "stylecodes, and the same API as A1111 at `/sdapi/v1` (stylegrad's own: `/docs`).")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Style", id="style"):
+                files = gr.File(label="Pictures in your style", file_count="multiple", file_types=["image"],
+                                elem_id="style-files")
+                name = gr.Textbox(label="Name", value="my-style", elem_id="style-name")
+                make = gr.Button("Make style", variant="primary", elem_id="make-style")
+                style_file = gr.File(label="Style file", interactive=False, elem_id="style-file")
+                style_summary = gr.Markdown(elem_id="style-summary")
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                        negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                        style = gr.Dropdown(style_choices(), value=NO_STYLE, label="Style", elem_id="style")
+                        with gr.Row():
+                            style_steps = gr.Slider(0, s.max_style_steps, value=10, step=1, label="Style steps")
+                            style_lr = gr.Number(value=1e-4, label="Style learning rate")
+                            style_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Style weight")
+                        compare = gr.Checkbox(value=True, label="Also without the style (comparison)",
+                                              elem_id="compare")
+                        with gr.Accordion("Stylecode, LoRAs", open=False):
+                            stylecode = gr.Textbox(label="Stylecode")
+                            code_image = gr.Image(label="...or the style of this image", type="pil")
+                            loras = gr.Dropdown(sorted(service.loras()), multiselect=True, label="LoRAs")
+                            lora_weight = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA weight")
+                            gr.Markdown("Embeddings: " + (", ".join(sorted(service.embeddings())) or "none") +
+                                        " (write their names in the prompt)")
+                        with gr.Row():
+                            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                            steps = gr.Slider(1, s.max_steps, value=20, step=1, label="Steps", elem_id="steps")
+                            cfg = gr.Slider(0, 30, value=7.0, step=0.5, label="CFG scale")
+                        with gr.Row():
+                            width = gr.Slider(8, s.max_side, value=width_default, step=8, label="Width")
+                            height = gr.Slider(8, s.max_side, value=height_default, step=8, label="Height")
+                            sampler = gr.Dropdown(samplers, value=service.default_sampler()
+                                                  if service.default_sampler() in samplers else None, label="Sampler")
+                        go = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    with gr.Column():
+                        gallery = gr.Gallery(label="Images", columns=2, elem_id="gallery")
+                        grid = gr.Image(label="Comparison", type="pil", visible=True, elem_id="grid")
+                        info = gr.Textbox(label="Parameters", lines=4, elem_id="infotext")
+            with gr.Tab("Codes", id="codes"):
+                code_in = gr.Image(label="Image", type="pil")
+                code_btn = gr.Button("Make code")
+                code_out = gr.Textbox(label="Stylecode (paste it into Generate)")
+            with gr.Tab("PNG info", id="pnginfo"):
+                png = gr.File(label="A generated PNG", file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="png")
+                png_text = gr.Textbox(label="Parameters", lines=6, elem_id="png-text")
+                png_fields = gr.JSON(label="Fields")
+                send = gr.Button("Send to Generate", elem_id="send-to-generate")
+            with gr.Tab("Evaluate", id="evaluate"):
+                prompts = gr.Textbox(label="Prompts, one per line", lines=4)
+                eval_style = gr.Dropdown(style_choices(), label="Style")
+                eval_steps = gr.Textbox(value="0 5 10", label="Style steps to compare")
+                eval_seeds = gr.Number(value=1, precision=0, label="Seeds per prompt")
+                eval_btn = gr.Button("Evaluate")
+                eval_table = gr.Markdown()
+                eval_report = gr.File(label="Report (HTML)")
+        make.click(make_style, [files, name], [style_file, style_summary, style])
+        go.click(generate, [prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
+                            lora_weight, seed, width, height, steps, cfg, sampler, compare], [gallery, grid, info])
+        code_btn.click(code_of, [code_in], [code_out])
+        png.change(png_info, [png], [png_text, png_fields])
+        send.click(send_to_generate, [png_fields], [prompt, negative, seed, steps, cfg, width, height, sampler, tabs])
+        eval_btn.click(evaluate, [prompts, eval_style, eval_steps, eval_seeds], [eval_table, eval_report])
+    return ui
+
+
+def mount_ui(app, service):
+    import gradio as gr
+
+    return gr.mount_gradio_app(app, build_ui(service), path="/")
