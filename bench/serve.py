@@ -6,7 +6,7 @@ Prints one request's time alone (the reference), then p50/p95 latency, throughpu
 after the first request and at the end; targets: 0 failed or lost requests, memory at the end within 10% of after
 the first request, p95 <= 8 x one request alone. Last line JSON.
 
-    python bench/serve.py [--requests 200] [--clients 8]
+    python bench/serve.py [--requests 200] [--clients 8] [--batch 4]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="the server's --batch (default 1: exact pixels)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole load (default 1800)")
     args = parser.parse_args()
     weights = WORLD / "weights"
@@ -70,7 +71,8 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "stylegrad", "serve", "--model", str(weights / "sd"), "--clip-model",
              str(weights / "clip"), "--styles", str(styles), "--port", str(port), "--no-ui",
-             "--queue", str(args.clients * 2)], stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             "--queue", str(args.clients * 2), "--batch", str(args.batch)],
+            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         base = f"http://127.0.0.1:{port}"
         try:
             with httpx.Client(base_url=base, timeout=600) as client:
@@ -117,14 +119,15 @@ def main() -> None:
     p50 = statistics.median(latencies)
     p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
     summary = {
-        "requests": args.requests, "clients": args.clients, "failed": len(failed), "lost": args.requests - len(results),
+        "requests": args.requests, "clients": args.clients, "batch": args.batch, "failed": len(failed),
+        "lost": args.requests - len(results),
         "single_s": round(single, 3), "p50_s": round(p50, 3), "p95_s": round(p95, 3),
         "p95_over_single": round(p95 / single, 2), "throughput_rps": round(args.requests / wall, 2),
         "mem_after_first_mb": round(mem_first, 1), "mem_end_mb": round(mem_end, 1),
         "mem_growth": round(mem_end / mem_first - 1, 4),
     }
     print(f"small world model, {SIDE}x{SIDE}, {STEPS} steps, every 4th request styled (5 Adam steps); "
-          f"{args.clients} clients, {args.requests} requests")
+          f"{args.clients} clients, {args.requests} requests, server --batch {args.batch}")
     print(f"one request alone {single:.3f} s; under load p50 {p50:.3f} s, p95 {p95:.3f} s ({p95 / single:.1f}x alone; "
           f"target <= 8), {summary['throughput_rps']} requests/s")
     print(f"failed {len(failed)}, lost {summary['lost']} (target 0); server memory {mem_first:.0f} MB after the "

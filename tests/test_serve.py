@@ -321,3 +321,36 @@ def test_serve_command_refuses_an_open_address_without_a_key_before_loading(caps
     assert "needs --api-key" in err and err.count("\n") == 1  # one line, and before the (missing) model is read
     assert main(["serve", "--api-key", "short", "--model", "/nonexistent/model"]) == 1
     assert "at least 8 characters" in capsys.readouterr().err
+
+
+def test_batching_runs_waiting_requests_together(generator, dirs, world):
+    """--batch: requests that share the pipeline call's settings run as one batch; each image is its request's
+    alone up to float rounding, with the same infotext; a request that cannot join (a LoRA) runs alone."""
+    c, service = make_client(generator, dirs, world, max_batch=4)
+    gate = threading.Event()
+    bodies = [{"prompt": p, "seed": i, "steps": 2, "width": 32, "height": 32, "sampler": "euler"}
+              for i, p in enumerate(["a red triangle", "a blue circle", "a green square (bright:1.2)"])]
+    bodies[1]["style"] = "stripes"
+    bodies.append({**bodies[0], "loras": ["inked"]})
+    with c:
+        alone = [c.post("/v1/generate", json=b).json() for b in bodies]
+        service.queue.submit(lambda job: gate.wait(30), "test")  # holds the worker while the requests queue
+        while service.queue.current is None:
+            threading.Event().wait(0.01)
+        results = {}
+        threads = [threading.Thread(target=lambda i=i, b=b: results.setdefault(i, c.post("/v1/generate", json=b)))
+                   for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        while service.queue.waiting < len(bodies):
+            threading.Event().wait(0.01)
+        sizes_before = list(service.queue.batch_sizes)
+        gate.set()
+        for t in threads:
+            t.join(60)
+    assert service.queue.batch_sizes[len(sizes_before):] == [3, 1]  # three together, the LoRA one alone
+    for i in range(len(bodies)):
+        got, want = results[i].json(), alone[i]
+        assert got["infotexts"] == want["infotexts"]
+        a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (got, want))
+        assert np.abs(a - b).max() <= 2

@@ -253,6 +253,50 @@ class Generator:
             out.append((image, text))
         return out
 
+    def images_batch(self, requests: list[GenerationRequest], progress: Progress | None = None
+                     ) -> list[tuple[Image.Image, str]]:
+        """One image per request, the requests' UNet passes run as one batch: for a server, where many clients
+        send requests that differ only in prompt, style and seed. They must share what the pipeline call takes
+        (sampler, steps, guidance, size) and have no LoRA, stylecode or init image. Each image equals its request
+        run alone up to float rounding (a batch takes other kernels), so pixels may differ by one level."""
+        first = requests[0]
+        shared = lambda r: (r.sampler, r.steps, r.cfg, r.width, r.height, r.model, r.clip_model)  # noqa: E731
+        if any(shared(r) != shared(first) or r.loras or r.init_image or r.uses_stylecode for r in requests):
+            raise StylegradError("requests in one batch must share sampler, steps, guidance and size, without "
+                                 "LoRAs, stylecodes or init images")
+        pipe, _, _, _ = self._prepare(first)
+        parts = []
+        for r in requests:
+            style = self.style(r.style)
+            addons = self.request_addons(r)
+            if addons.loras:
+                raise StylegradError("a request with LoRAs (a <lora:...> tag) cannot join a batch")
+            pe, ne, pooled = self.embeddings(r, style, addons=addons, progress=progress)
+            parts.append((r, style, pe, ne, pooled, addons.infotext_fields(self.last_embeddings)))
+        out: list = [None] * len(requests)
+        groups: dict = {}  # prompts of another length (more 75-token chunks) go in a batch of their own
+        for i, (_, _, pe, ne, _, _) in enumerate(parts):
+            groups.setdefault((tuple(pe.shape), tuple(ne.shape)), []).append(i)
+        if progress is not None:
+            pipe.set_progress_bar_config(disable=True)
+        for members in groups.values():
+            rs = [parts[i] for i in members]
+            pooled = {k: torch.cat([p[4][k] for p in rs]) for k in rs[0][4]}
+            step_end = None
+            if progress is not None:
+                def step_end(pipe_, i, t, kwargs):
+                    progress("denoising", i + 1, pipe_.num_timesteps)
+                    return kwargs
+            images = pipe(prompt_embeds=torch.cat([p[2] for p in rs]), negative_prompt_embeds=torch.cat(
+                [p[3] for p in rs]), num_inference_steps=first.steps, guidance_scale=first.cfg,
+                generator=[torch.Generator("cpu").manual_seed(p[0].seed) for p in rs], height=first.height,
+                width=first.width, callback_on_step_end=step_end, **pooled).images
+            for i, (r, style, _, _, _, fields), image in zip(members, rs, images):
+                out[i] = (image, infotext(r, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler),
+                                          style=style, model_hash=self._model_hash(self.model or r.model),
+                                          addons=fields))
+        return out
+
     def generate(self, request: GenerationRequest, out: str | Path, n: int = 1) -> list[Path]:
         """Write ``n`` PNGs into ``out`` (numbered after those already there)."""
         out = Path(out)

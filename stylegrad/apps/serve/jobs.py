@@ -7,8 +7,8 @@ that floods the server gets a clear 429 at once instead of everyone waiting minu
 
 from __future__ import annotations
 
+import collections
 import itertools
-import queue
 import threading
 import time
 import uuid
@@ -45,6 +45,9 @@ class Job:
     total_steps: int = 0
     started: float | None = None
     number: int = 0  # order of arrival
+    # jobs with the same key may run as one batch: ``run_batch(jobs)`` gives a result (or an exception) per job
+    batch_key: object = None
+    run_batch: Callable[[list[Job]], list] | None = None
 
     def step(self, stage: str, done: int, total: int) -> None:
         """Progress from inside the job (styles' Adam steps, denoising steps); raises ``Cancelled`` once cancelled."""
@@ -71,12 +74,16 @@ class Job:
 
 
 class JobQueue:
-    """``submit`` a job, await its future. At most ``max_waiting`` jobs wait besides the one running."""
+    """``submit`` a job, await its future. At most ``max_waiting`` jobs wait besides the one running. With
+    ``max_batch`` > 1, waiting jobs with the running job's ``batch_key`` join it, up to ``max_batch`` in all, and run
+    as one (a model runs a batch of images in much less than the time of each alone)."""
 
-    def __init__(self, max_waiting: int = 16, keep: int = 256):
-        self.max_waiting = max_waiting
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+    def __init__(self, max_waiting: int = 16, keep: int = 256, max_batch: int = 1):
+        self.max_waiting, self.max_batch = max_waiting, max_batch
+        self._items: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self.batch_sizes: list[int] = []  # of every run, for tests and logs
         self._waiting = 0
         self._closed = False
         self._numbers = itertools.count(1)
@@ -86,8 +93,9 @@ class JobQueue:
         self._thread = threading.Thread(target=self._work, name="stylegrad-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, run: Callable[[Job], object], kind: str = "generate", job_id: str | None = None) -> Job:
-        job = Job(run, kind=kind, **({"id": job_id} if job_id else {}))
+    def submit(self, run: Callable[[Job], object], kind: str = "generate", job_id: str | None = None,
+               batch_key: object = None, run_batch: Callable[[list[Job]], list] | None = None) -> Job:
+        job = Job(run, kind=kind, batch_key=batch_key, run_batch=run_batch, **({"id": job_id} if job_id else {}))
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -104,29 +112,63 @@ class JobQueue:
                 if not oldest.future.done():
                     break
                 self.jobs.popitem(last=False)
-        self._queue.put(job)
+            self._items.append(job)
+            self._ready.notify()
         return job
 
     @property
     def waiting(self) -> int:
         return self._waiting
 
+    def _take(self) -> list[Job] | None:
+        """The next job, with the waiting jobs that may run in one batch with it; None once closed."""
+        with self._ready:
+            while not self._items and not self._closed:
+                self._ready.wait()
+            if not self._items:
+                return None
+            job = self._items.popleft()
+            batch = [job]
+            if job.batch_key is not None and job.run_batch is not None and self.max_batch > 1:
+                for other in list(self._items):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if other.batch_key == job.batch_key and not other.cancel_event.is_set():
+                        self._items.remove(other)
+                        batch.append(other)
+            self._waiting -= len(batch)
+            self.current = job
+            return batch
+
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting -= 1
-                self.current = job
-            if job.cancel_event.is_set():
-                job.future.set_exception(Cancelled(f"job {job.id} was cancelled before it started"))
-            elif job.future.set_running_or_notify_cancel():
-                job.started, job.stage = time.monotonic(), "starting"
+        while (batch := self._take()) is not None:
+            live = []
+            for job in batch:
+                if job.cancel_event.is_set():
+                    job.future.set_exception(Cancelled(f"job {job.id} was cancelled before it started"))
+                elif job.future.set_running_or_notify_cancel():
+                    job.started, job.stage = time.monotonic(), "starting"
+                    live.append(job)
+            if live:
+                self.batch_sizes.append(len(live))
+            if len(live) == 1:
+                job = live[0]
                 try:
                     job.future.set_result(job.run(job))
                 except BaseException as e:  # noqa: BLE001 - handed to the request that waits on it
                     job.future.set_exception(e)
+            elif live:
+                try:
+                    results = live[0].run_batch(live)
+                except BaseException as e:  # noqa: BLE001
+                    results = [e] * len(live)
+                for job, result in zip(live, results):
+                    if job.cancel_event.is_set():
+                        job.future.set_exception(Cancelled(f"job {job.id} was cancelled"))
+                    elif isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
             with self._lock:
                 self.current = None
 
@@ -140,10 +182,13 @@ class JobQueue:
         return n
 
     def close(self, timeout: float = 5.0) -> None:
-        with self._lock:
+        with self._ready:
             self._closed = True
-        for job in list(self.jobs.values()):
-            if not job.future.done():
-                job.cancel()
-        self._queue.put(None)
+            waiting = list(self._items)
+            self._items.clear()
+            self._ready.notify_all()
+        for job in waiting:
+            job.future.set_exception(ShuttingDown("the server is shutting down"))
+        if self.current is not None:
+            self.current.cancel()
         self._thread.join(timeout)

@@ -23,7 +23,7 @@ from stylegrad.pipelines.request import GenerationRequest
 
 from . import folders
 from .images import png_bytes
-from .jobs import Job, JobQueue
+from .jobs import Cancelled, Job, JobQueue
 from .settings import ServeSettings
 
 log = logging.getLogger("stylegrad.serve")
@@ -35,7 +35,7 @@ class Service:
         self.generator, self.settings = generator, settings
         self.clip_model = clip_model  # the image tower styles are made with (default: the model family's)
         self.stylecodes_model = stylecodes_model
-        self.queue = JobQueue(settings.max_waiting)
+        self.queue = JobQueue(settings.max_waiting, max_batch=settings.max_batch)
         self._image_encoder = None
         self._codes = None
 
@@ -106,6 +106,23 @@ class Service:
         else:
             log.info("generate: %d image(s), %d steps, %s", n, request.steps, "styled" if request.styled else "plain")
 
+        key = None
+        if (self.settings.max_batch > 1 and n == 1 and init_image is None and stylecode_image is None
+                and not request.uses_stylecode and not request.loras and not request.init_image
+                and "<lora:" not in request.prompt + request.negative):
+            key = ("generate", request.sampler, request.steps, request.cfg, request.width, request.height,
+                   request.model, request.clip_model)
+
+        def run_batch(jobs: list[Job]):
+            def progress(stage, done, total):
+                for j in jobs:
+                    j.stage, j.done_steps, j.total_steps = stage, done, total
+                if all(j.cancel_event.is_set() for j in jobs):
+                    raise Cancelled("every job of this batch was cancelled")
+
+            results = self.generator.images_batch([j.request for j in jobs], progress)
+            return [[r] for r in results]
+
         def run(job: Job):
             with tempfile.TemporaryDirectory(prefix="stylegrad-serve-") as tmp:
                 r = request
@@ -115,7 +132,9 @@ class Service:
                     r = replace(r, stylecode_image=str(path))
                 return self.generator.images(r, n, progress=job.step, init_image=init_image)
 
-        return self.queue.submit(run, "generate", job_id)
+        job = self.queue.submit(run, "generate", job_id, batch_key=key, run_batch=run_batch if key else None)
+        job.request = request
+        return job
 
     def submit_style(self, images: list[bytes], name: str, save: bool = True) -> Job:
         """A style from uploaded images (already checked by content), saved into the first styles folder."""

@@ -18,6 +18,7 @@ class ServeSettings:
     loras_dirs: tuple[str, ...] = ()
     embeddings_dirs: tuple[str, ...] = ()
     max_waiting: int = 16  # requests queued behind the running one; more get 429
+    max_batch: int = 1  # >1: waiting requests with the same settings run as one batch (equal up to rounding)
     max_side: int = 2048  # width and height, pixels
     max_steps: int = 150  # denoising steps
     max_style_steps: int = 100  # aesthetic-gradient steps
@@ -34,7 +35,8 @@ class ServeSettings:
                                  "(or $STYLEGRAD_API_KEY); clients then send 'Authorization: Bearer KEY'")
         if self.api_key is not None and len(self.api_key) < 8:
             raise StylegradError("--api-key must be at least 8 characters")
-        for name in ("max_waiting", "max_side", "max_steps", "max_images", "max_upload_bytes", "max_style_images"):
+        for name in ("max_waiting", "max_batch", "max_side", "max_steps", "max_images", "max_upload_bytes",
+                     "max_style_images"):
             if getattr(self, name) < 1:
                 raise StylegradError(f"{name.replace('_', '-')} must be >= 1")
 
