@@ -4,7 +4,10 @@ the aesthetic fields), bounded in count and time.
 
 Prints one request's time alone (the reference), then p50/p95 latency, throughput, errors, the server's memory
 after the first request and at the end; targets: 0 failed or lost requests, memory at the end within 10% of after
-the first request, p95 <= 8 x one request alone. Last line JSON.
+the first request, p95 <= 8 x one request alone. Runs the server twice: --batch 1 (the default: every image the
+same pixels as `generate`; one model, first come first served, so with 8 clients each request waits for the 7
+ahead of it and p95 is at least 8 x the time of one request under load) and --batch 4 (waiting requests with the
+same settings run as one batch; images equal up to float rounding). Last line JSON.
 
     python bench/serve.py [--requests 200] [--clients 8] [--batch 4]
 """
@@ -57,9 +60,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1, help="the server's --batch (default 1: exact pixels)")
+    parser.add_argument("--batch", default="1,4", help="the server's --batch values to run, one server each "
+                        "(default 1,4: exact pixels, then batches of 4)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole load (default 1800)")
     args = parser.parse_args()
+    summaries = {}
+    for batch in (int(b) for b in args.batch.split(",")):
+        summaries[f"batch_{batch}"] = run_one(args, batch)
+    print(json.dumps(summaries))
+
+
+def run_one(args, batch: int) -> dict:
     weights = WORLD / "weights"
     with tempfile.TemporaryDirectory() as tmp:
         styles = Path(tmp) / "styles"
@@ -71,7 +82,7 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "stylegrad", "serve", "--model", str(weights / "sd"), "--clip-model",
              str(weights / "clip"), "--styles", str(styles), "--port", str(port), "--no-ui",
-             "--queue", str(args.clients * 2), "--batch", str(args.batch)],
+             "--queue", str(args.clients * 2), "--batch", str(batch)],
             stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         base = f"http://127.0.0.1:{port}"
         try:
@@ -119,7 +130,7 @@ def main() -> None:
     p50 = statistics.median(latencies)
     p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
     summary = {
-        "requests": args.requests, "clients": args.clients, "batch": args.batch, "failed": len(failed),
+        "requests": args.requests, "clients": args.clients, "batch": batch, "failed": len(failed),
         "lost": args.requests - len(results),
         "single_s": round(single, 3), "p50_s": round(p50, 3), "p95_s": round(p95, 3),
         "p95_over_single": round(p95 / single, 2), "throughput_rps": round(args.requests / wall, 2),
@@ -127,14 +138,14 @@ def main() -> None:
         "mem_growth": round(mem_end / mem_first - 1, 4),
     }
     print(f"small world model, {SIDE}x{SIDE}, {STEPS} steps, every 4th request styled (5 Adam steps); "
-          f"{args.clients} clients, {args.requests} requests, server --batch {args.batch}")
+          f"{args.clients} clients, {args.requests} requests, server --batch {batch}")
     print(f"one request alone {single:.3f} s; under load p50 {p50:.3f} s, p95 {p95:.3f} s ({p95 / single:.1f}x alone; "
           f"target <= 8), {summary['throughput_rps']} requests/s")
     print(f"failed {len(failed)}, lost {summary['lost']} (target 0); server memory {mem_first:.0f} MB after the "
           f"first request, {mem_end:.0f} MB at the end ({100 * summary['mem_growth']:+.1f}%; target within 10%)")
     for why in failed[:5]:
         print("  failure:", why)
-    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
