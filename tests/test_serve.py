@@ -354,3 +354,39 @@ def test_batching_runs_waiting_requests_together(generator, dirs, world):
         assert got["infotexts"] == want["infotexts"]
         a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (got, want))
         assert np.abs(a - b).max() <= 2
+
+
+def test_stylecodes_image_to_code_to_preview(world, tmp_path):
+    """/v1/codes: an image's style as a code; a code as a preview; and a request with a style image."""
+    from diffusers import UNet2DConditionModel
+    from tiny import tiny_siglip, tiny_stylecodes
+
+    from stylegrad.stylecodes.codec import decode as decode_code
+    from stylegrad.stylecodes.model import save_stylecodes
+
+    clip_dir, sd_dir = world
+    ckpt = save_stylecodes(tiny_stylecodes(UNet2DConditionModel.from_pretrained(sd_dir / "unet")),
+                           tmp_path / "sc.safetensors")
+    siglip, processor = tiny_siglip()
+    siglip.save_pretrained(tmp_path / "siglip")
+    processor.save_pretrained(tmp_path / "siglip")
+    generator = Generator.load(str(sd_dir), "cpu", str(clip_dir), siglip_model=str(tmp_path / "siglip"))
+    service = Service(generator, ServeSettings(ui=False), clip_model=str(clip_dir), stylecodes_model=str(ckpt))
+    picture = Image.new("RGB", (40, 40), (200, 30, 30))
+    with TestClient(create_app(service)) as c:
+        r = c.post("/v1/codes", json={"image": png_b64(picture)})
+        assert r.status_code == 200, r.text
+        code = r.json()["code"]
+        assert len(code) == 21 and decode_code(code).version == 1
+        small = {"steps": 2, "width": 32, "height": 32}
+        preview = c.post("/v1/codes", json={"code": code, **small})
+        assert preview.status_code == 200, preview.text
+        assert f"Stylecode: {code}" in preview.json()["infotext"]
+        plain = c.post("/v1/generate", json={"prompt": "a house by a lake", **small}).json()
+        assert not np.array_equal(np.asarray(decode(plain["images"][0])),
+                                  np.asarray(decode(preview.json()["preview"])))  # the code changed the picture
+        from_image = c.post("/v1/generate", json={"prompt": "a house", "stylecode_image": png_b64(picture), **small})
+        assert from_image.status_code == 200, from_image.text
+        assert code in from_image.json()["infotexts"][0]  # the same code, made from the same picture
+        assert c.post("/v1/codes", json={}).status_code == 422
+        assert c.post("/v1/codes", json={"code": "not-a-code", **small}).status_code == 422

@@ -60,9 +60,17 @@ class Generate(BaseModel):
 
 
 class CodeRequest(BaseModel):
+    """An image -> its stylecode; or a code -> a preview image generated with it (SD1.x models)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="base64 image whose style becomes a code")
+    image: str | None = Field(None, description="base64 image whose style becomes a code")
+    code: str | None = Field(None, description="a stylecode (or 'A::2 B::1') to preview")
+    prompt: str = Field("a house by a lake", description="the preview's prompt")
+    seed: int = Field(0, ge=0, lt=2**32)
+    steps: int = Field(20, ge=1)
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
 
 
 def to_request(body: Generate, service) -> GenerationRequest:
@@ -83,7 +91,7 @@ def to_request(body: Generate, service) -> GenerationRequest:
         loras=tuple(service.lora_arg(x) for x in body.loras),
         embeddings=tuple(service.embedding_arg(x) for x in body.embeddings),
         stylecode=body.stylecode or None, stylecode_strength=body.stylecode_strength, strength=body.strength,
-        weighting=body.weighting)
+        stylecodes_model=service.stylecodes_model, weighting=body.weighting)
 
 
 def routes(app, service) -> None:
@@ -135,9 +143,16 @@ def routes(app, service) -> None:
 
     @app.post("/v1/codes", tags=["stylegrad"])
     async def code(body: CodeRequest):
-        """An image's style as a stylecode (SD1.5 Stylecodes), to paste into a prompt or a request."""
-        job = service.submit_code(image(body.image, "image"))
-        return {"code": await wait(job)}
+        """An image's style as a stylecode (SD1.5 Stylecodes), to paste into a prompt or a request; or, given a
+        code, a preview image made with it."""
+        if (body.image is None) == (body.code is None):
+            raise StylegradError("give image (to make a code) or code (to preview it)")
+        if body.image is not None:
+            return {"code": await wait(service.submit_code(image(body.image, "image")))}
+        preview = Generate(prompt=body.prompt, seed=body.seed, steps=body.steps, width=body.width,
+                           height=body.height, stylecode=body.code)
+        ((im, text),) = await wait(service.submit_generation(to_request(preview, service)))
+        return {"code": body.code, "preview": png_b64(im, text), "infotext": text}
 
     @app.get("/v1/progress/{task_id}", tags=["stylegrad"])
     async def progress(task_id: str):

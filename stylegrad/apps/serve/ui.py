@@ -87,7 +87,7 @@ def build_ui(service):
                 model=str(service.generator.model or ""),
                 style=service.style_path(style) if style and style != NO_STYLE else None, style_options=options,
                 loras=tuple(service.lora_arg(f"{x}:{lora_weight}") for x in (loras or [])),
-                stylecode=(stylecode or "").strip() or None)
+                stylecode=(stylecode or "").strip() or None, stylecodes_model=service.stylecodes_model)
             for side in (request.width, request.height):
                 if side > s.max_side:
                     raise StylegradError(f"width and height must be at most {s.max_side}")
@@ -117,6 +117,17 @@ def build_ui(service):
             return _wait(service.submit_code(image.convert("RGB")), progress)
         except Exception as e:  # noqa: BLE001
             _fail(e)
+
+    def code_preview(code, prompt, seed, progress=gr.Progress()):
+        try:
+            request = GenerationRequest(prompt=prompt or "a house by a lake", seed=int(seed), steps=20,
+                                        model=str(service.generator.model or ""), stylecode=(code or "").strip(),
+                                        stylecodes_model=service.stylecodes_model,
+                                        width=width_default, height=height_default)
+            ((image, text),) = _wait(service.submit_generation(request, 1), progress)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        return _png_file(image, text)
 
     def png_info(file):
         if file is None:
@@ -215,9 +226,17 @@ def build_ui(service):
                         grid = gr.Image(label="Comparison", type="pil", visible=True, elem_id="grid")
                         info = gr.Textbox(label="Parameters", lines=4, elem_id="infotext")
             with gr.Tab("Codes", id="codes"):
-                code_in = gr.Image(label="Image", type="pil")
-                code_btn = gr.Button("Make code")
-                code_out = gr.Textbox(label="Stylecode (paste it into Generate)")
+                with gr.Row():
+                    with gr.Column():
+                        code_in = gr.Image(label="Image", type="pil")
+                        code_btn = gr.Button("Make code")
+                    with gr.Column():
+                        code_out = gr.Textbox(label="Stylecode (paste it into Generate, or preview it)",
+                                              elem_id="code")
+                        preview_prompt = gr.Textbox(value="a house by a lake", label="Preview prompt")
+                        preview_seed = gr.Number(value=0, precision=0, label="Seed")
+                        preview_btn = gr.Button("Preview")
+                        preview = gr.Image(label="Preview", type="filepath")
             with gr.Tab("PNG info", id="pnginfo"):
                 png = gr.File(label="A generated PNG", file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="png")
                 png_text = gr.Textbox(label="Parameters", lines=6, elem_id="png-text")
@@ -235,6 +254,7 @@ def build_ui(service):
         go.click(generate, [prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
                             lora_weight, seed, width, height, steps, cfg, sampler, compare], [gallery, grid, info])
         code_btn.click(code_of, [code_in], [code_out])
+        preview_btn.click(code_preview, [code_out, preview_prompt, preview_seed], [preview])
         png.change(png_info, [png], [png_text, png_fields])
         send.click(send_to_generate, [png_fields], [prompt, negative, seed, steps, cfg, width, height, sampler, tabs])
         eval_btn.click(evaluate, [prompts, eval_style, eval_steps, eval_seeds], [eval_table, eval_report])
