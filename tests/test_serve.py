@@ -390,3 +390,27 @@ def test_stylecodes_image_to_code_to_preview(world, tmp_path):
         assert code in from_image.json()["infotexts"][0]  # the same code, made from the same picture
         assert c.post("/v1/codes", json={}).status_code == 422
         assert c.post("/v1/codes", json={"code": "not-a-code", **small}).status_code == 422
+
+
+def test_style_score_and_evaluation_with_a_predictor(generator, dirs, world, tmp_path):
+    """With --predictor: a new style's aesthetic score, and the Evaluate tab's experiment with its report."""
+    from stylegrad.pipelines.request import GenerationRequest
+    from stylegrad.world.demo import HERE
+
+    predictor = tmp_path / "tiny_predictor.pth"
+    torch.save({"linear.weight": torch.randn(1, PROJ, generator=torch.Generator().manual_seed(1)),
+                "linear.bias": torch.tensor([5.0])}, predictor)
+    c, service = make_client(generator, dirs, world, predictor=str(predictor))
+    pictures = sorted((HERE / "examples").glob("striped-*.png"))[:2]
+    with c:
+        r = c.post("/v1/styles", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in pictures],
+                   data={"name": "scored"})
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["aesthetic_score"], float)
+        base = GenerationRequest(prompt="", steps=2, width=32, height=32, model=str(generator.model))
+        job = service.submit_evaluation(["a red triangle"], "stripes", [0, 2], 1, base, tmp_path / "eval")
+        summary = job.future.result(120)
+        assert set(summary["stripes"]) == {"0", "2"} or set(summary["stripes"]) == {0, 2}
+        assert (tmp_path / "eval" / "report.html").is_file()
+        with pytest.raises(StylegradError, match="1-20 prompts"):
+            service.submit_evaluation([], "stripes", [0], 1, base, tmp_path / "e2")
