@@ -414,3 +414,12 @@ def test_style_score_and_evaluation_with_a_predictor(generator, dirs, world, tmp
         assert (tmp_path / "eval" / "report.html").is_file()
         with pytest.raises(StylegradError, match="1-20 prompts"):
             service.submit_evaluation([], "stripes", [0], 1, base, tmp_path / "e2")
+
+
+def test_serve_without_its_extra_says_how_to_get_it(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["serve", "--model", "/nonexistent/model"]) == 1
+    assert "pip install 'stylegrad[serve]'" in capsys.readouterr().err

@@ -21,8 +21,15 @@ def cmd_serve(a) -> None:
         max_upload_bytes=a.max_upload_mb << 20, log_prompts=a.log_prompts, ui=not a.no_ui, predictor=a.predictor)
     for d in settings.styles_dirs:
         os.makedirs(d, exist_ok=True)
+    import importlib.util
     import logging
 
+    needed = ["fastapi", "uvicorn", "multipart"] + (["gradio"] if settings.ui else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        from stylegrad.errors import StylegradError
+
+        raise StylegradError(f"stylegrad serve needs {', '.join(missing)}: pip install 'stylegrad[serve]'")
     import uvicorn
 
     from stylegrad.apps.serve.app import create_app
