@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.errors import StylegradError
@@ -44,11 +45,13 @@ def _fail(e: Exception):
     raise gr.Error(str(e)) from e
 
 
-def build_ui(service):
+def _actions(service) -> SimpleNamespace:
+    """What each button does: every one queues a job on the service and follows its progress."""
     import gradio as gr
 
     s = service.settings
     samplers = [a for _, a in service.samplers()]
+    width_default = height_default = service.default_size()
 
     def style_choices():
         return [NO_STYLE] + sorted(service.styles())
@@ -180,6 +183,19 @@ def build_ui(service):
                             f"{m['style_similarity']['mean']:.3f} |")
         return "\n".join(rows), str(out / "report.html")
 
+    return SimpleNamespace(style_choices=style_choices, make_style=make_style, generate=generate, code_of=code_of,
+                           code_preview=code_preview, png_info=png_info, send_to_generate=send_to_generate,
+                           evaluate=evaluate)
+
+
+def build_ui(service):
+    """The page: five tabs over the same service as the APIs."""
+    import gradio as gr
+
+    s = service.settings
+    samplers = [a for _, a in service.samplers()]
+    act = _actions(service)
+    style_choices = act.style_choices
     width_default = height_default = service.default_size()
     with gr.Blocks(title="stylegrad") as ui:
         gr.Markdown(f"## stylegrad · {service.model_name}\nStyles from a handful of pictures (aesthetic gradients), "
@@ -250,14 +266,14 @@ def build_ui(service):
                 eval_btn = gr.Button("Evaluate")
                 eval_table = gr.Markdown()
                 eval_report = gr.File(label="Report (HTML)")
-        make.click(make_style, [files, name], [style_file, style_summary, style])
-        go.click(generate, [prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
+        make.click(act.make_style, [files, name], [style_file, style_summary, style])
+        go.click(act.generate, [prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
                             lora_weight, seed, width, height, steps, cfg, sampler, compare], [gallery, grid, info])
-        code_btn.click(code_of, [code_in], [code_out])
-        preview_btn.click(code_preview, [code_out, preview_prompt, preview_seed], [preview])
-        png.change(png_info, [png], [png_text, png_fields])
-        send.click(send_to_generate, [png_fields], [prompt, negative, seed, steps, cfg, width, height, sampler, tabs])
-        eval_btn.click(evaluate, [prompts, eval_style, eval_steps, eval_seeds], [eval_table, eval_report])
+        code_btn.click(act.code_of, [code_in], [code_out])
+        preview_btn.click(act.code_preview, [code_out, preview_prompt, preview_seed], [preview])
+        png.change(act.png_info, [png], [png_text, png_fields])
+        send.click(act.send_to_generate, [png_fields], [prompt, negative, seed, steps, cfg, width, height, sampler, tabs])
+        eval_btn.click(act.evaluate, [prompts, eval_style, eval_steps, eval_seeds], [eval_table, eval_report])
     return ui
 
 
