@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from stylegrad.errors import StylegradError
 
@@ -129,7 +129,3 @@ def _version() -> str:
     from stylegrad import __version__
 
     return __version__
-
-
-def no_content() -> Response:
-    return Response(status_code=204)

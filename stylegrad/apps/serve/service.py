@@ -16,13 +16,12 @@ from PIL import Image
 from stylegrad.aesthetic.embedding import embed_images
 from stylegrad.errors import StylegradError
 from stylegrad.files.pnginfo import read_generation_info
-from stylegrad.files.styles import Style, load_style, save_style
+from stylegrad.files.styles import Style, save_style
 from stylegrad.pipelines.generation import Generator
 from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name, pipeline_family
 from stylegrad.pipelines.request import GenerationRequest
 
 from . import folders
-from .images import png_bytes
 from .jobs import Cancelled, Job, JobQueue
 from .settings import ServeSettings
 
@@ -267,11 +266,3 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 def random_seed() -> int:
     return random.randrange(0, 2**32 - 1)
-
-
-def style_of(path: str) -> Style:
-    return load_style(path)
-
-
-def png(image: Image.Image, text: str) -> bytes:
-    return png_bytes(image, text)
