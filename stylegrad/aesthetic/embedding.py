@@ -133,6 +133,10 @@ def embed_images(
         note(f"skipped {len(skipped)} file(s) that are not readable images: {listed}{more}")
     if count == 0:
         raise StylegradError(f"none of the {len(paths)} files is a readable image")
+    return _mean_style(total, count, mean, clip_model, name)
+
+
+def _mean_style(total: torch.Tensor, count: int, mean: str, clip_model, name: str) -> Style:
     vector = (total / count).float()
     if mean == "normalized":
         vector = Style(vector).direction  # the raw mean's own direction, to the bit
@@ -143,6 +147,27 @@ def embed_images(
         "stylegrad_version": __version__,
     }
     return Style(vector, metadata, name)
+
+
+def embed_pictures(pictures: list[Image.Image], clip_model: str = SD1.clip_model, *, batch_size: int = 16,
+                   mean: str = "normalized", device: torch.device | str | None = None, encoder=None,
+                   name: str = "style") -> Style:
+    """``embed_images`` for pictures already in memory (a ComfyUI IMAGE batch, a web upload): the same
+    preprocessing, model and mean, so the same pictures give the same style as their files."""
+    if mean not in MEANS:
+        raise StylegradError(f"unknown mean '{mean}' (choose from {', '.join(MEANS)})")
+    if not pictures:
+        raise StylegradError("no pictures to make a style from")
+    model, processor = encoder or load_image_encoder(clip_model, device)
+    p = next(model.parameters())
+    total = None
+    for i in range(0, len(pictures), batch_size):
+        pixels = processor(images=[im.convert("RGB") for im in pictures[i:i + batch_size]],
+                           return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = model(pixel_values=pixels.to(p.device, p.dtype)).image_embeds.double().sum(0)
+        total = feats if total is None else total + feats
+    return _mean_style(total, len(pictures), mean, clip_model, name)
 
 
 BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # SDXL's second text tower is this CLIP's (1280-wide space)

@@ -32,6 +32,8 @@ class Personalized:
     hidden: torch.Tensor  # (C, S, H) float32: what the UNet gets from the tuned encoder, per chunk
     similarities: list[float]  # cos(text embedding, target) before each step, then after the last
     text_embedding: torch.Tensor | None = None  # (1, P): the tuned CLIP text embedding (SDXL's pooled embeds)
+    weights: dict[str, torch.Tensor] | None = None  # with keep_weights: the tuned tensors (token table: ``rows``)
+    rows: torch.Tensor | None = None  # (U,) the token-table rows ``weights``' token table holds, in order
 
 
 def first_eos(ids: torch.Tensor, eos_token_id: int) -> int:
@@ -54,6 +56,7 @@ def personalize(
     callback: Callable[[int, float], None] | None = None,
     extra_rows: torch.Tensor | None = None,
     base: dict[str, torch.Tensor] | None = None,
+    keep_weights: bool = False,
 ) -> Personalized:
     """Adam on the text transformer (embeddings, layers, final norm; not the projection) to maximize
     cos(proj(h_EOS), target), then the tuned encoder's hidden states for the full prompt.
@@ -65,7 +68,8 @@ def personalize(
     ``input_ids`` (C, S): a long prompt's chunks; the first is tuned (as the A1111 extension does), and every
     chunk is then encoded by the tuned encoder. Ids past the token table read ``extra_rows`` (textual-inversion
     vectors), tuned like any other row the prompt uses. ``base``: the tensors to start from (default the tower's;
-    e.g. with a LoRA merged into some of them)."""
+    e.g. with a LoRA merged into some of them). ``keep_weights``: also return the tuned tensors, for hosts that
+    apply weight differences themselves (ComfyUI's patches)."""
     chunks = input_ids.reshape(-1, input_ids.shape[-1])  # (C, S), each padded to the tokenizer's max length
     ids = chunks[0]
     eos = first_eos(ids, tower.eos_token_id)
@@ -105,7 +109,8 @@ def personalize(
         final = torch.cosine_similarity(embedding, target)
     similarities.append(float(final))
     more = [tuned.encode(c, keep, norm) for c in local_all[1:]]  # the other chunks, on the tuned tensors
-    return Personalized(torch.stack([hidden, *more]), similarities, embedding)
+    kept = (tuned.params, rows) if keep_weights else (None, None)
+    return Personalized(torch.stack([hidden, *more]), similarities, embedding, *kept)
 
 
 def _eos_objective(tower: TextTower, tuned: TunedWeights, short: torch.Tensor, target: torch.Tensor):
