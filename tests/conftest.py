@@ -40,6 +40,17 @@ def needs_kernels():
     return products._KERNELS
 
 
+@pytest.fixture()
+def tiny_predictor(tmp_path):
+    """An aesthetic predictor (a linear probe) on the tiny CLIP's space."""
+    from tiny import PROJ
+
+    path = tmp_path / "tiny_predictor.pth"
+    g = torch.Generator().manual_seed(4)
+    torch.save({"linear.weight": torch.randn(1, PROJ, generator=g), "linear.bias": torch.tensor([5.0])}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def clip():
     from tiny import tiny_clip

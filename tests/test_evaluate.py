@@ -88,14 +88,6 @@ def test_score_cli_on_style_files_is_the_formula(shared, capsys):
     assert "512-wide" in capsys.readouterr().err
 
 
-@pytest.fixture()
-def tiny_predictor(tmp_path):
-    path = tmp_path / "tiny_predictor.pth"
-    g = torch.Generator().manual_seed(4)
-    torch.save({"linear.weight": torch.randn(1, PROJ, generator=g), "linear.bias": torch.tensor([5.0])}, path)
-    return path
-
-
 def test_score_cli_on_images(world, shared, tiny_predictor, capsys):
     clip_dir, _ = world
     images = sorted((shared / "images" / "simulacra" / "bad").iterdir())[:3]

@@ -77,8 +77,23 @@ def _request_for(base: GenerationRequest, job: Job, styles: dict[str, tuple[str,
 
 
 def generate_missing(generator: Generator, jobs: list[Job], styles: dict[str, tuple[str, Style]],
-                     base: GenerationRequest, out: Path, progress: bool = True) -> int:
-    """Generate the images that do not exist yet, each with its full infotext; returns how many were made."""
+                     base: GenerationRequest, out: Path, progress: bool = True, ray: dict | None = None) -> int:
+    """Generate the images that do not exist yet, each with its full infotext; returns how many were made.
+    ``ray``: run them on Ray instead (``run_items_ray``'s options, with ``spec`` the workers' ``WorkerSpec``)."""
+    if ray is not None:
+        from stylegrad.jobs.cluster import run_items_ray
+        from stylegrad.jobs.storage import Storage
+        from stylegrad.jobs.work import WorkItem
+
+        options = dict(ray)
+        spec = options.pop("spec")
+        items = [WorkItem(_request_for(base, job, styles), job.file, f"prompt {job.prompt_index} {job.style} "
+                          f"steps {job.steps} seed {job.seed}") for job in jobs]
+        summary = run_items_ray(items, Storage(out), spec, progress=progress, desc="evaluate", **options)
+        if summary.failed:
+            label, reason = summary.failed[0]
+            raise StylegradError(f"{len(summary.failed)} image(s) failed, e.g. {label}: {reason}")
+        return summary.done
 
     def run_job(job: Job) -> None:
         ((image, text),) = generator.images(_request_for(base, job, styles))
@@ -164,7 +179,7 @@ def manifest(base: GenerationRequest, prompts: list[str], styles: dict[str, tupl
 
 def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticPredictor, prompts: list[str],
              style_files: list[str], steps: list[int], seeds: list[int], base: GenerationRequest, out: str | Path,
-             progress: bool = True) -> dict:
+             progress: bool = True, ray: dict | None = None) -> dict:
     """Run the whole experiment into ``out`` (resuming what a same-settings run left there); returns the summary.
     ``base`` holds every generation setting but prompt, seed, style and steps."""
     out = Path(out)
@@ -179,7 +194,7 @@ def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticP
     steps = sorted(set(steps))
     check_manifest(out, manifest(base, prompts, styles, steps, seeds))
     jobs = plan(prompts, list(styles), steps, seeds)
-    generate_missing(generator, jobs, styles, base, out, progress)
+    generate_missing(generator, jobs, styles, base, out, progress, ray)
     rows = score(jobs, styles, out, embedder, predictor)
     write_csv(rows, out / "results.csv")
     summary = summarize(rows)
@@ -205,13 +220,15 @@ def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticP
 def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[int], seeds: list[int],
                    out: str | Path, prompts_file: str | None = None, predictor: str | None = None,
                    device: str | None = None, progress: bool = True, vae: str | None = None,
-                   models_dir: str | None = None) -> dict:
+                   models_dir: str | None = None, ray: dict | None = None) -> dict:
     """``evaluate`` with everything loaded from names: the prompts, the model (``base.model``), the evaluation
-    CLIP (``base.clip_model`` or the family's) and the predictor."""
+    CLIP (``base.clip_model`` or the family's) and the predictor. ``ray``: generate on Ray (``run_items_ray``'s
+    options; the workers load the same model), then score here."""
     from stylegrad.aesthetic.tower import detect_family
     from stylegrad.devices import resolve_device
     from stylegrad.evaluation.predictors import DEFAULT, load_predictor
 
+    asked_device = device  # the workers' (None: each picks its own GPU)
     device = resolve_device(device)  # bad input fails before anything loads
     prompts = read_prompts(prompts_file)
     styles = name_styles(style_files)  # a bad style file or changed settings fail before any model loads
@@ -221,4 +238,9 @@ def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[
     generator.check(replace(base, style=style_files[0]))  # an SDXL model is refused before any image
     clip = base.clip_model or detect_family(generator.pipe.text_encoder).clip_model
     embedder = ClipEmbedder(clip, generator.pipe.device)
-    return evaluate(generator, embedder, pred, prompts, style_files, steps, seeds, base, out, progress)
+    if ray is not None:
+        from stylegrad.jobs.work import WorkerSpec
+
+        ray = {**ray, "spec": WorkerSpec(str(generator.model or base.model), asked_device, base.clip_model,
+                                         vae, models_dir)}
+    return evaluate(generator, embedder, pred, prompts, style_files, steps, seeds, base, out, progress, ray)

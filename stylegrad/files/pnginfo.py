@@ -33,6 +33,18 @@ class GenerationInfo:
         return asdict(self)
 
 
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The PNG ``save_png`` writes, as bytes (for a worker writing to shared or remote storage)."""
+    import io
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
     """Write atomically, so an interrupted run never leaves a truncated image."""
     info = PngInfo()

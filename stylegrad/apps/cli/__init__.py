@@ -9,11 +9,11 @@ import sys
 import warnings
 
 from stylegrad import __version__
-from stylegrad.apps.cli import checkpoints, codes, demo, evaluate, generate, serve, styles, train
+from stylegrad.apps.cli import batch, checkpoints, codes, demo, evaluate, generate, serve, styles, train
 from stylegrad.apps.cli.args import Parser
 from stylegrad.apps.cli.errors import error_line
 
-COMMAND_GROUPS = (styles, generate, evaluate, checkpoints, codes, serve, train, demo)
+COMMAND_GROUPS = (styles, generate, batch, evaluate, checkpoints, codes, serve, train, demo)
 
 
 def build_parser() -> Parser:

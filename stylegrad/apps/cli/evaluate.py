@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stylegrad.apps.cli.args import add_device, add_model_options, add_style_options, number_list, style_options
+from stylegrad.apps.cli.batch import add_ray_options, ray_options
 from stylegrad.evaluation.experiment import run_evaluation, seeds_from
 from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
 from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
@@ -16,8 +17,9 @@ def cmd_evaluate(a) -> None:
     base = GenerationRequest(prompt="", negative=a.negative, steps=a.steps, cfg=a.cfg, width=a.width,
                              height=a.height, sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL,
                              style_options=style_options(a, steps=0), clip_model=a.clip_model)
+    ray = {"address": a.ray or None, **ray_options(a)} if a.ray is not None else None
     summary = run_evaluation(base, a.style, a.style_steps, seeds_from(a.seed, a.seeds), a.out, a.prompts,
-                             a.predictor, a.device, vae=a.vae, models_dir=a.models_dir)
+                             a.predictor, a.device, vae=a.vae, models_dir=a.models_dir, ray=ray)
     for name, by_steps in summary.items():
         for k, m in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
             print(f"{name:20} steps {int(k):3}  aesthetic {m['aesthetic']['mean']:.3f}  "
@@ -51,5 +53,6 @@ def register(sub) -> None:
     p.add_argument("--sampler", metavar="NAME", help="scheduler (see generate --help)")
     p.add_argument("--clip-skip", type=int, metavar="K", help="see generate --help")
     add_device(p)
+    add_ray_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun into it to resume)")
     p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,70 @@
+"""``stylegrad batch``: a JSONL file of requests into a folder, locally or on Ray, resumable.
+
+The manifest records the model and, per image file, the request that makes it: a rerun makes the files that are
+missing (lines added, or fixed), and refuses a line that now asks something else of a file already made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stylegrad.errors import StylegradError
+from stylegrad.jobs.batchfile import BadLine, read_jobs
+from stylegrad.jobs.manifest import MANIFEST
+from stylegrad.jobs.storage import Storage
+from stylegrad.jobs.work import Summary, WorkerSpec, WorkItem
+
+SUMMARY = "batch-summary.json"
+
+
+def check_batch_manifest(storage: Storage, spec: WorkerSpec, items: list[WorkItem]) -> None:
+    old_text = storage.read_text(MANIFEST)
+    old = {}
+    if old_text is not None:
+        try:
+            old = json.loads(old_text)
+        except ValueError as e:
+            raise StylegradError(f"cannot read {storage}/{MANIFEST}: {e}") from None
+        if old.get("kind") != "batch" or old.get("model") != spec.model:
+            raise StylegradError(f"{storage} holds a run of another kind or model ({old.get('model')}); use another "
+                                 "--out")
+    files = dict(old.get("files", {}))
+    for item in items:
+        if item.file in files and files[item.file] != item.digest and storage.exists(item.file):
+            raise StylegradError(f"{item.label} asks for other settings than {item.file} was made with; use another "
+                                 "--out, or delete that file")
+        files[item.file] = item.digest
+    storage.write(MANIFEST, json.dumps({"kind": "batch", "model": spec.model, "files": files}, indent=1).encode())
+
+
+def run_batch(jobs_file: str | Path, out: str, spec: WorkerSpec, *, ray: bool = False, address: str | None = None,
+              progress: bool = True, **ray_options) -> tuple[Summary, list[BadLine]]:
+    """Read the jobs, check the folder, make what is missing; the summary is also written to ``batch-summary.json``.
+    ``ray_options``: ``run_items_ray``'s; ``threads`` also applies to a local run."""
+    items, bad = read_jobs(jobs_file, spec.model)
+    storage = Storage(out)
+    check_batch_manifest(storage, spec, items)
+    if not items:
+        summary = Summary()
+    elif ray:
+        from stylegrad.jobs.cluster import run_items_ray
+
+        summary = run_items_ray(items, storage, spec, address=address, progress=progress, **ray_options)
+    else:
+        import torch
+
+        from stylegrad.jobs.local import run_items_local
+
+        threads = ray_options.get("threads")
+        before = torch.get_num_threads()
+        if threads:  # CPU results depend on the thread count: equal counts, equal bytes to Ray's workers
+            torch.set_num_threads(threads)
+        try:
+            todo = [item for item in items if not storage.exists(item.file)]
+            generator = spec.load() if todo else None
+            summary = run_items_local(items, storage, generator, progress)
+        finally:
+            torch.set_num_threads(before)
+    summary.failed = [(f"line {b.line}", b.reason) for b in bad] + summary.failed
+    storage.write(SUMMARY, json.dumps(summary.as_dict(), indent=1).encode())
+    return summary, bad
