@@ -1,4 +1,4 @@
-"""``train stylecodes``: the Stylecodes paper's training recipe."""
+"""``train``: textual inversion and LoRA from a folder of pictures, and the Stylecodes paper's recipe."""
 
 from __future__ import annotations
 
@@ -17,9 +17,89 @@ def cmd_stylecodes(a) -> None:
     print(train(cfg, resume=not a.restart))
 
 
+def _common(a) -> dict:
+    return dict(model=a.model or DEFAULT_MODEL, device=a.device, vae=a.vae, models_dir=a.models_dir,
+                resume=not a.restart, steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                resolution=a.resolution, seed=a.seed, checkpoint_every=a.checkpoint_every,
+                sample_every=a.sample_every, sample_prompt=a.sample_prompt, mixed_precision=a.mixed_precision,
+                gradient_checkpointing=a.gradient_checkpointing, work=a.work)
+
+
+def cmd_textual_inversion(a) -> None:
+    from stylegrad.training.recipes import train_textual_inversion
+
+    for path in train_textual_inversion(a.images, a.out, a.token, init=a.init, vectors=a.vectors,
+                                        kind="object" if a.object else "style", **_common(a)):
+        print(path)
+
+
+def cmd_lora(a) -> None:
+    from stylegrad.training.recipes import train_lora
+
+    for path in train_lora(a.images, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder, word=a.word,
+                           **_common(a)):
+        print(path)
+
+
+def _training_options(q, defaults: dict) -> None:
+    from stylegrad.apps.cli.args import add_model_options
+
+    q.add_argument("images", nargs="+", metavar="IMAGES", help="pictures, or folders of them (a .txt file beside a "
+                   "picture is its caption)")
+    q.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    add_model_options(q, DEFAULT_MODEL)
+    q.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
+    q.add_argument("--lr", type=float, help=f"AdamW learning rate (default {defaults['lr']})")
+    q.add_argument("--batch-size", type=int, help=f"pictures per step (default {defaults['batch_size']})")
+    q.add_argument("--grad-accum", type=int, metavar="K", help="batches accumulated per step: a bigger batch in the "
+                   f"same memory (default {defaults['grad_accum']})")
+    q.add_argument("--resolution", type=int, default=None, help="training size in pixels (default 512; 1024 for "
+                   "SDXL models is usual)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and timesteps (default 0)")
+    q.add_argument("--checkpoint-every", type=int, default=500, metavar="N", help="steps between checkpoints")
+    q.add_argument("--sample-every", type=int, default=0, metavar="N", help="a sample picture every N steps into "
+                   "the work folder's samples/ (default: none)")
+    q.add_argument("--sample-prompt", metavar="TEXT", help="the sample's prompt (default: a template with the word)")
+    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast on CUDA (default no; CPU always trains in float32)")
+    q.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    q.add_argument("--work", metavar="DIR", help="checkpoints and samples (default: OUT's name + '-training' beside "
+                   "it); rerunning the same command resumes from there")
+    q.add_argument("--restart", action="store_true", help="ignore checkpoints in the work folder and start over")
+    add_device(q)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train models (stylecodes)")
+    from stylegrad.training import lora, textual_inversion
+
+    p = sub.add_parser("train", help="train textual inversions, LoRAs or a Stylecodes model")
     train_sub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT", parser_class=type(p))
+    q = train_sub.add_parser("textual-inversion", help="a new word for your pictures' style or object",
+                             description="Textual inversion (Gal et al. 2022): new vectors for --token, learned "
+                             "from the pictures with the model frozen (the diffusers example's recipe and defaults). "
+                             "Writes OUT as A1111's .pt and a .safetensors (A1111, ComfyUI, diffusers, stylegrad).",
+                             epilog="Example: stylegrad train textual-inversion my_pictures/ --token mystyle --init "
+                             "painting --out embeddings/mystyle.pt")
+    q.add_argument("--token", required=True, metavar="NAME", help="the word prompts will use")
+    q.add_argument("--init", metavar="WORD", help="start the vectors from this word's (default: the table's mean)")
+    q.add_argument("--vectors", type=int, default=1, metavar="N", help="vectors per token (default 1)")
+    kind = q.add_mutually_exclusive_group()
+    kind.add_argument("--style", action="store_true", help="style prompt templates (the default)")
+    kind.add_argument("--object", action="store_true", help="object prompt templates")
+    _training_options(q, textual_inversion.DEFAULTS)
+    q.set_defaults(func=cmd_textual_inversion)
+    q = train_sub.add_parser("lora", help="a LoRA (kohya format) from your pictures",
+                             description="LoRA (Hu et al. 2021) beside the UNet's attention projections (and the text "
+                             "encoders' with --text-encoder), saved in kohya's format for A1111, ComfyUI, diffusers "
+                             "and stylegrad.", epilog="Example: stylegrad train lora my_pictures/ --word mystyle "
+                             "--out models/Lora/mystyle.safetensors")
+    q.add_argument("--rank", type=int, default=4, help="rank (default 4)")
+    q.add_argument("--alpha", type=float, help="alpha (default: the rank, so the scale is 1)")
+    q.add_argument("--text-encoder", action="store_true", help="also train LoRA on the text encoder(s)")
+    q.add_argument("--word", metavar="WORD", help="a trigger word for the captions (style templates without .txt "
+                   "captions)")
+    _training_options(q, lora.DEFAULTS)
+    q.set_defaults(func=cmd_lora)
     q = train_sub.add_parser("stylecodes", help="train a Stylecodes model on (style image, prompt, target) triples",
                              description="The Stylecodes paper's recipe: SD and SigLIP frozen; the style encoder, "
                              "decoder and control module trained end to end with the diffusion loss. DATA holds "

@@ -1,0 +1,55 @@
+"""One checkpoint format for every method: the trained tensors (safetensors), the optimizer's state, the random
+generator's state and the step, so a resumed run continues exactly as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stylegrad.errors import StylegradError
+from stylegrad.files.atomic import atomic_path, atomic_write
+
+
+def save_checkpoint(work: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator,
+                    info: dict, keep: int = 2) -> Path:
+    """``work/checkpoint-STEP``, written whole (a folder renamed into place); older ones beyond ``keep`` removed."""
+    final = Path(work) / f"checkpoint-{step}"
+    tmp = Path(work) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trained.safetensors"))
+    with atomic_path(tmp / "optimizer.pt") as p:
+        torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state()}, p)
+    atomic_write(tmp / "state.json", json.dumps({"step": step, **info}, indent=1).encode())
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(checkpoints(work))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def checkpoints(work: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(work).glob("checkpoint-*"):
+        if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "state.json").is_file():
+            out.append((int(p.name.split("-")[-1]), p))
+    return sorted(out)
+
+
+def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator) -> dict:
+    """Into the live tensors, optimizer and generator; returns the saved info (with ``step``)."""
+    saved = load_file(str(path / "trained.safetensors"))
+    if set(saved) != set(tensors):
+        raise StylegradError(f"{path} was saved by another training setup (different trained tensors); use another "
+                             "--work folder or --restart")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            t.copy_(saved[k])
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))

@@ -1,0 +1,48 @@
+"""Custom Diffusion (Kumari et al. 2023, CMU): fine-tune only the key and value projections of the UNet's
+cross-attention, the layers that read the text, and nothing else. Saved as those matrices (safetensors, diffusers'
+module paths); ``apply`` puts them into a UNet of the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stylegrad.files.atomic import atomic_path
+from stylegrad.training.data import STYLE_TEMPLATES
+from stylegrad.training.loop import Method
+from stylegrad.training.models import Models
+
+DEFAULTS = {"steps": 250, "lr": 1e-5, "batch_size": 1, "grad_accum": 1, "weight_decay": 1e-2}
+
+
+class CustomDiffusion(Method):
+    name = "custom-diffusion"
+    templates = STYLE_TEMPLATES
+
+    def __init__(self, models: Models, word: str | None = None):
+        self.word = word
+        self.weights = {name: p for name, p in models.unet.named_parameters()
+                        if ".attn2.to_k." in name or ".attn2.to_v." in name}
+        for p in self.weights.values():
+            p.requires_grad_(True)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        return dict(self.weights)
+
+    def export(self, out: str | Path, step: int = 0) -> list[Path]:
+        out = Path(out).with_suffix(".safetensors")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.weights.items()}, str(tmp),
+                      metadata={"method": "custom-diffusion", "step": str(step)})
+        return [out]
+
+
+@torch.no_grad()
+def apply(unet, path: str | Path) -> None:
+    """Write a Custom Diffusion file's K/V matrices into ``unet`` (a copy the caller owns)."""
+    params = dict(unet.named_parameters())
+    for name, t in load_file(str(path)).items():
+        params[name].copy_(t)

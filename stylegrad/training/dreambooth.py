@@ -1,0 +1,57 @@
+"""DreamBooth-style fine-tuning (Ruiz et al. 2023): every UNet weight trained on the pictures, with the
+prior-preservation loss: pictures the base model makes for the class prompt are trained on too, so the model keeps
+what the class looked like. Saved as the whole UNet (safetensors); ``merge`` blends it with the base at ``alpha``,
+A1111's weighted-sum merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stylegrad.files.atomic import atomic_path
+from stylegrad.training.data import STYLE_TEMPLATES
+from stylegrad.training.loop import Method
+from stylegrad.training.models import Models, condition
+from stylegrad.training.step import diffusion_loss, latent_moments
+
+DEFAULTS = {"steps": 400, "lr": 5e-6, "batch_size": 1, "grad_accum": 1, "weight_decay": 1e-2}
+
+
+class DreamBooth(Method):
+    name = "dreambooth"
+    templates = STYLE_TEMPLATES
+
+    def __init__(self, models: Models, word: str, class_pixels: torch.Tensor, class_prompt: str,
+                 prior_weight: float = 1.0, batch_size: int = 1):
+        self.word, self.models = word, models
+        self.params = dict(models.unet.named_parameters())
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.class_mean, self.class_std = latent_moments(models.vae, class_pixels)
+        self.class_prompt, self.prior_weight, self.batch_size = class_prompt, prior_weight, batch_size
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
+
+    def extra_loss(self, models: Models, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.class_mean), (self.batch_size,), generator=generator)
+        cond = condition(models, [self.class_prompt] * self.batch_size)
+        loss = diffusion_loss(models.unet, models.scheduler, self.class_mean[idx], self.class_std[idx], cond,
+                              generator)
+        return self.prior_weight * loss
+
+    def export(self, out: str | Path, step: int = 0) -> list[Path]:
+        out = Path(out).with_suffix(".safetensors")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.params.items()}, str(tmp),
+                      metadata={"method": "dreambooth", "step": str(step)})
+        return [out]
+
+
+@torch.no_grad()
+def merge(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * base + alpha * tuned, tensor by tensor."""
+    return {k: torch.lerp(base[k].float(), tuned[k].float(), alpha) for k in base}

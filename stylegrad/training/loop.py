@@ -1,0 +1,172 @@
+"""The loop every method runs: batches of pictures with their captions, the shared loss, AdamW on the method's
+tensors, gradient accumulation, mixed precision and gradient checkpointing on GPUs, a progress bar with the loss,
+a sample picture every N steps, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from stylegrad.errors import StylegradError
+from stylegrad.training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from stylegrad.training.data import TrainingSet
+from stylegrad.training.models import Models, condition
+from stylegrad.training.step import diffusion_loss, latent_moments
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    lr: float
+    batch_size: int = 1
+    grad_accum: int = 1
+    resolution: int = 512
+    seed: int = 0
+    weight_decay: float = 1e-2
+    checkpoint_every: int = 500
+    sample_every: int = 0  # 0: no samples
+    sample_prompt: str | None = None
+    sample_steps: int = 20
+    mixed_precision: str = "no"  # no, fp16, bf16 (CUDA only; CPU trains in float32)
+    gradient_checkpointing: bool = False
+    work: Path = field(default_factory=lambda: Path("training"))
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise StylegradError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise StylegradError(f"lr must be > 0, got {self.lr}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise StylegradError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision}")
+
+
+class Method:
+    """What a method adds to the loop. ``trained``: name -> the tensors it trains (leaves, float32)."""
+
+    name = "method"
+    word: str | None = None  # the word its captions carry (textual inversion's token)
+    templates: tuple[str, ...] = ("{}",)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def words(self) -> list[dict[str, torch.Tensor]] | None:
+        return None
+
+    def extra_loss(self, models: Models, generator: torch.Generator) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {}
+
+
+def _autocast(models: Models, settings: TrainSettings):
+    if settings.mixed_precision == "no" or models.device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if settings.mixed_precision == "fp16" else torch.bfloat16)
+
+
+def train(method: Method, models: Models, data: TrainingSet, settings: TrainSettings, resume: bool = True,
+          progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``settings.steps`` optimizer steps (resuming from the last checkpoint in ``settings.work``); returns
+    {'step', 'losses'}. ``stop_after``: stop at that step (as an interrupted run would), checkpoint written."""
+    work = Path(settings.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if settings.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers checkpoints only in training mode; the model has no dropout in use
+    tensors = method.trained()
+    optimizer = torch.optim.AdamW(list(tensors.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    start, losses = 0, []
+    found = checkpoints(work) if resume else []
+    if found:
+        info = load_checkpoint(found[-1][1], tensors, optimizer, generator)
+        start, losses = info["step"], info.get("losses", [])
+        if info.get("settings", {}).get("seed") != settings.seed or info.get("method") != method.name:
+            raise StylegradError(f"{work} holds a run with other settings; use another --work folder or --restart")
+    mean, std = latent_moments(models.vae, data.pixels)
+    scaler = torch.amp.GradScaler("cuda") if settings.mixed_precision == "fp16" and models.device.type == "cuda" \
+        else None
+    end = min(settings.steps, stop_after or settings.steps)
+    info = {"method": method.name, "settings": {**asdict(settings), "work": str(work)}, **method.describe()}
+    with tqdm(total=settings.steps, initial=start, desc=f"train {method.name}", unit="step",
+              disable=not progress) as bar:
+        for step in range(start, end):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(settings.grad_accum):
+                idx = torch.randint(len(data), (settings.batch_size,), generator=generator)
+                captions = [data.caption(int(i), method.word, method.templates, generator) for i in idx]
+                with _autocast(models, settings):
+                    cond = condition(models, captions, method.words(), settings.resolution)
+                    loss = diffusion_loss(models.unet, models.scheduler, mean[idx], std[idx], cond, generator)
+                    extra = method.extra_loss(models, generator)
+                    if extra is not None:
+                        loss = loss + extra
+                loss = loss / settings.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                total += float(loss.detach())
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            method.after_step()
+            losses.append(round(total, 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+            done = step + 1
+            if settings.sample_every and done % settings.sample_every == 0:
+                sample(method, models, settings, work / "samples" / f"step-{done:06d}.png")
+            if done % settings.checkpoint_every == 0 or done == end:
+                save_checkpoint(work, done, tensors, optimizer, generator, {**info, "losses": losses})
+    (work / "losses.json").write_text(json.dumps(losses))
+    return {"step": end, "losses": losses}
+
+
+@torch.no_grad()
+def sample(method: Method, models: Models, settings: TrainSettings, path: Path) -> Path:
+    """One picture of the sample prompt with the weights as they are now (seed 0)."""
+    from stylegrad.files.pnginfo import save_png
+    from stylegrad.pipelines.generation import run_pipeline
+    from stylegrad.pipelines.request import GenerationRequest
+
+    prompt = settings.sample_prompt or method.templates[0].format(method.word or "").strip()
+    words = method.words()
+    pos, neg = condition(models, [prompt], words), condition(models, [""], words)
+    kw = {}
+    if models.sdxl:
+        kw = {"pooled_prompt_embeds": pos["added_cond_kwargs"]["text_embeds"],
+              "negative_pooled_prompt_embeds": neg["added_cond_kwargs"]["text_embeds"]}
+    models.unet.eval()
+    side = settings.resolution
+    request = GenerationRequest(prompt=prompt, steps=settings.sample_steps, width=side, height=side)
+    image = run_pipeline(models.pipe, pos["encoder_hidden_states"], neg["encoder_hidden_states"], request, **kw)
+    if settings.gradient_checkpointing:
+        models.unet.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_png(image, path, f"{prompt}\nSteps: {settings.sample_steps}, Seed: 0, Sample of: {method.name}")
+
+
+@torch.no_grad()
+def evaluation_loss(method: Method, models: Models, data: TrainingSet, resolution: int, seed: int = 1234,
+                    draws: int = 4) -> float:
+    """The loss on every picture with fixed noise, timesteps and captions: comparable before and after training."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = latent_moments(models.vae, data.pixels)
+    total = 0.0
+    for _ in range(draws):
+        captions = [data.caption(i, method.word, method.templates, generator) for i in range(len(data))]
+        cond = condition(models, captions, method.words(), resolution)
+        total += float(diffusion_loss(models.unet, models.scheduler, mean, std, cond, generator))
+    return total / draws
