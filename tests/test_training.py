@@ -156,3 +156,18 @@ def test_bad_data_is_one_line(world, tmp_path, capsys):
     (bad / "a.txt").write_text("a red thing")
     data = read_training_set([bad], 32)  # mixed sizes: resized and cropped, with a note
     assert data.pixels.shape == (2, 3, 32, 32) and data.captions == ["a red thing", None]
+
+
+def test_sd2_trainers_run_and_load(tmp_path, pictures):
+    from ckpt_layout import family_pipeline
+
+    from stylegrad import load_embedding
+
+    folder = tmp_path / "sd2"
+    family_pipeline("sd2", seed=1).save_pretrained(folder)
+    kw = dict(model=str(folder), device="cpu", progress=False, steps=2, lr=1e-2, **FAST)
+    pt, st = train_textual_inversion([str(pictures)], tmp_path / "v2.pt", "zq", init="red", **kw)
+    width = load_file(str(st))["emb_params"].shape[1]
+    assert load_embedding(pt).parts[""].shape == (1, width)
+    (lora,) = train_lora([str(pictures)], tmp_path / "v2-lora.safetensors", **kw)
+    assert any(k.startswith("lora_unet_") for k in load_file(str(lora)))

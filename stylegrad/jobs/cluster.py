@@ -96,7 +96,8 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
                   workers: int | None = None, cpus_per_worker: float = 0.5, gpus_per_worker: float | None = None,
                   threads: int | None = None, retries: int = 2, chunk: int = 8, progress: bool = True,
                   desc: str = "images") -> Summary:
-    """Every item whose file is missing, on Ray actors. ``workers``: default one per GPU in the cluster, else two.
+    """Every item whose file is missing, on Ray actors. ``workers``: default one per GPU in the cluster, else one
+    per ``cpus_per_worker`` (at least 1) of the cluster's CPUs.
     ``cpus_per_worker``: fractional by default, since whole-CPU actors can deadlock a small node."""
     ray = _ray()
     from ray.exceptions import RayActorError
@@ -112,7 +113,9 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if gpus else 0.0
-        n = workers or (int(gpus // gpus_per_worker) if gpus_per_worker else 2)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        # one per GPU; on CPU nodes one per --cpus-per-worker CPUs (whole ones: an actor's torch threads need them)
+        n = workers or (int(gpus // gpus_per_worker) if gpus_per_worker else max(1, int(cpus // max(1.0, cpus_per_worker))))
         if n < 1:
             raise StylegradError("no worker fits the cluster (check --workers and --gpus-per-worker)")
         threads = threads or max(1, int(cpus_per_worker))

@@ -23,21 +23,22 @@ class DreamBooth(Method):
     name = "dreambooth"
     templates = STYLE_TEMPLATES
 
-    def __init__(self, models: Models, word: str, class_pixels: torch.Tensor, class_prompt: str,
+    def __init__(self, models: Models, word: str, class_pixels: torch.Tensor, class_prompts: list[str],
                  prior_weight: float = 1.0, batch_size: int = 1):
+        """``class_pixels`` (N, 3, R, R) in [-1, 1]: the base model's pictures of ``class_prompts`` (one each)."""
         self.word, self.models = word, models
         self.params = dict(models.unet.named_parameters())
         for p in self.params.values():
             p.requires_grad_(True)
         self.class_mean, self.class_std = latent_moments(models.vae, class_pixels)
-        self.class_prompt, self.prior_weight, self.batch_size = class_prompt, prior_weight, batch_size
+        self.class_prompts, self.prior_weight, self.batch_size = list(class_prompts), prior_weight, batch_size
 
     def trained(self) -> dict[str, torch.Tensor]:
         return dict(self.params)
 
     def extra_loss(self, models: Models, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.class_mean), (self.batch_size,), generator=generator)
-        cond = condition(models, [self.class_prompt] * self.batch_size)
+        cond = condition(models, [self.class_prompts[int(i)] for i in idx])
         loss = diffusion_loss(models.unet, models.scheduler, self.class_mean[idx], self.class_std[idx], cond,
                               generator)
         return self.prior_weight * loss

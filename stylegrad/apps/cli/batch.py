@@ -14,7 +14,7 @@ def add_ray_options(p) -> None:
                    help="run on Ray: the cluster at ADDRESS (auto, ray://HOST:10001), else $RAY_ADDRESS, else a "
                    "local Ray started for this run")
     g.add_argument("--workers", type=int, metavar="N", help="actors, each holding the model (default: one per GPU "
-                   "in the cluster, else 2)")
+                   "in the cluster, else one per --cpus-per-worker CPUs, at least one per whole CPU)")
     g.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="F", help="CPUs Ray reserves per actor "
                    "(default 0.5: fractional, so small nodes never deadlock)")
     g.add_argument("--gpus-per-worker", type=float, metavar="F", help="GPUs per actor (default 1 where the "
