@@ -171,3 +171,13 @@ def test_sd2_trainers_run_and_load(tmp_path, pictures):
     assert load_embedding(pt).parts[""].shape == (1, width)
     (lora,) = train_lora([str(pictures)], tmp_path / "v2-lora.safetensors", **kw)
     assert any(k.startswith("lora_unet_") for k in load_file(str(lora)))
+
+
+def test_samples_every_n_steps_show_the_trained_word(pictures, tmp_path):
+    from stylegrad import read_generation_info
+
+    train_textual_inversion([str(pictures)], tmp_path / "zq.pt", "zq", init="red", model=str(WORLD / "weights" / "sd"),
+                            device="cpu", progress=False, steps=2, lr=1e-2, sample_every=1, sample_steps=2, **FAST)
+    samples = sorted((tmp_path / "zq-training" / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step-000001.png", "step-000002.png"]
+    assert "zq" in read_generation_info(samples[0]).prompt
