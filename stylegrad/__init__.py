@@ -17,6 +17,9 @@ Public API::
     with loras.applied(): ...                                     # the weights, never written
     enc.encode("a (cat:1.2) tok", style, embeddings={"tok": load_embedding("tok.pt").parts[""]}, loras=loras)
     gen.generate(GenerationRequest("a cat <lora:ink:0.7>", loras=("more.safetensors:0.5",)), "outputs")
+    run_batch("jobs.jsonl", "out", WorkerSpec("sd15.safetensors"), ray=True)   # JSONL requests, local or on Ray
+    train_textual_inversion(["pics/"], "tok.pt", "tok", model=m); train_lora(["pics/"], "ink.safetensors", model=m)
+    # ComfyUI: stylegrad/apps/comfyui is a custom-node folder (docs/comfyui.md)
 """
 
 __version__ = "0.1.0"
@@ -33,10 +36,13 @@ from stylegrad.evaluation.predictors import load_predictor  # noqa: E402
 from stylegrad.files.pnginfo import read_generation_info  # noqa: E402
 from stylegrad.files.recognize import inspect_file  # noqa: E402
 from stylegrad.files.styles import Style, load_style, mix_styles, save_style  # noqa: E402
+from stylegrad.jobs.batch import run_batch  # noqa: E402
+from stylegrad.jobs.work import WorkerSpec  # noqa: E402
 from stylegrad.pipelines.generation import Generator  # noqa: E402
 from stylegrad.pipelines.loading import load_pipeline  # noqa: E402
 from stylegrad.pipelines.request import GenerationRequest  # noqa: E402
 from stylegrad.stylecodes.facade import Stylecodes  # noqa: E402
+from stylegrad.training.recipes import train_lora, train_textual_inversion  # noqa: E402
 
 __all__ = [
     "AestheticEncoder",
@@ -47,6 +53,7 @@ __all__ = [
     "StyleOptions",
     "Stylecodes",
     "StylegradError",
+    "WorkerSpec",
     "aesthetic_score",
     "clip_score",
     "embed_images",
@@ -58,6 +65,9 @@ __all__ = [
     "merge_checkpoints",
     "mix_styles",
     "read_generation_info",
+    "run_batch",
     "save_style",
     "style_similarity",
+    "train_lora",
+    "train_textual_inversion",
 ]
