@@ -92,6 +92,57 @@ def chunks(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
     return out + ([current] if current else [])
 
 
+def _worker_count(ray, workers: int | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """One per GPU; on CPU nodes one per ``cpus_per_worker`` CPUs (whole ones: an actor's torch threads need them)."""
+    resources = ray.cluster_resources()
+    if workers:
+        return workers
+    if gpus_per_worker:
+        return int(resources.get("GPU", 0) // gpus_per_worker)
+    return max(1, int(resources.get("CPU", 1) // max(1.0, cpus_per_worker)))
+
+
+class _Pool:
+    """The actors, how many items each holds, and their replacements when one dies (at most ``budget``)."""
+
+    def __init__(self, actor_class, spec: WorkerSpec, storage: Storage, threads: int, n: int, budget: int):
+        self.actor_class, self.spec, self.storage, self.threads = actor_class, spec, storage, threads
+        self.ranks = 0
+        self.actors = {i: self._new() for i in range(n)}
+        self.load = dict.fromkeys(self.actors, 0)  # items in flight per actor (a dead one stays until drained)
+        self.budget = budget
+
+    def _new(self):
+        self.ranks += 1
+        return self.actor_class.remote(self.spec, self.storage, self.threads, self.ranks - 1)
+
+    def idle(self) -> list[int]:
+        return [a for a, k in self.load.items() if k == 0 and a in self.actors]
+
+    def submit(self, aid: int, item: WorkItem):
+        self.load[aid] += 1
+        return self.actors[aid].run.remote(item)
+
+    def returned(self, aid: int) -> None:
+        self.load[aid] -= 1
+        if aid not in self.actors and self.load[aid] == 0:
+            del self.load[aid]
+
+    def lost(self, aid: int) -> None:
+        """The actor died: forget it (its other items come back failed too) and start another, within budget."""
+        if aid not in self.actors:
+            return
+        del self.actors[aid]
+        if self.budget > 0:
+            self.budget -= 1
+            new = max(self.load) + 1
+            self.actors[new], self.load[new] = self._new(), 0
+
+    def kill(self, ray) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor)
+
+
 def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, address: str | None = None,
                   workers: int | None = None, cpus_per_worker: float = 0.5, gpus_per_worker: float | None = None,
                   threads: int | None = None, retries: int = 2, chunk: int = 8, progress: bool = True,
@@ -110,59 +161,36 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
         return summary
     started = connect(address)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
         if gpus_per_worker is None:
-            gpus_per_worker = 1.0 if gpus else 0.0
-        cpus = ray.cluster_resources().get("CPU", 1)
-        # one per GPU; on CPU nodes one per --cpus-per-worker CPUs (whole ones: an actor's torch threads need them)
-        n = workers or (int(gpus // gpus_per_worker) if gpus_per_worker else max(1, int(cpus // max(1.0, cpus_per_worker))))
+            gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+        n = _worker_count(ray, workers, cpus_per_worker, gpus_per_worker)
         if n < 1:
             raise StylegradError("no worker fits the cluster (check --workers and --gpus-per-worker)")
-        threads = threads or max(1, int(cpus_per_worker))
         env = {k: os.environ[k] for k in (KILL_HOOK, "HF_HUB_OFFLINE", "STYLEGRAD_CACHE") if k in os.environ}
         actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(BatchWorker)
         if env:
             actor_class = actor_class.options(runtime_env={"env_vars": env})
-        next_rank = 0
-
-        def new_actor():
-            nonlocal next_rank
-            next_rank += 1
-            return actor_class.remote(spec, storage, threads, next_rank - 1)
-
-        actors = {i: new_actor() for i in range(n)}
+        pool = _Pool(actor_class, spec, storage, threads or max(1, int(cpus_per_worker)), n, retries * n)
         summary.workers = n
         try:
-            ray.get([actor.ready.remote() for actor in actors.values()])  # every model loaded: a bad one fails here
+            ray.get([actor.ready.remote() for actor in pool.actors.values()])  # a model that cannot load fails here
         except RayActorError as e:
             raise StylegradError(f"the workers could not load the model: {one_line(e)[:300]}") from None
         summary.startup = time.perf_counter() - start
-        queue = deque(chunks(todo, chunk))
-        tries: dict[str, int] = {}
-        inflight: dict = {}  # ref -> (actor id, item)
-        load = dict.fromkeys(actors, 0)  # items in flight per actor
-        replacements = 0
+        queue, tries, inflight = deque(chunks(todo, chunk)), {}, {}  # inflight: ref -> (actor id, item)
         with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress) as bar:
             while queue or inflight:
-                for aid in [a for a, k in load.items() if k == 0]:
+                for aid in pool.idle():
                     if not queue:
                         break
                     for item in queue.popleft():
-                        inflight[actors[aid].run.remote(item)] = (aid, item)
-                        load[aid] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
+                        inflight[pool.submit(aid, item)] = (aid, item)
+                for ref in ray.wait(list(inflight), num_returns=1)[0]:
                     aid, item = inflight.pop(ref)
-                    load[aid] -= 1
                     try:
                         status, reason, hit = ray.get(ref)
                     except RayActorError as e:
-                        if aid in actors:  # its first lost item: replace the worker
-                            del actors[aid]
-                            if replacements < retries * n:
-                                replacements += 1
-                                aid_new = max(load) + 1
-                                actors[aid_new], load[aid_new] = new_actor(), 0
+                        pool.lost(aid)
                         tries[item.file] = tries.get(item.file, 0) + 1
                         if tries[item.file] > retries:
                             summary.failed.append((item.label, f"its worker died {tries[item.file]} times "
@@ -171,23 +199,18 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
                         else:
                             summary.retried += 1
                             queue.appendleft([item])
-                        if aid not in actors and load.get(aid) == 0:
-                            del load[aid]
-                        continue
-                    if aid not in actors and load.get(aid) == 0:
-                        del load[aid]
-                    if item.request.styled:
-                        summary.styled += 1
-                        summary.cache_hits += hit
-                    if status == "done":
-                        summary.done += 1
                     else:
-                        summary.failed.append((item.label, reason))
-                    bar.update(1)
-                if not actors:
+                        summary.styled += item.request.styled
+                        summary.cache_hits += hit and item.request.styled
+                        if status == "done":
+                            summary.done += 1
+                        else:
+                            summary.failed.append((item.label, reason))
+                        bar.update(1)
+                    pool.returned(aid)
+                if not pool.actors:
                     raise StylegradError("every worker died; see the Ray logs (ray logs cluster)")
-        for actor in actors.values():
-            ray.kill(actor)
+        pool.kill(ray)
     finally:
         if started:
             ray.shutdown()

@@ -14,6 +14,15 @@ from stylegrad.errors import StylegradError
 from stylegrad.files.atomic import atomic_path, atomic_write
 
 
+def save_tensors(out: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A method's file: float32 tensors on the CPU, written whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return out
+
+
 def save_checkpoint(work: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator,
                     info: dict, keep: int = 2) -> Path:
     """``work/checkpoint-STEP``, written whole (a folder renamed into place); older ones beyond ``keep`` removed."""

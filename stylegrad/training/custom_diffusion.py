@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from stylegrad.files.atomic import atomic_path
+from stylegrad.training.checkpoint import save_tensors
 from stylegrad.training.data import STYLE_TEMPLATES
 from stylegrad.training.loop import Method
 from stylegrad.training.models import Models
@@ -32,12 +32,8 @@ class CustomDiffusion(Method):
         return dict(self.weights)
 
     def export(self, out: str | Path, step: int = 0) -> list[Path]:
-        out = Path(out).with_suffix(".safetensors")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.weights.items()}, str(tmp),
-                      metadata={"method": "custom-diffusion", "step": str(step)})
-        return [out]
+        meta = {"method": "custom-diffusion", "step": str(step)}
+        return [save_tensors(Path(out).with_suffix(".safetensors"), self.weights, meta)]
 
 
 @torch.no_grad()

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from stylegrad.files.atomic import atomic_path
+from stylegrad.training.checkpoint import save_tensors
 from stylegrad.training.data import STYLE_TEMPLATES
 from stylegrad.training.loop import Method
 from stylegrad.training.models import Models, condition
@@ -44,12 +43,8 @@ class DreamBooth(Method):
         return self.prior_weight * loss
 
     def export(self, out: str | Path, step: int = 0) -> list[Path]:
-        out = Path(out).with_suffix(".safetensors")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.params.items()}, str(tmp),
-                      metadata={"method": "dreambooth", "step": str(step)})
-        return [out]
+        meta = {"method": "dreambooth", "step": str(step)}
+        return [save_tensors(Path(out).with_suffix(".safetensors"), self.params, meta)]
 
 
 @torch.no_grad()
