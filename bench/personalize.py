@@ -15,8 +15,12 @@ transformer, then computes what ``encode_prompt`` would from the tuned towers (p
 concatenated; bigG's pooled text embedding). Both outputs are compared. The SD1.x figures are measured in the same
 run, before the SDXL ones.
 
+stylegrad runs in both memory modes: "stylegrad" keeps Adam's moments (STYLEGRAD_TUNING_MEMORY=fast),
+"stylegrad-low" rebuilds them from every step's gradient factors (=low): the same bits, a third of the state,
+more arithmetic.
+
     python bench/personalize.py                 # prints a table, then one JSON line
-    python bench/personalize.py --family sdxl   # SD1.x, then SDXL (about half an hour on 2 cores)
+    python bench/personalize.py --family sdxl   # SD1.x, then SDXL (about 40 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -270,6 +274,9 @@ def main() -> None:
     parser.add_argument("--towers", nargs="?", const="all", default=None,
                         help="with --family sdxl: only stylegrad, once per tower choice (l, g, both): seconds, peak "
                         "extra memory and each tower's cosine to its style before and after tuning")
+    parser.add_argument("--budget", metavar="SIZE", help="with --family sdxl: also stylegrad under this tuning memory "
+                        "budget (STYLEGRAD_TUNING_MEMORY=SIZE, e.g. 5GB): some weights keep their moments, the rest "
+                        "rebuild them")
     args = parser.parse_args()
     if args.role:
         return child(args.role, args.out, args.family, args.towers or "both")
@@ -277,7 +284,7 @@ def main() -> None:
         return towers_table()
     summary = compare("sd1", args.runs or RUNS)
     if args.family == "sdxl":
-        summary = {"sd1": summary, "sdxl": compare("sdxl", args.runs or 3)}
+        summary = {"sd1": summary, "sdxl": compare("sdxl", args.runs or 3, args.budget)}
     print(json.dumps(summary))
 
 
@@ -299,16 +306,23 @@ def towers_table() -> None:
                           "cos": r["cos"]} for t, r in rows.items()}))
 
 
-def compare(family: str, n_runs: int) -> dict:
-    roles = ("reference", "stylegrad")
+# stylegrad runs in both of its memory modes (aesthetic/memory.py), each set explicitly, not by "auto"
+MODES = {"stylegrad": "fast", "stylegrad-low": "low"}
+
+
+def compare(family: str, n_runs: int, budget: str | None = None) -> dict:
+    if budget:  # a memory budget (memory.py): as many weights keep their moments as fit in it
+        MODES[f"stylegrad-{budget}"] = budget
+    roles = ("reference", *MODES)
     runs = {role: [] for role in roles}
     peak, cached, outputs = {}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n_runs):  # alternating who goes first: the VM's drift falls on both sides alike
             for role in roles if i % 2 == 0 else roles[::-1]:
                 out = os.path.join(tmp, f"{role}.pt")
-                proc = subprocess.run([sys.executable, __file__, "--role", role, "--out", out, "--family", family],
-                                      capture_output=True, text=True, check=False)
+                env = {**os.environ, "STYLEGRAD_TUNING_MEMORY": MODES.get(role, "auto")}
+                proc = subprocess.run([sys.executable, __file__, "--role", role.split("-")[0], "--out", out, "--family",
+                                       family], capture_output=True, text=True, check=False, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{role} run failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -318,6 +332,7 @@ def compare(family: str, n_runs: int) -> dict:
                 outputs[role] = torch.load(out, weights_only=True)
     cached = statistics.median(cached)
     ref, ours = statistics.median(runs["reference"]), statistics.median(runs["stylegrad"])
+    low = statistics.median(runs["stylegrad-low"])
     summary = {
         "reference_s": round(ref, 3),
         "stylegrad_s": round(ours, 3),
@@ -326,16 +341,35 @@ def compare(family: str, n_runs: int) -> dict:
         "max_abs_diff": float((outputs["reference"] - outputs["stylegrad"]).abs().max()),
         "reference_peak_mb": round(peak["reference"], 1),
         "stylegrad_peak_mb": round(peak["stylegrad"], 1),
+        "peak_ratio": round(peak["stylegrad"] / peak["reference"], 3),
+        "low_memory": {  # STYLEGRAD_TUNING_MEMORY=low: moments rebuilt from the gradients' factors
+            "stylegrad_s": round(low, 3),
+            "speedup": round(ref / low, 2),
+            "max_abs_diff": float((outputs["reference"] - outputs["stylegrad-low"]).abs().max()),
+            "same_as_fast": bool(torch.equal(outputs["stylegrad"], outputs["stylegrad-low"])),
+            "stylegrad_peak_mb": round(peak["stylegrad-low"], 1),
+            "peak_ratio": round(peak["stylegrad-low"] / peak["reference"], 3),
+        },
     }
+    if budget:
+        role = f"stylegrad-{budget}"
+        summary["budget"] = {"budget": budget, "stylegrad_s": round(statistics.median(runs[role]), 3),
+                             "speedup": round(ref / statistics.median(runs[role]), 2),
+                             "same_as_fast": bool(torch.equal(outputs["stylegrad"], outputs[role])),
+                             "stylegrad_peak_mb": round(peak[role], 1),
+                             "peak_ratio": round(peak[role] / peak["reference"], 3)}
     towers = "SDXL's CLIP-L + bigG text towers" if family == "sdxl" else "CLIP ViT-L/14 text tower"
     print(f"prompt: {PROMPT_TOKENS} tokens, T={STEPS}, lr={LR}, {towers} (random weights), "
           f"{torch.get_num_threads()} threads, {n_runs} interleaved runs per side")
-    print(f"{'':12}{'seconds (median)':>18}{'peak extra MB':>16}   runs")
+    print(f"{'':15}{'seconds (median)':>18}{'speedup':>9}{'peak extra MB':>16}{'peak ratio':>12}   runs")
     for name in roles:
+        med = statistics.median(runs[name])
         times = " ".join(f"{t:.2f}" for t in runs[name])
-        print(f"{name:12}{statistics.median(runs[name]):>18.3f}{peak[name]:>16.1f}   {times}")
-    print(f"{'cached':12}{cached:>18.5f}")
-    summary["peak_ratio"] = round(peak["stylegrad"] / peak["reference"], 3)
+        print(f"{name:15}{med:>18.3f}{ref / med:>9.2f}{peak[name]:>16.1f}{peak[name] / peak['reference']:>12.3f}"
+              f"   {times}")
+    print(f"{'cached':15}{cached:>18.5f}")
+    print(f"max |stylegrad - reference| {summary['max_abs_diff']:.2e}; low memory gives the same bits as fast: "
+          f"{summary['low_memory']['same_as_fast']}")
     return summary
 
 

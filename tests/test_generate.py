@@ -354,3 +354,27 @@ def test_grid_row_labels_are_not_cut_off():
     assert not red[:, : int(4 + width)].any()  # no image pasted over the label
     for j, cell in enumerate(cells):
         assert np.array_equal(np.asarray(grid_cell(grid, (32, 32), 2, 0, j)), np.asarray(cell))
+
+
+def test_tuning_memory_flag_gives_the_same_pixels(world, tmp_path, capsys, style, monkeypatch):
+    """--tuning-memory low rebuilds Adam's moments instead of keeping them (a third of the memory): the image is the
+    same to the pixel, and the flag reaches the tuning through $STYLEGRAD_TUNING_MEMORY."""
+    from stylegrad.aesthetic import memory
+
+    clip_dir, sd_dir = world
+    style_path = save_style(style, tmp_path / "look.safetensors")
+    chosen = []
+    real = memory.choose_moments
+    monkeypatch.setattr("stylegrad.aesthetic.eos_forward.choose_moments",
+                        lambda *a: chosen.append(real(*a)) or chosen[-1])
+    monkeypatch.setenv("STYLEGRAD_TUNING_MEMORY", "auto")  # restored after the test: the CLI sets it
+    pixels = {}
+    for mode in ("fast", "low"):
+        assert main(["generate", "a red house", "--style", str(style_path), "--style-steps", "3", "--seed", "5",
+                     "--model", str(sd_dir), "--clip-model", str(clip_dir), "--out", str(tmp_path / mode), *SIZE,
+                     "--tuning-memory", mode]) == 0
+        (path,) = _generated(capsys)
+        pixels[mode] = _pixels(path)
+    assert [set(c.values()) for c in chosen] == [{"kept"}, {"rebuilt"}]
+    assert np.array_equal(pixels["fast"], pixels["low"])
+    assert main(["generate", "x", "--tuning-memory", "tiny"]) == 2  # argparse's one-line error

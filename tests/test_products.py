@@ -159,3 +159,42 @@ def test_tuned_copies_ask_for_huge_pages():
     assert _anon_huge_kb(t.data_ptr() + t.numel() * 2) > 0, "the tensor was not given huge pages"
     plain = torch.empty(16 << 20).fill_(1.0)
     assert _anon_huge_kb(plain.data_ptr() + plain.numel() * 2) == 0  # without the advice: 4 KB pages
+
+
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_rebuilt_moments_take_the_kept_steps_bit_for_bit(out_features, in_features, isa):
+    """Four steps with the moments rebuilt from every step's factors (nothing stored but the weight) against the
+    same steps with stored moments: the same weights and products to the bit, vector blocks and scalar tails."""
+    g = torch.Generator().manual_seed(out_features * 13 + in_features)
+    original = 0.02 * torch.randn(out_features, in_features, generator=g)
+    pristine, bias, adam = original.clone(), torch.randn(out_features, generator=g), AdamSettings(lr=1e-3)
+    kept, exp_avg, exp_avg_sq = torch.empty_like(original), torch.empty_like(original), torch.empty_like(original)
+    rebuilt, history = torch.empty_like(original), []
+    for step, rows in enumerate([5, 3, 77, 1], start=1):
+        grad_out = torch.randn(17, out_features, generator=g)
+        x_prev, x = torch.randn(17, in_features, generator=g), torch.randn(rows, in_features, generator=g)
+        history.append((grad_out, x_prev))
+        source = (original, original) if step == 1 else (kept, rebuilt)
+        y_kept = products.fused_adam_linear(source[0], kept, exp_avg, exp_avg_sq, grad_out, x_prev, x, bias,
+                                            first=step == 1, keep=step < 4, step=step, adam=adam)
+        y_rebuilt = products.fused_adam_linear(source[1], rebuilt, None, None, grad_out, x_prev, x, bias, first=True,
+                                               keep=False, step=step, adam=adam, history=history)
+        assert torch.equal(kept, rebuilt) and torch.equal(y_kept, y_rebuilt), f"step {step}"
+    assert torch.equal(original, pristine)
+
+
+def test_rebuilt_moments_check_every_factor():
+    needs_kernels()
+    w, adam = torch.randn(64, 48), AdamSettings(lr=1e-3)
+    x, good = torch.randn(5, 48), [(torch.randn(3, 64), torch.randn(3, 48))]
+    products.fused_adam_linear(w, w, None, None, *good[0], x, None, first=True, keep=False, step=1, adam=adam,
+                               history=good)
+    for history in ([(torch.randn(3, 64), torch.randn(3, 40))] + good,  # an older step's factor of another width
+                    [(torch.randn(2, 64), torch.randn(2, 48))] + good,  # another token count
+                    [(torch.randn(64, 3).T, torch.randn(3, 48))] + good):  # not contiguous
+        with pytest.raises(ValueError):
+            products.fused_adam_linear(w, w, None, None, *good[0], x, None, first=True, keep=False, step=2,
+                                       adam=adam, history=history)
+    with pytest.raises(ValueError):  # stored moments and a history at once
+        products.fused_adam_linear(w, w, torch.zeros_like(w), torch.zeros_like(w), *good[0], x, None, first=False,
+                                   keep=True, step=2, adam=adam, history=good)

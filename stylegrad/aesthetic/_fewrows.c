@@ -41,20 +41,56 @@ typedef struct {
     int first, keep;            /* moments are zero: not read; moments are written (no step follows: not) */
     float step_size, inv_bc2_sqrt, beta1, beta2, eps;
     float c1, c2;               /* 1 - beta1, 1 - beta2, rounded from double as torch does */
+    long nh;                    /* > 0: no stored moments; they are rebuilt from the factors of all nh steps so far */
+    const float *const *hgp, *const *hxp; /* those factors, oldest first (the last are this step's) */
 } adam_args;
 
-static float adam_scalar(const adam_args *a, long i, float g)
+/* The scalar paths (columns and rows past the vector blocks), one copy each, never inlined: so a weight's step
+   is computed by the same instructions whether its moments are stored or rebuilt. */
+static __attribute__((noinline)) float tail_grad(const float *gp, const float *xp, long Tp, long O, long K, long o,
+                                                 long k)
 {
-    float m = a->c1 * g, v = a->c2 * g * g;
-    if (!a->first) {
-        m += a->beta1 * a->m[i];
-        v += a->beta2 * a->v[i];
+    float g = 0.f;
+    for (long t = 0; t < Tp; t++) g += gp[t * O + o] * xp[t * K + k];
+    return g;
+}
+
+/* Adam's recursions for one element: (m, v) from the previous ones (read unless ``first``) and g. */
+static __attribute__((noinline)) void moments(const adam_args *a, float g, float *m, float *v, int first)
+{
+    float mo = *m, vo = *v;
+    *m = a->c1 * g, *v = a->c2 * g * g;
+    if (!first) {
+        *m += a->beta1 * mo;
+        *v += a->beta2 * vo;
     }
+}
+
+static __attribute__((noinline)) float update(const adam_args *a, long i, float m, float v)
+{
+    return a->src[i] - a->step_size * (m / (sqrtf(v) * a->inv_bc2_sqrt + a->eps));
+}
+
+/* One element's step with its moments rebuilt: every step's gradient formed again from its factors and run
+   through Adam's recursions in the order Adam ran them, so the numbers are those of stored moments. Why: the
+   moments are two thirds of the tuning state (5 GB for SDXL's bigG); rebuilt, only the weight is kept. */
+static float adam_scalar_rebuilt(const adam_args *a, long o, long k)
+{
+    float m = 0.f, v = 0.f;
+    for (long s = 0; s < a->nh; s++) moments(a, tail_grad(a->hgp[s], a->hxp[s], a->Tp, a->O, a->K, o, k), &m, &v, !s);
+    return update(a, o * a->K + k, m, v);
+}
+
+static float adam_scalar(const adam_args *a, long o, long k)
+{
+    long i = o * a->K + k;
+    float m = a->first ? 0.f : a->m[i], v = a->first ? 0.f : a->v[i];
+    moments(a, tail_grad(a->gp, a->xp, a->Tp, a->O, a->K, o, k), &m, &v, a->first);
     if (a->keep) {
         a->m[i] = m;
         a->v[i] = v;
     }
-    return a->src[i] - a->step_size * (m / (sqrtf(v) * a->inv_bc2_sqrt + a->eps));
+    return update(a, i, m, v);
 }
 
 /* AVX2 + FMA. Only the kernels are compiled for it, so that importing the module is safe on any x86-64 CPU. */
@@ -240,9 +276,17 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
     long T;
     adam_args a;
     double beta1, beta2;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnlllliifffdd", &src, &dst, &m, &v, &gp, &xp, &x, &b, &y, &a.Tp, &T,
-                          &a.K, &a.O, &a.first, &a.keep, &a.step_size, &a.inv_bc2_sqrt, &a.eps, &beta1, &beta2))
+    Py_ssize_t hgp = 0, hxp = 0;
+    a.nh = 0;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnlllliifffdd|lnn", &src, &dst, &m, &v, &gp, &xp, &x, &b, &y, &a.Tp, &T,
+                          &a.K, &a.O, &a.first, &a.keep, &a.step_size, &a.inv_bc2_sqrt, &a.eps, &beta1, &beta2,
+                          &a.nh, &hgp, &hxp))
         return NULL;
+    a.hgp = (const float *const *)hgp, a.hxp = (const float *const *)hxp;
+    if (a.nh < 0 || (a.nh > 0 && (!hgp || !hxp || !a.first || a.keep))) {
+        PyErr_SetString(PyExc_ValueError, "rebuilt moments: factor lists, and no stored moments");
+        return NULL;
+    }
     a.beta1 = (float)beta1, a.beta2 = (float)beta2, a.c1 = (float)(1.0 - beta1), a.c2 = (float)(1.0 - beta2);
     if (T < 0 || (T > 0 && (!x || !y)) || a.Tp < 1 || a.K < 1 || a.O < 1 || ((!a.first || a.keep) && (!m || !v))) {
         PyErr_SetString(PyExc_ValueError, "bad shapes or moments");
@@ -306,7 +350,8 @@ static PyMethodDef methods[] = {
      "adam_linear(src, dst, m, v, gp, xp, x, b, y, Tp, T, K, O, first, keep, step_size, inv_bc2_sqrt, eps, beta1,"
      " beta2):"
      " one Adam step of w from the gradient gp^T xp, then y = x w^T + b on the stepped weight (T = 0: the step"
-     " alone)."},
+     " alone). Optional nh, hgp, hxp: addresses of nh pointers each, every step's factors so far; the moments"
+     " are then rebuilt from them (m, v are 0, first is 1 and keep 0)."},
     {"supported", py_supported, METH_NOARGS, "Whether this CPU has the AVX2 and FMA instructions these use."},
     {"use", py_use, METH_O, "use('avx512' or 'avx2'): pick the kernels' instruction set; returns the one in use."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: 'avx512' or 'avx2'."},

@@ -164,18 +164,9 @@ KERNEL static void SFX(input_grad_rows)(const float *g, const float *w, float *o
     }
 }
 
-INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
+/* The step of VW elements from i on, given their moments m and v after this step's gradient. */
+INLINE V SFX(adam_update)(const adam_args *a, long i, V m, V v)
 {
-    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2);
-    V m = VMUL(c1, g), v = VMUL(VMUL(c2, g), g);
-    if (!a->first) {
-        m = VFMA(VSET1(a->beta1), VLOAD(a->m + i), m);
-        v = VFMA(VSET1(a->beta2), VLOAD(a->v + i), v);
-    }
-    if (a->keep) {
-        VSTORE(a->m + i, m);
-        VSTORE(a->v + i, v);
-    }
     /* sqrt and division from the CPU's estimates refined by one Newton step each (a few ulp from exact, tested
        against torch's Adam): with the exact instructions this step was bound by them, not by memory */
     const V half = VSET1(0.5f), three = VSET1(3.f), two = VSET1(2.f);
@@ -188,9 +179,69 @@ INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
     return VFNMA(VSET1(a->step_size), VMUL(m, q), VLOAD(a->src + i));
 }
 
+INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
+{
+    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2);
+    V m = VMUL(c1, g), v = VMUL(VMUL(c2, g), g);
+    if (!a->first) {
+        m = VFMA(VSET1(a->beta1), VLOAD(a->m + i), m);
+        v = VFMA(VSET1(a->beta2), VLOAD(a->v + i), v);
+    }
+    if (a->keep) {
+        VSTORE(a->m + i, m);
+        VSTORE(a->v + i, v);
+    }
+    return SFX(adam_update)(a, i, m, v);
+}
+
+/* Rows o..o+n, columns [k0, k1) take their step with rebuilt moments: per strip, every step's gradient is
+   formed again (the same sums as adam_block's) and run through Adam's recursions in registers. */
+INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1, const int n)
+{
+    const long K = a->K, O = a->O, Tp = a->Tp, nh = a->nh;
+    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2), b1 = VSET1(a->beta1), b2 = VSET1(a->beta2);
+    long k = k0;
+    for (; k + SW <= k1; k += SW) {
+        V m[ROWS][2], v[ROWS][2];
+        for (int r = 0; r < ROWS; r++) m[r][0] = m[r][1] = v[r][0] = v[r][1] = VZERO();
+        for (long s = 0; s < nh; s++) {
+            const float *gp = a->hgp[s] + o, *xp = a->hxp[s];
+            V acc[ROWS][2];
+            for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = VZERO();
+            for (long t = 0; t < Tp; t++) {
+                V x0 = VLOAD(xp + t * K + k), x1 = VLOAD(xp + t * K + k + VW);
+                for (int r = 0; r < n; r++) {
+                    V b = VSET1(gp[t * O + r]);
+                    acc[r][0] = VFMA(b, x0, acc[r][0]);
+                    acc[r][1] = VFMA(b, x1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < n; r++)
+                for (int h = 0; h < 2; h++) {
+                    V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
+                    m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
+                    v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
+                }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < n; r++) {
+            long i = (o + r) * K + k;
+            V w0 = SFX(adam_update)(a, i, m[r][0], v[r][0]), w1 = SFX(adam_update)(a, i + VW, m[r][1], v[r][1]);
+            VSTORE(a->dst + i, w0);
+            VSTORE(a->dst + i + VW, w1);
+        }
+    }
+    for (; k < k1; k++)
+        for (int r = 0; r < n; r++) a->dst[(o + r) * K + k] = adam_scalar_rebuilt(a, o + r, k);
+}
+
 /* Rows o..o+n (n a constant after inlining), columns [k0, k1) of the weight take their Adam step. */
 INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const int n)
 {
+    if (a->nh) {
+        SFX(adam_rebuilt_block)(a, o, k0, k1, n);
+        return;
+    }
     const long K = a->K, O = a->O, Tp = a->Tp; /* locals: the compiler then keeps the sums in registers */
     const float *gp = a->gp + o, *xp = a->xp;
     long k = k0;
@@ -214,11 +265,7 @@ INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const 
         }
     }
     for (; k < k1; k++)
-        for (int r = 0; r < n; r++) {
-            float g = 0.f;
-            for (long t = 0; t < a->Tp; t++) g += a->gp[t * O + o + r] * a->xp[t * K + k];
-            a->dst[(o + r) * K + k] = adam_scalar(a, (o + r) * K + k, g);
-        }
+        for (int r = 0; r < n; r++) a->dst[(o + r) * K + k] = adam_scalar(a, o + r, k);
 }
 
 /* The rows from o0 on, when O is not a multiple of ROWS, take their step. */

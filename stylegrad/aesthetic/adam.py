@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,16 @@ class AdamSettings:
     beta2: float = 0.999
     eps: float = 1e-8
     fused: bool = True  # torch's fused kernel (CPU and CUDA); else its foreach one
+    # the large weights' moments: "kept" (stored, 8 bytes a weight), "rebuilt" (from every step's gradient factors,
+    # more arithmetic, a third of the memory), or "auto": kept where they fit in free memory (see memory.py)
+    moments: str = "auto"
 
     @classmethod
     def for_device(cls, device: torch.device, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8) -> AdamSettings:
         """The fused kernel where torch has one for the device: one pass over memory per step."""
-        return cls(lr, betas[0], betas[1], eps, fused=device.type in ("cpu", "cuda"))
+        return cls(lr, betas[0], betas[1], eps, fused=device.type in ("cpu", "cuda"),
+                   moments=os.environ.get("STYLEGRAD_TUNING_MEMORY", "auto"))
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Adam:
         kernel = {"fused": True} if self.fused else {"foreach": True}

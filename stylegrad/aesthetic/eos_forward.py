@@ -13,11 +13,14 @@ taking the last pending steps. The numbers are those of the plain loop (tested a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
+from stylegrad.aesthetic.memory import choose_moments
 from stylegrad.aesthetic.products import can_fuse_adam, empty_huge, fused_adam_linear, input_grad, linear
 from stylegrad.aesthetic.tower import TextTower
 
@@ -37,12 +40,20 @@ class AdamMatrix:
     small factors and taken by the next ``forward``, fused with that product: each weight then crosses memory
     once per step for its gradient, Adam and the next forward product together, instead of three times, and its
     full gradient is never stored. Elsewhere the step is taken at once, on torch's fused Adam. The numbers are
-    Adam's either way."""
+    Adam's either way.
+
+    With ``adam.moments == "rebuilt"`` the moments are not stored: every step's factors are kept (a few hundred
+    floats a row) and each step forms every gradient so far again, running Adam's recursions in order. The
+    weight's copy is then its whole state, a third of the memory, for about t times the gradient arithmetic at
+    step t; on the compiled kernels the numbers are bit for bit those of kept moments."""
 
     def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings):
         self.params, self.name = params, name
         self.weight = params[name]  # (out, in)
-        self.exp_avg = self.exp_avg_sq = None  # made with the copy
+        self.exp_avg = self.exp_avg_sq = None  # made with the copy, unless rebuilt
+        self.rebuilt = adam.moments == "rebuilt"
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # rebuilt: every step's (grad_out, x)
+        self.copied = False
         self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
         self.scratch, self.adam = scratch, adam
         self.pending = None  # (grad_out, x) of a step not yet taken
@@ -53,45 +64,75 @@ class AdamMatrix:
     def _take_copy(self) -> None:
         copy = empty_huge(self.weight.to(torch.float32) if self.weight.dtype != torch.float32 else self.weight)
         self.weight = self.params[self.name] = copy.copy_(self.weight)
-        # zeroed here, the moments are still in cache when Adam reads them
-        self.exp_avg, self.exp_avg_sq = empty_huge(self.weight).zero_(), empty_huge(self.weight).zero_()
+        self.copied = True
+        if not self.rebuilt:  # zeroed here, the moments are still in cache when Adam reads them
+            self.exp_avg, self.exp_avg_sq = empty_huge(self.weight).zero_(), empty_huge(self.weight).zero_()
+
+    def _buffer(self, role: str) -> torch.Tensor:
+        """A scratch tensor of this weight's shape, shared by the weights of that shape (one steps at a time)."""
+        key = (role, self.weight.shape)
+        buf = self.scratch.get(key)
+        if buf is None:
+            buf = self.scratch[key] = torch.empty_like(self.weight)
+        return buf
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """One Adam step with grad W = grad_out^T @ x (rows are tokens): now, or kept for the next ``forward``."""
+        factors = (grad_out.to(torch.float32).contiguous(), x.to(torch.float32).contiguous())
+        if self.rebuilt:
+            self.history.append(factors)
         if self.deferred:
-            self.pending = (grad_out.contiguous(), x.contiguous())
+            self.pending = factors
         else:
-            self._step(grad_out, x)
+            self._step(*factors)
+
+    def _rebuilt_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments before this step, from the earlier steps' factors (torch's path)."""
+        m, v, g = self._buffer("exp_avg").zero_(), self._buffer("exp_avg_sq").zero_(), self._buffer("grad")
+        b1, b2 = self.adam.beta1, self.adam.beta2
+        for grad_out, x in self.history[:-1]:
+            torch.mm(grad_out.T, x, out=g)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        return m, v
 
     def _step(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-        if self.exp_avg is None:
+        if not self.copied:
             self._take_copy()
-        buf = self.scratch.get(self.weight.shape)
-        if buf is None:
-            buf = self.scratch[self.weight.shape] = torch.empty_like(self.weight)
+        moments = self._rebuilt_moments() if self.rebuilt else (self.exp_avg, self.exp_avg_sq)  # before: same buffer
+        buf = self._buffer("grad")
         torch.mm(grad_out.T, x, out=buf)
-        adam_step(self.weight, buf, self.exp_avg, self.exp_avg_sq, self.step, self.adam)
+        adam_step(self.weight, buf, *moments, self.step, self.adam)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool = False) -> torch.Tensor:
         """x W^T (+ bias) after any pending step. ``last``: no step follows, so the moments are not kept."""
         if self.pending is None:
-            return linear(x, self.weight, bias)
+            y = linear(x, self.weight, bias)
+        else:
+            y = self._step_then_product(x, bias, last)
+        if last:
+            self.exp_avg = self.exp_avg_sq = None
+            self.history = []
+        return y
+
+    def _step_then_product(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool) -> torch.Tensor:
         (grad_out, x_prev), self.pending = self.pending, None
         if not can_fuse_adam(self.weight, x):  # more rows than the kernels take: the step, then the product
             self._step(grad_out, x_prev)
             return linear(x, self.weight, bias)
         self.step += 1
-        first = self.exp_avg is None
+        first = not self.copied
         source = self.weight
         if first:
             self.weight = self.params[self.name] = empty_huge(source)
+            self.copied = True
+        if self.rebuilt:
+            return fused_adam_linear(source, self.weight, None, None, grad_out, x_prev, x, bias, first=True,
+                                     keep=False, step=int(self.step), adam=self.adam, history=self.history)
         if first and not last:  # written before they are read
             self.exp_avg, self.exp_avg_sq = empty_huge(self.weight), empty_huge(self.weight)
-        y = fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
-                              first=first, keep=not last, step=int(self.step), adam=self.adam)
-        if last:
-            self.exp_avg = self.exp_avg_sq = None
-        return y
+        return fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
+                                 first=first, keep=not last, step=int(self.step), adam=self.adam)
 
 
 _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
@@ -172,8 +213,13 @@ class TunedWeights:
         an optimizer outside moves."""
         self.tower, self.params, self.shape = tower, params, _Layers(tower)
         scratch: dict = {}
-        self.matrices = {} if adam is None else {
-            name: AdamMatrix(params, name, scratch, adam) for name in params if is_matrix(name)}
+        self.moments: dict[str, str] = {}  # with ``adam``: "kept" or "rebuilt" for each large weight
+        if adam is not None:
+            weights = {name: t for name, t in params.items() if is_matrix(name)}
+            device = next(iter(weights.values())).device if weights else torch.device("cpu")
+            self.moments = choose_moments(adam.moments, weights, device)
+        self.matrices = {name: AdamMatrix(params, name, scratch, replace(adam, moments=mode))
+                         for name, mode in self.moments.items()}
         self.finished = False
 
     def small_parameters(self) -> list[torch.Tensor]:

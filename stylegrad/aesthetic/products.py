@@ -136,31 +136,41 @@ def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
 def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch.Tensor | None,
                       exp_avg_sq: torch.Tensor | None, grad_out: torch.Tensor, x_prev: torch.Tensor,
                       x: torch.Tensor, bias: torch.Tensor | None, *, first: bool, keep: bool, step: int,
-                      adam: AdamSettings) -> torch.Tensor:
+                      adam: AdamSettings, history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> torch.Tensor:
     """One Adam step (torch.optim.Adam's maths with ``adam``'s settings, step number ``step``) of ``source`` into
-    ``weight`` (the same
-    tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
+    ``weight`` (the same tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
     ``first``: the moments are zero and not read. ``keep``: the moments are updated (else no step follows;
-    at a first step that is not kept they may be None)."""
+    at a first step that is not kept they may be None). ``history``: the moments are not stored but rebuilt from
+    every step's gradient factors (grad_out, x_prev), oldest first, the last being this step's; then the moments
+    are None, ``first`` is True and ``keep`` False."""
     rows, (out_features, in_features) = x.shape[0], weight.shape
     x, grad_out, x_prev = (t.to(torch.float32).contiguous() for t in (x, grad_out, x_prev))
     moments = [t for t in (exp_avg, exp_avg_sq) if t is not None]
+    factors = history or [(grad_out, x_prev)]
     # the kernel reads and writes through raw pointers: every shape is checked here
     if not (_fits_kernels(x, weight) and x.shape[1] == in_features and source.shape == weight.shape
             and source.dtype == torch.float32 and source.is_contiguous() and source.device == weight.device
-            and grad_out.shape[1] == out_features and x_prev.shape[1] == in_features
-            and grad_out.shape[0] == x_prev.shape[0] > 0
+            and all(g.shape[1] == out_features and xp.shape[1] == in_features and g.shape[0] == xp.shape[0]
+                    == grad_out.shape[0] > 0 and g.dtype == xp.dtype == torch.float32 and g.is_contiguous()
+                    and xp.is_contiguous() for g, xp in factors)
             and ((first and not keep) or len(moments) == 2)
+            and (history is None or (not moments and first and not keep and history[-1][0] is grad_out))
             and all(t.shape == weight.shape and t.dtype == torch.float32 and t.is_contiguous() for t in moments)
             and (bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32
                                   and bias.is_contiguous()))):
         raise ValueError("fused_adam_linear: shapes, dtypes or layouts the kernel does not take (see can_fuse_adam)")
     fused = rows <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None
     y = x.new_empty(rows, out_features) if fused else None
+    rebuilt = ()
+    if history is not None:
+        pointers = torch.tensor([[g.data_ptr(), xp.data_ptr()] for g, xp in history], dtype=torch.int64).T.contiguous()
+        rebuilt = (len(history), pointers[0].data_ptr(), pointers[1].data_ptr())
     _KERNELS.adam_linear(
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
         0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(),
         x.data_ptr() if fused else 0, 0 if bias is None else bias.data_ptr(), y.data_ptr() if fused else 0,
         grad_out.shape[0], rows if fused else 0, weight.shape[1], weight.shape[0], int(first), int(keep),
-        adam.lr / (1 - adam.beta1 ** step), 1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2)
+        adam.lr / (1 - adam.beta1 ** step), 1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2,
+        *rebuilt)
     return y if fused else linear(x, weight, bias)

@@ -21,6 +21,8 @@ from stylegrad.jobs.storage import Storage
 from stylegrad.jobs.work import Summary, WorkerSpec, WorkItem, one_line, render
 
 KILL_HOOK = "STYLEGRAD_TEST_KILL_WORKER_AFTER"  # tests: worker 0 exits after this many images, once
+# the driver's settings that workers read from their environment
+FORWARDED = (KILL_HOOK, "HF_HUB_OFFLINE", "STYLEGRAD_CACHE", "STYLEGRAD_TUNING_MEMORY", "STYLEGRAD_KERNELS")
 
 
 class BatchWorker:
@@ -166,7 +168,7 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
         n = _worker_count(ray, workers, cpus_per_worker, gpus_per_worker)
         if n < 1:
             raise StylegradError("no worker fits the cluster (check --workers and --gpus-per-worker)")
-        env = {k: os.environ[k] for k in (KILL_HOOK, "HF_HUB_OFFLINE", "STYLEGRAD_CACHE") if k in os.environ}
+        env = {k: os.environ[k] for k in FORWARDED if k in os.environ}
         actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(BatchWorker)
         if env:
             actor_class = actor_class.options(runtime_env={"env_vars": env})

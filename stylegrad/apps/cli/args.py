@@ -4,10 +4,12 @@ generated from ``StyleOptions``' fields (flags, defaults and help come from the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import MISSING, fields
 
 from stylegrad.aesthetic.options import StyleOptions
+from stylegrad.errors import StylegradError
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,6 +84,16 @@ def _flag(name: str) -> str:
     return "--style-" + name.replace("_", "-")
 
 
+def _tuning_memory(text: str) -> str:
+    from stylegrad.aesthetic.memory import parse_setting
+
+    try:
+        parse_setting(text)
+    except StylegradError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_style_options(p, exclude: tuple[str, ...] = (), style_file: bool = True) -> argparse._ArgumentGroup:
     """``--style FILE`` and ``--style-<field>`` for every field of StyleOptions (aesthetic gradients' prefix)."""
     g = p.add_argument_group("style (aesthetic gradients)")
@@ -104,10 +116,17 @@ def add_style_options(p, exclude: tuple[str, ...] = (), style_file: bool = True)
         g.add_argument(_flag(f.name), dest=f"style_{f.name}", type=kind, default=default,
                        metavar=f.name.split("_")[-1].upper(),
                        help=help_text + ("" if default is None else f" (default: {shown})"))
+    g.add_argument("--tuning-memory", type=_tuning_memory, default=None, metavar="auto|fast|low|SIZE",
+                   help="Adam's moments while a prompt tunes: fast keeps them (12 bytes a weight: 7.5 GB for SDXL's "
+                   "bigG), low rebuilds them each step (a third of that, the same result, slower), a size such as "
+                   "6GB keeps as many as fit in it; auto: a size of 3/4 of the free memory (default: "
+                   "$STYLEGRAD_TUNING_MEMORY, else auto)")
     return g
 
 
 def style_options(a: argparse.Namespace, **overrides) -> StyleOptions:
+    if getattr(a, "tuning_memory", None):  # read where tuning starts, in this process and in Ray workers
+        os.environ["STYLEGRAD_TUNING_MEMORY"] = a.tuning_memory
     values = {f.name: getattr(a, f"style_{f.name}") for f in fields(StyleOptions) if hasattr(a, f"style_{f.name}")}
     values.update(overrides)
     if "betas" in values:

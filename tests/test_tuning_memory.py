@@ -1,0 +1,162 @@
+"""Tuning with rebuilt Adam moments (aesthetic/memory.py): the same numbers as kept moments, a third of the state,
+chosen by the memory there is or by STYLEGRAD_TUNING_MEMORY."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import needs_kernels
+from test_sdxl_tuning import reference as sdxl_reference
+from test_sdxl_tuning import xl, xl_style  # noqa: F401 (the SDXL fixture)
+from test_tuning import PROMPT, REFERENCE_ATOL, _live_tensor_bytes, ids_of, reference_loop
+from tiny import PROJ, tiny_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from stylegrad import AestheticEncoder, Style, StylegradError, StyleOptions
+from stylegrad.aesthetic import memory, products
+from stylegrad.aesthetic.sdxl import SDXLAestheticEncoder
+from stylegrad.notes import StylegradNote
+
+
+@pytest.fixture()
+def style():
+    return Style(torch.randn(PROJ, generator=torch.Generator().manual_seed(3)))
+
+
+def _encode(enc, style, steps, mode, monkeypatch):
+    monkeypatch.setenv("STYLEGRAD_TUNING_MEMORY", mode)
+    enc.clear_cache()
+    return enc.encode(PROMPT, style, StyleOptions(steps=steps, lr=3e-3))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_rebuilt_moments_equal_kept_ones_bit_for_bit(pipe, clip_text, style, steps, monkeypatch):
+    """On the compiled kernels each rebuilt step runs the kept step's instructions on the same gradients, in
+    Adam's order: the tuned conditioning is the same to the bit, and within the reference loop's tolerance."""
+    needs_kernels()
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
+    kept, _ = _encode(enc, style, steps, "fast", monkeypatch)
+    rebuilt, _ = _encode(enc, style, steps, "low", monkeypatch)
+    assert torch.equal(kept, rebuilt)
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, steps, 3e-3)
+    assert (rebuilt - ref).abs().max() < REFERENCE_ATOL
+
+
+def test_rebuilt_moments_on_sdxl(xl, monkeypatch):  # noqa: F811
+    """Both towers, conditioning and pooled embeddings: equal to kept moments, and to the reference loop."""
+    needs_kernels()
+    pipe, clip_l = xl
+    style = xl_style(pipe, clip_l)
+    enc = SDXLAestheticEncoder(pipe, clip_l, cache_size=0)
+    kept = _encode(enc, style, 5, "fast", monkeypatch)
+    rebuilt = _encode(enc, style, 5, "low", monkeypatch)
+    assert torch.equal(kept.prompt_embeds, rebuilt.prompt_embeds)
+    assert torch.equal(kept.pooled_prompt_embeds, rebuilt.pooled_prompt_embeds)
+    hidden, pooled = sdxl_reference(pipe, clip_l, style, 5, 3e-3, ("l", "g"))
+    assert (rebuilt.prompt_embeds - hidden).abs().max() < REFERENCE_ATOL
+    assert (rebuilt.pooled_prompt_embeds - pooled).abs().max() < REFERENCE_ATOL
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_rebuilt_moments_on_torchs_path(pipe, clip_text, style, steps, monkeypatch):
+    """Without the kernels (other CPUs, GPUs) the moments are rebuilt with torch's products into scratch tensors and
+    the step is torch's fused Adam: the reference loop's numbers."""
+    monkeypatch.setattr(products, "_KERNELS", None)
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
+    rebuilt, _ = _encode(enc, style, steps, "low", monkeypatch)
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, steps, 3e-3)
+    assert (rebuilt - ref).abs().max() < REFERENCE_ATOL
+
+
+def _wide_encoder() -> AestheticEncoder:
+    """A text tower whose large matrices dominate its tuning state, as real CLIP towers' do (hidden 256)."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, projection_dim=PROJ,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with_projection = CLIPTextModelWithProjection(cfg).eval()
+    encoder = CLIPTextModel(cfg).eval()
+    encoder.load_state_dict(with_projection.text_model.state_dict())
+    return AestheticEncoder(encoder, tok, with_projection, cache_size=0)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_rebuilt_moments_hold_a_third_of_the_memory(style, kernels, monkeypatch):
+    """Live tensor bytes during tuning, over the baseline: kept moments hold each large weight three times (copy,
+    two moments), rebuilt ones once plus the gradients' factors; both return to the baseline after."""
+    if kernels:
+        needs_kernels()
+    else:
+        monkeypatch.setattr(products, "_KERNELS", None)
+    enc = _wide_encoder()
+    matrices = sum(t.numel() * 4 for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2)
+    extra = {}
+    for mode in ("fast", "low"):
+        monkeypatch.setenv("STYLEGRAD_TUNING_MEMORY", mode)
+        enc.encode("warm up", style, StyleOptions(steps=2))
+        baseline, peaks = _live_tensor_bytes(), []
+
+        def sample(step, sim, peaks=peaks):  # at each step: the state the earlier steps left
+            peaks.append(_live_tensor_bytes())
+
+        enc.encode(PROMPT, style, StyleOptions(steps=6), callback=sample)
+        assert _live_tensor_bytes() == baseline  # every copy, moment and factor freed
+        extra[mode] = max(peaks) - baseline
+    # torch's path also holds scratch tensors, one of each matrix shape per role: the gradient (both), and the
+    # rebuilt moments (three in all); on a real tower (32 layers of 6 matrices, 3 shapes) they are a few percent
+    shapes = {tuple(t.shape) for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2}
+    scratch = 0 if kernels else sum(o * i * 4 for o, i in shapes)
+    assert extra["fast"] - scratch > 3 * matrices
+    assert matrices < extra["low"] - 3 * scratch < 1.5 * matrices
+
+
+def test_auto_and_budgets_keep_the_moments_that_fit(monkeypatch):
+    weights = {f"w{i}": torch.empty(1000, 1000) for i in range(4)}  # 4 MB each as float32 copies; kept: 48 MB
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "_noted", set())
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10 << 30)
+    assert set(memory.choose_moments("auto", weights, cpu).values()) == {"kept"}
+    monkeypatch.setattr(memory, "free_bytes", lambda device: None)  # unknown: kept, as before there was a choice
+    assert set(memory.choose_moments("auto", weights, cpu).values()) == {"kept"}
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 48 << 20)  # a 36 MB budget: copies 16, two kept 16
+    with pytest.warns(StylegradNote, match="moments for 50% of the weights"):
+        choice = memory.choose_moments("auto", weights, cpu)
+    assert list(choice.values()) == ["kept", "kept", "rebuilt", "rebuilt"]  # the first layers keep theirs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert memory.choose_moments("auto", weights, cpu) == choice
+        assert set(memory.choose_moments("fast", weights, cpu).values()) == {"kept"}  # asked for: no note
+        assert set(memory.choose_moments("LOW", weights, cpu).values()) == {"rebuilt"}
+        assert set(memory.choose_moments("48MB", weights, cpu).values()) == {"kept"}  # fits: no note
+    with pytest.warns(StylegradNote):
+        assert list(memory.choose_moments("0.02 GiB", weights, cpu).values()).count("kept") == 0  # 20 MB: copies
+    assert memory.parse_setting("6GB") == 6 << 30 and memory.parse_setting("800m") == 800 << 20
+    for bad in ("tiny", "0GB", "-1GB", "6 parsecs"):
+        with pytest.raises(StylegradError, match="must be auto, fast, low or a size"):
+            memory.choose_moments(bad, weights, cpu)
+
+
+def test_a_budget_splits_the_weights_and_keeps_the_numbers(pipe, clip_text, style, monkeypatch):
+    """Under a budget between the two, some weights keep their moments and the others rebuild theirs: the
+    conditioning is still bit for bit that of kept moments."""
+    needs_kernels()
+    enc = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
+    matrices = sum(4 * t.numel() for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2)
+    chosen = []
+    real = memory.choose_moments
+    monkeypatch.setattr("stylegrad.aesthetic.eos_forward.choose_moments",
+                        lambda *a: chosen.append(real(*a)) or chosen[-1])
+    kept, _ = _encode(enc, style, 4, "fast", monkeypatch)
+    with pytest.warns(StylegradNote):
+        split, _ = _encode(enc, style, 4, f"{2 * matrices}B", monkeypatch)
+    modes = list(chosen[-1].values())
+    assert modes.count("kept") and modes.count("rebuilt")
+    assert torch.equal(kept, split)
+
+
+def test_free_memory_is_read_on_linux():
+    free = memory.free_bytes(torch.device("cpu"))
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    assert 0 < free < 1 << 50
