@@ -194,6 +194,21 @@ INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
     return SFX(adam_update)(a, i, m, v);
 }
 
+/* acc = the gradient gp^T xp on rows o..o+n (gp already offset to o), columns k..k+SW: the sums in registers. */
+INLINE void SFX(grad_strip)(const float *gp, const float *xp, long K, long O, long Tp, long k, const int n,
+                            V acc[ROWS][2])
+{
+    for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = VZERO();
+    for (long t = 0; t < Tp; t++) {
+        V x0 = VLOAD(xp + t * K + k), x1 = VLOAD(xp + t * K + k + VW);
+        for (int r = 0; r < n; r++) {
+            V b = VSET1(gp[t * O + r]);
+            acc[r][0] = VFMA(b, x0, acc[r][0]);
+            acc[r][1] = VFMA(b, x1, acc[r][1]);
+        }
+    }
+}
+
 /* Rows o..o+n, columns [k0, k1) take their step with rebuilt moments: per strip, every step's gradient is
    formed again (the same sums as adam_block's) and run through Adam's recursions in registers. */
 INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1, const int n)
@@ -207,15 +222,7 @@ INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1
         for (long s = 0; s < nh; s++) {
             const float *gp = a->hgp[s] + o, *xp = a->hxp[s];
             V acc[ROWS][2];
-            for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = VZERO();
-            for (long t = 0; t < Tp; t++) {
-                V x0 = VLOAD(xp + t * K + k), x1 = VLOAD(xp + t * K + k + VW);
-                for (int r = 0; r < n; r++) {
-                    V b = VSET1(gp[t * O + r]);
-                    acc[r][0] = VFMA(b, x0, acc[r][0]);
-                    acc[r][1] = VFMA(b, x1, acc[r][1]);
-                }
-            }
+            SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
             for (int r = 0; r < n; r++)
                 for (int h = 0; h < 2; h++) {
                     V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
@@ -247,15 +254,7 @@ INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const 
     long k = k0;
     for (; k + SW <= k1; k += SW) {
         V acc[ROWS][2];
-        for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = VZERO();
-        for (long t = 0; t < Tp; t++) {
-            V x0 = VLOAD(xp + t * K + k), x1 = VLOAD(xp + t * K + k + VW);
-            for (int r = 0; r < n; r++) {
-                V b = VSET1(gp[t * O + r]);
-                acc[r][0] = VFMA(b, x0, acc[r][0]);
-                acc[r][1] = VFMA(b, x1, acc[r][1]);
-            }
-        }
+        SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
 #pragma GCC unroll 8 /* constant indices: the sums stay in registers through the t loop */
         for (int r = 0; r < n; r++) {
             long i = (o + r) * K + k;
