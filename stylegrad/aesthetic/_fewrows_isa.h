@@ -194,9 +194,10 @@ INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
     return SFX(adam_update)(a, i, m, v);
 }
 
-/* acc = the gradient gp^T xp on rows o..o+n (gp already offset to o), columns k..k+SW: the sums in registers. */
+/* acc = the gradient gp^T xp on rows o..o+n (gp already offset to o, n <= RROWS), columns k..k+SW: the sums in
+   registers. */
 INLINE void SFX(grad_strip)(const float *gp, const float *xp, long K, long O, long Tp, long k, const int n,
-                            V acc[ROWS][2])
+                            V acc[RROWS][2])
 {
     for (int r = 0; r < n; r++) acc[r][0] = acc[r][1] = VZERO();
     for (long t = 0; t < Tp; t++) {
@@ -221,7 +222,7 @@ INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1
         for (int r = 0; r < ROWS; r++) m[r][0] = m[r][1] = v[r][0] = v[r][1] = VZERO();
         for (long s = 0; s < nh; s++) {
             const float *gp = a->hgp[s] + o, *xp = a->hxp[s];
-            V acc[ROWS][2];
+            V acc[RROWS][2];
             SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
             for (int r = 0; r < n; r++)
                 for (int h = 0; h < 2; h++) {
@@ -242,6 +243,65 @@ INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1
         for (int r = 0; r < n; r++) a->dst[(o + r) * K + k] = adam_scalar_rebuilt(a, o + r, k);
 }
 
+/* One block of RROWS rows, one strip of SW columns, with rebuilt moments, from packed factors: gk[s] holds step
+   s's grad_out for this panel's rows (Tp rows of RPANEL, offset to the block), xk[s] its x on this strip (Tp rows
+   of SW). Each element gets the same instructions as in adam_rebuilt_block and adam_block, so the same bits. Why
+   twice adam_block's rows: 16 independent sums hide the multiply-adds' latency, where 8 left the units idle; the
+   moments, touched once a step, then live in L1 instead of registers. */
+INLINE void SFX(rebuilt_strip)(const adam_args *a, const float *gk, const float *xk, long o, long k)
+{
+    const long Tp = a->Tp, nh = a->nh, sg = Tp * RPANEL, sx = Tp * SW;
+    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2), b1 = VSET1(a->beta1), b2 = VSET1(a->beta2);
+    V m[RROWS][2], v[RROWS][2];
+    for (long s = 0; s < nh; s++) {
+        V acc[RROWS][2];
+        SFX(grad_strip)(gk + s * sg, xk + s * sx, SW, RPANEL, Tp, 0, RROWS, acc);
+        for (int r = 0; r < RROWS; r++)
+            for (int h = 0; h < 2; h++) {
+                V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
+                m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
+                v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
+            }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < RROWS; r++) {
+        long i = (o + r) * a->K + k;
+        V w0 = SFX(adam_update)(a, i, m[r][0], v[r][0]), w1 = SFX(adam_update)(a, i + VW, m[r][1], v[r][1]);
+        VSTORE(a->dst + i, w0);
+        VSTORE(a->dst + i + VW, w1);
+    }
+}
+
+/* Rows [o0, o1) (a multiple of ROWS) take their step with rebuilt moments, then y = x W^T on them. Why this order
+   (strips outside, row blocks inside, per panel of RPANEL rows): a strip's x over every step (xs: strip-major,
+   nh * Tp * SW floats, 22 KB at 10 steps of 17 rows) is then read from L1 by every block of the panel, where
+   walking a block's whole row first read it from L2 for each block, which bound the kernel at a third of the
+   cores' arithmetic. ``gk``: this thread's buffer of nh * Tp * RPANEL floats for the panel's grad_out. */
+KERNEL static void SFX(rebuilt_forward_rows)(const adam_args *a, const float *xs, float *gk, const float *x,
+                                             float *y, long T, long o0, long o1)
+{
+    const long K = a->K, O = a->O, Tp = a->Tp, nh = a->nh, kv = K / SW * SW;
+    for (long p0 = o0; p0 < o1; p0 += RPANEL) {
+        long p1 = p0 + RPANEL < o1 ? p0 + RPANEL : o1;
+        for (long s = 0; s < nh; s++) /* pack the panel's grad_out: [s][t][row] */
+            for (long t = 0; t < Tp; t++)
+                memcpy(gk + (s * Tp + t) * RPANEL, a->hgp[s] + t * O + p0, sizeof(float) * (size_t)(p1 - p0));
+        const long pr = p0 + (p1 - p0) / RROWS * RROWS; /* rows past it: a block of ROWS, the older way */
+        for (long k = 0; k < kv; k += SW)
+            for (long o = p0; o < pr; o += RROWS)
+                SFX(rebuilt_strip)(a, gk + (o - p0), xs + k * nh * Tp, o, k);
+        for (long o = pr; o < p1; o += ROWS) SFX(adam_rebuilt_block)(a, o, 0, kv, ROWS);
+        for (long k = kv; k < K; k++)
+            for (long o = p0; o < p1; o++) a->dst[o * K + k] = adam_scalar_rebuilt(a, o, k);
+        if (T > 0)
+            for (long o = p0; o < p1; o += ROWS)
+                for (long k0 = 0; k0 < K; k0 += KCHUNK) {
+                    long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
+                    SFX(dot_tokens)(x, a->dst + o * K, y + o, T, K, O, k0, k1, k0 > 0, 0, 0, 0, 0);
+                }
+    }
+}
+
 /* Rows o..o+n (n a constant after inlining), columns [k0, k1) of the weight take their Adam step. */
 INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const int n)
 {
@@ -253,9 +313,9 @@ INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const 
     const float *gp = a->gp + o, *xp = a->xp;
     long k = k0;
     for (; k + SW <= k1; k += SW) {
-        V acc[ROWS][2];
+        V acc[RROWS][2];
         SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
-#pragma GCC unroll 8 /* constant indices: the sums stay in registers through the t loop */
+#pragma GCC unroll 16 /* constant indices: the sums stay in registers through the t loop */
         for (int r = 0; r < n; r++) {
             long i = (o + r) * K + k;
             V w0 = SFX(adam_vec)(a, i, acc[r][0]), w1 = SFX(adam_vec)(a, i + VW, acc[r][1]);
