@@ -16,7 +16,8 @@ torch's kernels on two cores of the test machine (bench/products.py):
   forms all t gradients so far again. That is arithmetic, not memory, so the order changes: per panel of 16 rows,
   strip by strip, 8 rows x 32 columns at a time, from a strip-major copy of every step's x, which then stays in
   L1 for the whole panel. Walking each block's rows instead read that x from L2 at every block and ran at half
-  the speed (rebuilding bigG's 5120 x 1280 weight at step 10 went from 53-67 ms to 24-31 ms on two cores).
+  the speed (bigG's 5120 x 1280 weight at step 10: 53-67 ms before, 24-31 ms after, on two cores);
+  bench/products.py times it against torch's path.
 Threads come from OpenMP: linked against libgomp.so.1, this module shares the runtime torch has already loaded, so
 torch.set_num_threads applies and its worker threads are reused. stylegrad uses the module only if it was built
 and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products and fused Adam. The AVX-512 kernels
