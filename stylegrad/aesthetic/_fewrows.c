@@ -34,7 +34,6 @@ and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products a
 #define PANEL 65536   /* input gradient: floats of W per panel of rows (256 KB: ran 7-19% faster than 512 KB) */
 #define KCHUNK 1024   /* forward: columns per pass, so a block of W stays in L1 while every token reads it */
 #define RPANEL 16     /* rebuilt moments: rows per panel, whose blocks share each strip of x from L1 */
-#define RROWS 8       /* rebuilt moments: rows per block */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -108,6 +107,10 @@ static float adam_scalar(const adam_args *a, long o, long k)
 #define VW 8
 #define TOKENS 3
 #define GTOKENS 6
+#ifndef RROWS_AVX2
+#define RROWS_AVX2 4
+#endif
+#define RROWS RROWS_AVX2 /* rebuilt moments: rows per block (8 would take 19 of the 16 registers) */
 #define VLOAD _mm256_loadu_ps
 #define VSTORE _mm256_storeu_ps
 #define VZERO _mm256_setzero_ps
@@ -133,6 +136,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2
 #undef VW
 #undef TOKENS
 #undef GTOKENS
+#undef RROWS
 #undef VLOAD
 #undef VSTORE
 #undef VZERO
@@ -152,6 +156,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2
 #define VW 16
 #define TOKENS 6
 #define GTOKENS 12
+#define RROWS 8 /* rebuilt moments: rows per block (16 sums in registers hide the multiply-adds' latency) */
 #define VLOAD _mm512_loadu_ps
 #define VSTORE _mm512_storeu_ps
 #define VZERO _mm512_setzero_ps
