@@ -210,34 +210,46 @@ INLINE void SFX(grad_strip)(const float *gp, const float *xp, long K, long O, lo
     }
 }
 
+/* Adam's recursions for rows 0..n of a block after step s's gradient acc (at s = 0 the moments' first values):
+   one routine for both rebuilding kernels, so every element gets the same instructions, in the same order, as
+   adam_vec gives it with stored moments. */
+INLINE void SFX(recur)(const adam_args *a, V acc[RROWS][2], V m[RROWS][2], V v[RROWS][2], long s, const int n)
+{
+    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2), b1 = VSET1(a->beta1), b2 = VSET1(a->beta2);
+    for (int r = 0; r < n; r++)
+        for (int h = 0; h < 2; h++) {
+            V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
+            m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
+            v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
+        }
+}
+
+/* Rows o..o+n, columns k..k+SW take their step from their moments m, v. */
+INLINE void SFX(step_rows)(const adam_args *a, long o, long k, V m[RROWS][2], V v[RROWS][2], const int n)
+{
+#pragma GCC unroll 16
+    for (int r = 0; r < n; r++) {
+        long i = (o + r) * a->K + k;
+        V w0 = SFX(adam_update)(a, i, m[r][0], v[r][0]), w1 = SFX(adam_update)(a, i + VW, m[r][1], v[r][1]);
+        VSTORE(a->dst + i, w0);
+        VSTORE(a->dst + i + VW, w1);
+    }
+}
+
 /* Rows o..o+n, columns [k0, k1) take their step with rebuilt moments: per strip, every step's gradient is
    formed again (the same sums as adam_block's) and run through Adam's recursions in registers. */
 INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1, const int n)
 {
     const long K = a->K, O = a->O, Tp = a->Tp, nh = a->nh;
-    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2), b1 = VSET1(a->beta1), b2 = VSET1(a->beta2);
     long k = k0;
     for (; k + SW <= k1; k += SW) {
-        V m[ROWS][2], v[ROWS][2];
-        for (int r = 0; r < ROWS; r++) m[r][0] = m[r][1] = v[r][0] = v[r][1] = VZERO();
+        V m[RROWS][2], v[RROWS][2];
         for (long s = 0; s < nh; s++) {
-            const float *gp = a->hgp[s] + o, *xp = a->hxp[s];
             V acc[RROWS][2];
-            SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
-            for (int r = 0; r < n; r++)
-                for (int h = 0; h < 2; h++) {
-                    V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
-                    m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
-                    v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
-                }
+            SFX(grad_strip)(a->hgp[s] + o, a->hxp[s], K, O, Tp, k, n, acc);
+            SFX(recur)(a, acc, m, v, s, n);
         }
-#pragma GCC unroll 8
-        for (int r = 0; r < n; r++) {
-            long i = (o + r) * K + k;
-            V w0 = SFX(adam_update)(a, i, m[r][0], v[r][0]), w1 = SFX(adam_update)(a, i + VW, m[r][1], v[r][1]);
-            VSTORE(a->dst + i, w0);
-            VSTORE(a->dst + i + VW, w1);
-        }
+        SFX(step_rows)(a, o, k, m, v, n);
     }
     for (; k < k1; k++)
         for (int r = 0; r < n; r++) a->dst[(o + r) * K + k] = adam_scalar_rebuilt(a, o + r, k);
@@ -245,31 +257,18 @@ INLINE void SFX(adam_rebuilt_block)(const adam_args *a, long o, long k0, long k1
 
 /* One block of RROWS rows, one strip of SW columns, with rebuilt moments, from packed factors: gk[s] holds step
    s's grad_out for this panel's rows (Tp rows of RPANEL, offset to the block), xk[s] its x on this strip (Tp rows
-   of SW). Each element gets the same instructions as in adam_rebuilt_block and adam_block, so the same bits. Why
-   twice adam_block's rows: 16 independent sums hide the multiply-adds' latency, where 8 left the units idle; the
-   moments, touched once a step, then live in L1 instead of registers. */
+   of SW). Why twice adam_block's rows (on AVX-512): 16 independent sums hide the multiply-adds' latency, where 8
+   left the units idle; the moments, touched once a step, then live in L1 instead of registers. */
 INLINE void SFX(rebuilt_strip)(const adam_args *a, const float *gk, const float *xk, long o, long k)
 {
     const long Tp = a->Tp, nh = a->nh, sg = Tp * RPANEL, sx = Tp * SW;
-    const V c1 = VSET1(a->c1), c2 = VSET1(a->c2), b1 = VSET1(a->beta1), b2 = VSET1(a->beta2);
     V m[RROWS][2], v[RROWS][2];
     for (long s = 0; s < nh; s++) {
         V acc[RROWS][2];
         SFX(grad_strip)(gk + s * sg, xk + s * sx, SW, RPANEL, Tp, 0, RROWS, acc);
-        for (int r = 0; r < RROWS; r++)
-            for (int h = 0; h < 2; h++) {
-                V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
-                m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
-                v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
-            }
+        SFX(recur)(a, acc, m, v, s, RROWS);
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < RROWS; r++) {
-        long i = (o + r) * a->K + k;
-        V w0 = SFX(adam_update)(a, i, m[r][0], v[r][0]), w1 = SFX(adam_update)(a, i + VW, m[r][1], v[r][1]);
-        VSTORE(a->dst + i, w0);
-        VSTORE(a->dst + i + VW, w1);
-    }
+    SFX(step_rows)(a, o, k, m, v, RROWS);
 }
 
 /* Rows [o0, o1) (a multiple of ROWS) take their step with rebuilt moments, then y = x W^T on them. Why this order
