@@ -107,10 +107,7 @@ static float adam_scalar(const adam_args *a, long o, long k)
 #define VW 8
 #define TOKENS 3
 #define GTOKENS 6
-#ifndef RROWS_AVX2
-#define RROWS_AVX2 4
-#endif
-#define RROWS RROWS_AVX2 /* rebuilt moments: rows per block (8 would take 19 of the 16 registers) */
+#define RROWS 4 /* rebuilt moments: rows per block (8 would take 19 of the 16 registers) */
 #define VLOAD _mm256_loadu_ps
 #define VSTORE _mm256_storeu_ps
 #define VZERO _mm256_setzero_ps

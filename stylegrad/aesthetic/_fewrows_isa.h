@@ -314,7 +314,7 @@ INLINE void SFX(adam_block)(const adam_args *a, long o, long k0, long k1, const 
     for (; k + SW <= k1; k += SW) {
         V acc[RROWS][2];
         SFX(grad_strip)(gp, xp, K, O, Tp, k, n, acc);
-#pragma GCC unroll 16 /* constant indices: the sums stay in registers through the t loop */
+#pragma GCC unroll 8 /* constant indices: the sums stay in registers through the t loop */
         for (int r = 0; r < n; r++) {
             long i = (o + r) * K + k;
             V w0 = SFX(adam_vec)(a, i, acc[r][0]), w1 = SFX(adam_vec)(a, i + VW, acc[r][1]);
