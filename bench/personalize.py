@@ -16,7 +16,7 @@ concatenated; bigG's pooled text embedding). Both outputs are compared. The SD1.
 run, before the SDXL ones.
 
 stylegrad runs in both memory modes: "stylegrad" keeps Adam's moments (STYLEGRAD_TUNING_MEMORY=fast),
-"stylegrad-low" rebuilds them from every step's gradient factors (=low): the same bits, a third of the state,
+"stylegrad-low" rebuilds them from every step's gradient factors (=low): the same bits, only the tuned copies,
 more arithmetic.
 
     python bench/personalize.py                 # prints a table, then one JSON line

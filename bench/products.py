@@ -1,11 +1,11 @@
 """stylegrad's compiled few-row kernels vs torch's, on the 72 large weights of the SD1.x text encoder.
 
 Per tuning step, at 17 token rows (a 15-word prompt): the forward products, the input-gradient products, and an
-Adam step followed by the next forward product (fused on the kernels; on torch: gradient product into a reused
-buffer, torch's fused Adam, oneDNN product); then the same step at step 10 with rebuilt moments (every step's
-gradient formed again from its factors; on torch into reused buffers, as tuning does there). Random weights: the
-speed does not depend on the values. Timings are medians over rounds in which the two sides take turns; each
-prints GFLOP/s and the ratio to torch's.
+Adam step followed by the next forward product (fused on the kernels, with their moments: packed on AVX-512; on
+torch: gradient product into a reused buffer, torch's fused Adam on float32 moments, oneDNN product); then the
+same step at step 10 with rebuilt moments (every step's gradient formed again from its factors; on torch into
+reused buffers, as tuning does there). Random weights: the speed does not depend on the values. Timings are
+medians over rounds in which the two sides take turns; each prints GFLOP/s and the ratio to torch's.
 
     python bench/products.py            # a table, then one JSON line
 """
@@ -36,6 +36,7 @@ def matrices() -> list[dict]:
         for o, k in SHAPES:
             w = torch.randn(o, k) * 0.02
             out.append(dict(w=w, m=torch.zeros_like(w), v=torch.zeros_like(w), b=torch.randn(o),
+                            kept=tuple(t.zero_() for t in products.empty_moments(w)),
                             x=torch.randn(ROWS, k), g=torch.randn(ROWS, o), step=torch.ones(()),
                             history=[(torch.randn(ROWS, o), torch.randn(ROWS, k)) for _ in range(REBUILT_STEP)]))
     return out
@@ -65,7 +66,7 @@ def main() -> None:
         with_kernels(on)
         for d in mats:
             if on:
-                products.fused_adam_linear(d["w"], d["w"], d["m"], d["v"], d["g"], d["x"], d["x"], d["b"],
+                products.fused_adam_linear(d["w"], d["w"], *d["kept"], d["g"], d["x"], d["x"], d["b"],
                                            first=False, keep=True, step=2, adam=ADAM)
             else:
                 buf = scratch.setdefault(d["w"].shape, torch.empty_like(d["w"]))

@@ -11,7 +11,7 @@ torch's kernels on two cores of the test machine (bench/products.py):
   time, over panels of rows of W streamed in memory order, each thread summing over its own rows;
 - Adam, then forward (adam_linear): each block of rows forms its gradient from the two factors the backward
   pass kept, takes its Adam step and runs the next forward product while in cache. Per step, W and its moments
-  cross memory once, and no full gradient is ever stored.
+  (packed in 6 bytes a weight on AVX-512, see round24) cross memory once, and no full gradient is ever stored.
 - Adam with rebuilt moments (nothing stored but W; every step's factors kept): the same, except that each element
   forms all t gradients so far again. That is arithmetic, not memory, so the order changes: per panel of 16 rows,
   strip by strip, 8 rows x 32 columns at a time, from a strip-major copy of every step's x, which then stays in
@@ -27,6 +27,7 @@ and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products a
 #include <Python.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,7 +44,9 @@ and the CPU has AVX2 and FMA (products.py); otherwise it uses torch's products a
    read and written once, and its gradient exists only in registers. */
 typedef struct {
     const float *src, *gp, *xp; /* weight before the step (the original at the first step), gradient factors */
-    float *dst, *m, *v;         /* weight after the step (may be src); moments (NULL at a first, last step) */
+    float *dst;                 /* weight after the step (may be src) */
+    void *m, *v;                /* moments (NULL at a first, last step): float32, or packed (see round24) */
+    int packed;                 /* the moments are packed: the AVX-512 kernels' layout */
     long Tp, K, O;
     int first, keep;            /* moments are zero: not read; moments are written (no step follows: not) */
     float step_size, inv_bc2_sqrt, beta1, beta2, eps;
@@ -51,6 +54,52 @@ typedef struct {
     long nh;                    /* > 0: no stored moments; they are rebuilt from the factors of all nh steps so far */
     const float *const *hgp, *const *hxp; /* those factors, oldest first (the last are this step's) */
 } adam_args;
+
+/* On AVX-512 the kept moments are packed: each moment rounded to its 24 high bits (float32 with 15 stored mantissa
+   bits instead of 23; to nearest, ties away from zero), m's in a 32-bit word with v's bits 8-15 in its low byte,
+   v's 16 high bits in a 16-bit word: 6 bytes a weight for both, where float32 takes 8. Why: kept, the moments were
+   two thirds of tuning's memory (5 GB of the 7.5 GB SDXL's bigG took). A step uses its moments at full precision;
+   only the values carried to the next step are rounded, within 2^-16 of themselves, which moves that step by at
+   most about 2^-16 of itself (bfloat16, at 2^-9, moved SD1.x's tuned output by 2.3e-4; truncating instead of
+   rounding, biased, moved the tests' tiny towers past their 1e-5; tests hold every path to torch's Adam). Rebuilt
+   moments are rounded the same way, so both give the same bits. Packing costs a few integer instructions a vector:
+   the kept step ran 4% slower for its 17% fewer bytes, the rebuilt one 11% slower (bigG's shapes, 2026-12-03).
+   On AVX2 the moments stay float32: without AVX-512's three-input logic and with half the registers, the
+   packing would cost more there. */
+static inline uint32_t bits_of(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+static inline float float_of(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+static inline float round24(float x) { return float_of((bits_of(x) + 0x80) & ~(uint32_t)0xff); }
+
+static inline void load_moments(const adam_args *a, long i, float *m, float *v)
+{
+    if (a->packed) {
+        uint32_t w = ((const uint32_t *)a->m)[i], h = ((const uint16_t *)a->v)[i];
+        *m = float_of(w & ~(uint32_t)0xff), *v = float_of(h << 16 | (w & 0xff) << 8);
+    } else
+        *m = ((const float *)a->m)[i], *v = ((const float *)a->v)[i];
+}
+
+static inline void store_moments(const adam_args *a, long i, float m, float v)
+{
+    if (a->packed) {
+        uint32_t mr = bits_of(m) + 0x80, vr = bits_of(v) + 0x80; /* rounded: the low byte is then dropped */
+        ((uint32_t *)a->m)[i] = (mr & ~(uint32_t)0xff) | ((vr >> 8) & 0xff);
+        ((uint16_t *)a->v)[i] = (uint16_t)(vr >> 16);
+    } else
+        ((float *)a->m)[i] = m, ((float *)a->v)[i] = v;
+}
 
 /* The scalar paths (columns and rows past the vector blocks), one copy each, never inlined: so a weight's step
    is computed by the same instructions whether its moments are stored or rebuilt. */
@@ -65,7 +114,7 @@ static __attribute__((noinline)) float tail_grad(const float *gp, const float *x
 /* Adam's recursions for one element: (m, v) from the previous ones (read unless ``first``) and g. */
 static __attribute__((noinline)) void moments(const adam_args *a, float g, float *m, float *v, int first)
 {
-    float mo = *m, vo = *v;
+    float mo = a->packed ? round24(*m) : *m, vo = a->packed ? round24(*v) : *v; /* as carried from the last step */
     *m = a->c1 * g, *v = a->c2 * g * g;
     if (!first) {
         *m += a->beta1 * mo;
@@ -80,7 +129,7 @@ static __attribute__((noinline)) float update(const adam_args *a, long i, float 
 
 /* One element's step with its moments rebuilt: every step's gradient formed again from its factors and run
    through Adam's recursions in the order Adam ran them, so the numbers are those of stored moments. Why: the
-   moments are two thirds of the tuning state (5 GB for SDXL's bigG); rebuilt, only the weight is kept. */
+   moments are most of the tuning state (3.8 GB of 6.3 packed, for SDXL's bigG); rebuilt, only the weight is kept. */
 static float adam_scalar_rebuilt(const adam_args *a, long o, long k)
 {
     float m = 0.f, v = 0.f;
@@ -91,12 +140,10 @@ static float adam_scalar_rebuilt(const adam_args *a, long o, long k)
 static float adam_scalar(const adam_args *a, long o, long k)
 {
     long i = o * a->K + k;
-    float m = a->first ? 0.f : a->m[i], v = a->first ? 0.f : a->v[i];
+    float m = 0.f, v = 0.f;
+    if (!a->first) load_moments(a, i, &m, &v);
     moments(a, tail_grad(a->gp, a->xp, a->Tp, a->O, a->K, o, k), &m, &v, a->first);
-    if (a->keep) {
-        a->m[i] = m;
-        a->v[i] = v;
-    }
+    if (a->keep) store_moments(a, i, m, v);
     return update(a, i, m, v);
 }
 
@@ -126,6 +173,13 @@ static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2
     return _mm_cvtss_f32(a);
 }
 #define HSUM hsum_avx2
+/* float32 moments (see round24) */
+#define VROUND(x) (x)
+#define VLOADMV(args, i, pm, pv) \
+    (*(pm) = _mm256_loadu_ps((const float *)(args)->m + (i)), *(pv) = _mm256_loadu_ps((const float *)(args)->v + (i)))
+#define VSTOREMV(args, i, vm, vv) \
+    (_mm256_storeu_ps((float *)(args)->m + (i), vm), _mm256_storeu_ps((float *)(args)->v + (i), vv))
+#define VBYTES 4 /* of v per value */
 #include "_fewrows_isa.h"
 #undef KERNEL
 #undef SFX
@@ -145,6 +199,10 @@ static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2
 #undef VRSQRT
 #undef VRCP
 #undef HSUM
+#undef VROUND
+#undef VLOADMV
+#undef VSTOREMV
+#undef VBYTES
 
 /* AVX-512F: 16 lanes and 32 registers, so twice the tokens per block. */
 #define KERNEL __attribute__((target("avx512f,fma")))
@@ -165,6 +223,36 @@ static inline __attribute__((always_inline, target("avx2,fma"))) float hsum_avx2
 #define VRSQRT _mm512_rsqrt14_ps
 #define VRCP _mm512_rcp14_ps
 #define HSUM _mm512_reduce_add_ps
+/* packed moments (see round24) */
+#define A5 static inline __attribute__((always_inline, target("avx512f,fma")))
+A5 __m512 round24_avx512(__m512 x)
+{
+    __m512i r = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x80));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(~0xff)));
+}
+A5 void load_moments_avx512(const adam_args *a, long i, __m512 *m, __m512 *v)
+{
+    __m512i w = _mm512_loadu_si512((const uint32_t *)a->m + i);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->v + i)));
+    *m = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(~0xff)));
+    /* h << 16 | (w << 8 & 0xff00): the three-input logic op 0xf8 is a | (b & c) */
+    *v = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_slli_epi32(h, 16), _mm512_slli_epi32(w, 8),
+                                                       _mm512_set1_epi32(0xff00), 0xf8));
+}
+A5 void store_moments_avx512(const adam_args *a, long i, __m512 m, __m512 v)
+{
+    const __m512i half = _mm512_set1_epi32(0x80); /* rounded: the low byte is then dropped */
+    __m512i mi = _mm512_add_epi32(_mm512_castps_si512(m), half), vi = _mm512_add_epi32(_mm512_castps_si512(v), half);
+    /* m's high 24 bits, v's bits 8-15 below them: 0xe4 is (a & c) | (b & ~c) */
+    __m512i w = _mm512_ternarylogic_epi32(mi, _mm512_srli_epi32(vi, 8), _mm512_set1_epi32(~0xff), 0xe4);
+    _mm512_storeu_si512((uint32_t *)a->m + i, w);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)a->v + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(vi, 16)));
+}
+#undef A5
+#define VROUND round24_avx512
+#define VLOADMV load_moments_avx512
+#define VSTOREMV store_moments_avx512
+#define VBYTES 2
 #include "_fewrows_isa.h"
 
 static int wide; /* use the AVX-512 kernels */
@@ -302,7 +390,7 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad shapes or moments");
         return NULL;
     }
-    a.src = (const float *)src, a.dst = (float *)dst, a.m = (float *)m, a.v = (float *)v;
+    a.src = (const float *)src, a.dst = (float *)dst, a.m = (void *)m, a.v = (void *)v, a.packed = wide;
     a.gp = (const float *)gp, a.xp = (const float *)xp;
     const float *xs = (const float *)x, *bias = (const float *)b;
     float *ys = (float *)y;

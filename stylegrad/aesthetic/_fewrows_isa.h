@@ -8,9 +8,11 @@
 
 /* y[t..t+n, o..o+ROWS] (+)= x[t..t+n, k0:k1] . w[o..o+ROWS, k0:k1]; n is a constant after inlining.
    ``next`` is a row of the next block to prefetch to L1 while this one computes (or NULL), ``later`` rows to
-   prefetch to L2. */
+   prefetch to L2: the value at column k of row p is at byte later[p] + size[p] * k (4 bytes a value, 2 for
+   packed second moments). */
 INLINE void SFX(dot_block)(const float *x, const float *w, float *y, long K, long O, long t, long k0, long k1,
-                           const int n, int add, const float *next, const float *const *later, int nlater)
+                           const int n, int add, const float *next, const char *const *later, const int *size,
+                           int nlater)
 {
     V acc[ROWS][TOKENS];
     long kv = k0 + (k1 - k0) / VW * VW;
@@ -21,7 +23,7 @@ INLINE void SFX(dot_block)(const float *x, const float *w, float *y, long K, lon
         for (int r = 0; r < ROWS; r++) wv[r] = VLOAD(w + r * K + k);
         if (next && !(k & 15)) _mm_prefetch((const char *)(next + k), _MM_HINT_T0);
         if (!(k & 15))
-            for (int p = 0; p < nlater; p++) _mm_prefetch((const char *)(later[p] + k), _MM_HINT_T1);
+            for (int p = 0; p < nlater; p++) _mm_prefetch(later[p] + size[p] * k, _MM_HINT_T1);
         for (int j = 0; j < n; j++) {
             V xv = VLOAD(x + (t + j) * K + k);
             for (int r = 0; r < ROWS; r++) acc[r][j] = VFMA(wv[r], xv, acc[r][j]);
@@ -39,7 +41,8 @@ INLINE void SFX(dot_block)(const float *x, const float *w, float *y, long K, lon
 /* All T tokens against rows o..o+ROWS, columns [k0, k1), in blocks of at most TOKENS of equal size.
    ``later``/``nlater``/``per``: rows to prefetch to L2, ``per`` of them in each token block. */
 INLINE void SFX(dot_tokens)(const float *x, const float *w, float *y, long T, long K, long O, long k0, long k1,
-                            int add, const float *next, const float *const *later, int nlater, int per)
+                            int add, const float *next, const char *const *later, const int *size, int nlater,
+                            int per)
 {
     const int blocks = (int)((T + TOKENS - 1) / TOKENS);
     long t = 0;
@@ -49,14 +52,14 @@ INLINE void SFX(dot_tokens)(const float *x, const float *w, float *y, long T, lo
         const float *nx = b < ROWS ? next : 0;
         const float *nrow = nx ? nx + b * K : 0; /* token block b prefetches row b of the next row block */
         switch (n) {
-        case 1: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 1, add, nrow, later + lo, cnt); break;
-        case 2: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 2, add, nrow, later + lo, cnt); break;
+        case 1: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 1, add, nrow, later + lo, size + lo, cnt); break;
+        case 2: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 2, add, nrow, later + lo, size + lo, cnt); break;
 #if TOKENS > 3
-        case 3: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 3, add, nrow, later + lo, cnt); break;
-        case 4: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 4, add, nrow, later + lo, cnt); break;
-        case 5: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 5, add, nrow, later + lo, cnt); break;
+        case 3: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 3, add, nrow, later + lo, size + lo, cnt); break;
+        case 4: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 4, add, nrow, later + lo, size + lo, cnt); break;
+        case 5: SFX(dot_block)(x, w, y, K, O, t, k0, k1, 5, add, nrow, later + lo, size + lo, cnt); break;
 #endif
-        default: SFX(dot_block)(x, w, y, K, O, t, k0, k1, TOKENS, add, nrow, later + lo, cnt); break;
+        default: SFX(dot_block)(x, w, y, K, O, t, k0, k1, TOKENS, add, nrow, later + lo, size + lo, cnt); break;
         }
         t += n;
     }
@@ -71,7 +74,7 @@ KERNEL static void SFX(forward_rows)(const float *x, const float *w, float *y, l
         for (long k0 = 0; k0 < K; k0 += KCHUNK) {
             long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
             const float *next = o + ROWS < o1 ? wo + ROWS * K : 0;
-            SFX(dot_tokens)(x, wo, y + o, T, K, O, k0, k1, k0 > 0, next, 0, 0, 0);
+            SFX(dot_tokens)(x, wo, y + o, T, K, O, k0, k1, k0 > 0, next, 0, 0, 0, 0);
         }
     }
 }
@@ -184,13 +187,12 @@ INLINE V SFX(adam_vec)(const adam_args *a, long i, V g)
     const V c1 = VSET1(a->c1), c2 = VSET1(a->c2);
     V m = VMUL(c1, g), v = VMUL(VMUL(c2, g), g);
     if (!a->first) {
-        m = VFMA(VSET1(a->beta1), VLOAD(a->m + i), m);
-        v = VFMA(VSET1(a->beta2), VLOAD(a->v + i), v);
+        V mo, vo;
+        VLOADMV(a, i, &mo, &vo);
+        m = VFMA(VSET1(a->beta1), mo, m);
+        v = VFMA(VSET1(a->beta2), vo, v);
     }
-    if (a->keep) {
-        VSTORE(a->m + i, m);
-        VSTORE(a->v + i, v);
-    }
+    if (a->keep) VSTOREMV(a, i, m, v);
     return SFX(adam_update)(a, i, m, v);
 }
 
@@ -219,8 +221,8 @@ INLINE void SFX(recur)(const adam_args *a, V acc[RROWS][2], V m[RROWS][2], V v[R
     for (int r = 0; r < n; r++)
         for (int h = 0; h < 2; h++) {
             V g = acc[r][h], gm = VMUL(c1, g), gv = VMUL(VMUL(c2, g), g);
-            m[r][h] = s ? VFMA(b1, m[r][h], gm) : gm;
-            v[r][h] = s ? VFMA(b2, v[r][h], gv) : gv;
+            m[r][h] = s ? VFMA(b1, VROUND(m[r][h]), gm) : gm; /* the previous moments as kept ones carry them */
+            v[r][h] = s ? VFMA(b2, VROUND(v[r][h]), gv) : gv;
         }
 }
 
@@ -296,7 +298,7 @@ KERNEL static void SFX(rebuilt_forward_rows)(const adam_args *a, const float *xs
             for (long o = p0; o < p1; o += ROWS)
                 for (long k0 = 0; k0 < K; k0 += KCHUNK) {
                     long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
-                    SFX(dot_tokens)(x, a->dst + o * K, y + o, T, K, O, k0, k1, k0 > 0, 0, 0, 0, 0);
+                    SFX(dot_tokens)(x, a->dst + o * K, y + o, T, K, O, k0, k1, k0 > 0, 0, 0, 0, 0, 0);
                 }
     }
 }
@@ -346,19 +348,19 @@ KERNEL static void SFX(adam_forward_rows)(const adam_args *a, const float *x, fl
             long k1 = k0 + KCHUNK < K ? k0 + KCHUNK : K;
             /* the next chunk: further along these rows, or the start of the next rows */
             long no = k1 < K ? o : o + ROWS, nk = k1 < K ? k1 : 0;
-            const float *later[3 * ROWS];
-            int nlater = 0;
+            const char *later[3 * ROWS];
+            int size[3 * ROWS], nlater = 0;
             if (no < o1)
                 for (int r = 0; r < ROWS; r++) {
-                    long i = (no + r) * K + nk - k0; /* offset so that later[p] + k walks the next chunk */
-                    later[nlater++] = a->src + i;
+                    long i = (no + r) * K + nk - k0; /* offset so that column k walks the next chunk */
+                    size[nlater] = 4, later[nlater++] = (const char *)(a->src + i);
                     if (!a->first) {
-                        later[nlater++] = a->m + i;
-                        later[nlater++] = a->v + i;
+                        size[nlater] = 4, later[nlater++] = (const char *)a->m + 4 * i;
+                        size[nlater] = VBYTES, later[nlater++] = (const char *)a->v + VBYTES * i;
                     }
                 }
             SFX(adam_block)(a, o, k0, k1, ROWS);
-            if (T > 0) SFX(dot_tokens)(x, wo, y + o, T, K, O, k0, k1, k0 > 0, 0, later, nlater, per);
+            if (T > 0) SFX(dot_tokens)(x, wo, y + o, T, K, O, k0, k1, k0 > 0, 0, later, size, nlater, per);
         }
     }
 }

@@ -18,8 +18,9 @@ class AdamSettings:
     beta2: float = 0.999
     eps: float = 1e-8
     fused: bool = True  # torch's fused kernel (CPU and CUDA); else its foreach one
-    # the large weights' moments: "kept" (stored, 8 bytes a weight), "rebuilt" (from every step's gradient factors,
-    # more arithmetic, a third of the memory), or "auto": kept where they fit in free memory (see memory.py)
+    # the large weights' moments: "kept" (stored: 6 bytes a weight on the AVX-512 kernels, 8 elsewhere), "rebuilt"
+    # (from every step's gradient factors: more arithmetic, only the tuned copy's memory), or "auto": kept where
+    # they fit in free memory (see memory.py)
     moments: str = "auto"
 
     @classmethod

@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
 from stylegrad.aesthetic.memory import choose_moments
-from stylegrad.aesthetic.products import can_fuse_adam, empty_huge, fused_adam_linear, input_grad, linear
+from stylegrad.aesthetic.products import can_fuse_adam, empty_huge, empty_moments, fused_adam_linear, input_grad, linear
 from stylegrad.aesthetic.tower import TextTower
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -44,8 +44,9 @@ class AdamMatrix:
 
     With ``adam.moments == "rebuilt"`` the moments are not stored: every step's factors are kept (a few hundred
     floats a row) and each step forms every gradient so far again, running Adam's recursions in order. The
-    weight's copy is then its whole state, a third of the memory, for about t times the gradient arithmetic at
-    step t; on the compiled kernels the numbers are bit for bit those of kept moments."""
+    weight's copy is then its whole state (4 bytes a weight, where kept moments take 10 or 12 in all), for about t
+    times the gradient arithmetic at step t; on the compiled kernels the numbers are bit for bit those of kept
+    moments (on AVX-512 both carry the moments rounded to 24 bits, _fewrows.c says why)."""
 
     def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings):
         self.params, self.name = params, name
@@ -66,7 +67,13 @@ class AdamMatrix:
         self.weight = self.params[self.name] = copy.copy_(self.weight)
         self.copied = True
         if not self.rebuilt:  # zeroed here, the moments are still in cache when Adam reads them
-            self.exp_avg, self.exp_avg_sq = empty_huge(self.weight).zero_(), empty_huge(self.weight).zero_()
+            m, v = self._new_moments()
+            self.exp_avg, self.exp_avg_sq = m.zero_(), v.zero_()
+
+    def _new_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage for the two moments: the kernels' layout where they take this weight, else float32."""
+        return empty_moments(self.weight) if can_fuse_adam(self.weight) else (empty_huge(self.weight),
+                                                                               empty_huge(self.weight))
 
     def _buffer(self, role: str) -> torch.Tensor:
         """A scratch tensor of this weight's shape, shared by the weights of that shape (one steps at a time)."""
@@ -118,8 +125,13 @@ class AdamMatrix:
     def _step_then_product(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool) -> torch.Tensor:
         (grad_out, x_prev), self.pending = self.pending, None
         if not can_fuse_adam(self.weight, x):  # more rows than the kernels take: the step, then the product
-            self._step(grad_out, x_prev)
+            self._kernel_step(grad_out, x_prev, None, None, last)
             return linear(x, self.weight, bias)
+        return self._kernel_step(grad_out, x_prev, x, bias, last)
+
+    def _kernel_step(self, grad_out: torch.Tensor, x_prev: torch.Tensor, x: torch.Tensor | None,
+                     bias: torch.Tensor | None, last: bool) -> torch.Tensor | None:
+        """The pending step on the compiled kernels, then x W^T (+ bias) unless x is None."""
         self.step += 1
         first = not self.copied
         source = self.weight
@@ -130,7 +142,7 @@ class AdamMatrix:
             return fused_adam_linear(source, self.weight, None, None, grad_out, x_prev, x, bias, first=True,
                                      keep=False, step=int(self.step), adam=self.adam, history=self.history)
         if first and not last:  # written before they are read
-            self.exp_avg, self.exp_avg_sq = empty_huge(self.weight), empty_huge(self.weight)
+            self.exp_avg, self.exp_avg_sq = self._new_moments()
         return fused_adam_linear(source, self.weight, self.exp_avg, self.exp_avg_sq, grad_out, x_prev, x, bias,
                                  first=first, keep=not last, step=int(self.step), adam=self.adam)
 

@@ -1,6 +1,7 @@
 """Which large weights keep their Adam moments while a prompt tunes, and which rebuild them, from the memory there is.
 
-Kept, a large weight costs 12 bytes a value while it tunes (its copy and two moments: 7.5 GB for SDXL's bigG);
+Kept, a large weight costs 10 bytes a value while it tunes on the AVX-512 kernels (its float32 copy, and both
+moments packed in 6 bytes, _fewrows.c says how: 6.3 GB for SDXL's bigG) and 12 elsewhere (float32 moments);
 rebuilt from every step's gradient factors (eos_forward.AdamMatrix), 4 bytes, with the same numbers and more
 arithmetic per step (bench/personalize.py measures both). The setting (STYLEGRAD_TUNING_MEMORY, --tuning-memory):
 - ``fast``: every weight keeps its moments; ``low``: none does;
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stylegrad.aesthetic.products import moment_bytes
 from stylegrad.errors import StylegradError
 from stylegrad.notes import note
 
@@ -60,7 +62,8 @@ def choose_moments(setting: str, weights: dict[str, torch.Tensor], device: torch
     if mode in ("fast", "low"):
         return dict.fromkeys(weights, "kept" if mode == "fast" else "rebuilt")
     sizes = {name: 4 * w.numel() for name, w in weights.items()}  # bytes of each tuned float32 copy
-    need = 3 * sum(sizes.values())
+    pair = 2 * moment_bytes(device) / 4  # the two moments, per byte of copy
+    need = int((1 + pair) * sum(sizes.values()))
     if mode == "auto":
         free = free_bytes(device)
         if free is None or need <= _HEADROOM * free:
@@ -71,14 +74,14 @@ def choose_moments(setting: str, weights: dict[str, torch.Tensor], device: torch
     room = budget - sum(sizes.values())  # what is left for moments once every copy is made
     choice = {}
     for name, size in sizes.items():  # in layer order: the first weights keep theirs while they fit
-        keep = 2 * size <= room
-        room -= 2 * size if keep else 0
+        keep = pair * size <= room
+        room -= pair * size if keep else 0
         choice[name] = "kept" if keep else "rebuilt"
-    kept = sum(2 * sizes[n] for n, c in choice.items() if c == "kept")
+    kept, copies = (sum(sizes[n] for n, c in choice.items() if c == "kept"), sum(sizes.values()))
     key = f"{device}:{need}:{budget}"
-    if kept < 2 * need // 3 and key not in _noted:  # once per device, tower size and budget
+    if kept < copies and key not in _noted:  # once per device, tower size and budget
         _noted.add(key)
-        note(f"tuning keeps Adam moments for {kept / (2 * need / 3):.0%} of the weights: all of them would take "
+        note(f"tuning keeps Adam moments for {kept / copies:.0%} of the weights: all of them would take "
              f"{need / 2**30:.1f} GB and {budget / 2**30:.1f} GB may be used; the others rebuild theirs each step "
              "(the same result, more arithmetic; --tuning-memory or STYLEGRAD_TUNING_MEMORY sets the budget)")
     return choice

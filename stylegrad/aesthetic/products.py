@@ -114,7 +114,48 @@ def empty_huge(like: torch.Tensor) -> torch.Tensor:
     faults, and every pass over them walks a page table that misses the TLB at each new page. Asked on the
     allocation, before any page is touched, the kernel maps them 2 MB at a time (its "madvise" mode, the default
     of most distributions). Elsewhere, or if refused, the tensor is an ordinary one."""
-    t = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return _advised(torch.empty_like(like, memory_format=torch.contiguous_format))
+
+
+def packed_moments() -> bool:
+    """Whether the kernels in use keep Adam's moments packed (AVX-512: 6 bytes a weight for both, _fewrows.c says
+    how and why) rather than as two float32 tensors."""
+    return _KERNELS is not None and _KERNELS.isa() == "avx512"
+
+
+def empty_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Storage for ``weight``'s two Adam moments as the kernels in use keep them: packed, an int32 and an int16
+    tensor of one value a weight; else two float32 tensors shaped like it. In 2 MB pages where Linux allows it."""
+    if packed_moments():
+        return (_advised(torch.empty(weight.numel(), dtype=torch.int32, device=weight.device)),
+                _advised(torch.empty(weight.numel(), dtype=torch.int16, device=weight.device)))
+    return empty_huge(weight), empty_huge(weight)
+
+
+def moment_bytes(device: torch.device) -> int:
+    """Bytes each kept Adam moment takes per weight on ``device``: 3 where the kernels pack them, else 4."""
+    return 3 if packed_moments() and torch.device(device).type == "cpu" else 4
+
+
+def moment_values(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two moments' values as float32 tensors shaped like ``like``, from either layout (tests, inspection)."""
+    if exp_avg.dtype == torch.float32:
+        return exp_avg.view(like.shape), exp_avg_sq.view(like.shape)
+    w, h = exp_avg.to(torch.int64), exp_avg_sq.to(torch.int64) & 0xFFFF
+    m, v = w & ~0xFF, (h << 16) | ((w & 0xFF) << 8)
+    return (m.to(torch.int32).view(torch.float32).reshape(like.shape),  # two's complement: the same 32 bits
+            ((v + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32).reshape(like.shape))
+
+
+def carried(t: torch.Tensor) -> torch.Tensor:
+    """float32 moments as the kernels in use carry them to the next step: rounded to 24 bits where packed."""
+    if not packed_moments():
+        return t
+    return ((t.to(torch.float32).contiguous().view(torch.int32) + 0x80) & ~0xFF).view(torch.float32)
+
+
+def _advised(t: torch.Tensor) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()
     if _MADVISE is not None and t.device.type == "cpu" and nbytes >= 2 * _HUGE:
         start = -(-t.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside the tensor
@@ -133,34 +174,47 @@ def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
             and weight.is_contiguous())
 
 
+def _moments_fit(moments: list[torch.Tensor], weight: torch.Tensor) -> bool:
+    if packed_moments():
+        return all(t.shape == (weight.numel(),) and t.dtype == dtype and t.is_contiguous() and t.device == weight.device
+                   for t, dtype in zip(moments, (torch.int32, torch.int16)))
+    return all(t.shape == weight.shape and t.dtype == torch.float32 and t.is_contiguous() and t.device == weight.device
+               for t in moments)
+
+
 def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch.Tensor | None,
                       exp_avg_sq: torch.Tensor | None, grad_out: torch.Tensor, x_prev: torch.Tensor,
-                      x: torch.Tensor, bias: torch.Tensor | None, *, first: bool, keep: bool, step: int,
+                      x: torch.Tensor | None, bias: torch.Tensor | None, *, first: bool, keep: bool, step: int,
                       adam: AdamSettings, history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                      ) -> torch.Tensor:
+                      ) -> torch.Tensor | None:
     """One Adam step (torch.optim.Adam's maths with ``adam``'s settings, step number ``step``) of ``source`` into
-    ``weight`` (the same tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias).
+    ``weight`` (the same tensor after the first step) with grad = grad_out^T @ x_prev, then x @ weight.T (+ bias);
+    ``x`` None: the step alone. The moments are laid out as ``empty_moments`` makes them.
     ``first``: the moments are zero and not read. ``keep``: the moments are updated (else no step follows;
     at a first step that is not kept they may be None). ``history``: the moments are not stored but rebuilt from
     every step's gradient factors (grad_out, x_prev), oldest first, the last being this step's; then the moments
     are None, ``first`` is True and ``keep`` False."""
-    rows, (out_features, in_features) = x.shape[0], weight.shape
-    x, grad_out, x_prev = (t.to(torch.float32).contiguous() for t in (x, grad_out, x_prev))
+    out_features, in_features = weight.shape
+    rows = 0 if x is None else x.shape[0]
+    grad_out, x_prev = (t.to(torch.float32).contiguous() for t in (grad_out, x_prev))
+    x = None if x is None else x.to(torch.float32).contiguous()
     moments = [t for t in (exp_avg, exp_avg_sq) if t is not None]
     factors = history or [(grad_out, x_prev)]
     # the kernel reads and writes through raw pointers: every shape is checked here
-    if not (_fits_kernels(x, weight) and x.shape[1] == in_features and source.shape == weight.shape
+    if not ((_fits_kernels(x, weight) and x.shape[1] == in_features if x is not None
+             else can_fuse_adam(weight) and not (torch.is_grad_enabled() and weight.requires_grad))
+            and source.shape == weight.shape
             and source.dtype == torch.float32 and source.is_contiguous() and source.device == weight.device
             and all(g.shape[1] == out_features and xp.shape[1] == in_features and g.shape[0] == xp.shape[0]
                     == grad_out.shape[0] > 0 and g.dtype == xp.dtype == torch.float32 and g.is_contiguous()
                     and xp.is_contiguous() for g, xp in factors)
             and ((first and not keep) or len(moments) == 2)
             and (history is None or (not moments and first and not keep and history[-1][0] is grad_out))
-            and all(t.shape == weight.shape and t.dtype == torch.float32 and t.is_contiguous() for t in moments)
+            and _moments_fit(moments, weight)
             and (bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32
                                   and bias.is_contiguous()))):
         raise ValueError("fused_adam_linear: shapes, dtypes or layouts the kernel does not take (see can_fuse_adam)")
-    fused = rows <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None
+    fused = x is not None and (rows <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None)
     y = x.new_empty(rows, out_features) if fused else None
     rebuilt = ()
     if history is not None:
@@ -173,4 +227,4 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
         grad_out.shape[0], rows if fused else 0, weight.shape[1], weight.shape[0], int(first), int(keep),
         adam.lr / (1 - adam.beta1 ** step), 1 / math.sqrt(1 - adam.beta2 ** step), adam.eps, adam.beta1, adam.beta2,
         *rebuilt)
-    return y if fused else linear(x, weight, bias)
+    return y if fused or x is None else linear(x, weight, bias)
