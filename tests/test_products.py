@@ -72,6 +72,43 @@ def test_kernels_share_torchs_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_rows_give_the_same_bits_on_any_number_of_threads(isa, kept):
+    """The forward product and the Adam step hand their rows out to whichever thread is free, 64 at a time: a
+    row's numbers must not depend on which thread took it or how many there were (kept and rebuilt moments,
+    several chunks and a short last one, leftover rows past the 4-row blocks)."""
+    adam = AdamSettings(lr=1e-3)
+    g = torch.Generator().manual_seed(5)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = []
+            for o, k in ((300, 1100), (142, 96)):  # 64 + 64 + 64 + 64 + 44 rows; 64 + 64 + 12 and 2 left over
+                g.manual_seed(o)
+                w, b = 0.02 * torch.randn(o, k, generator=g), torch.randn(o, generator=g)
+                x, gp, xp = (torch.randn(17, d, generator=g) for d in (k, o, k))
+                copy = torch.empty_like(w)
+                if kept:
+                    m, v = (t.zero_() for t in products.empty_moments(w))
+                    y = products.fused_adam_linear(w, copy, m, v, gp, xp, x, b, first=True, keep=True, step=1, adam=adam)
+                    y2 = products.fused_adam_linear(copy, copy, m, v, gp, xp, x, b, first=False, keep=True, step=2,
+                                                    adam=adam)
+                    out += [y, y2, copy, *products.moment_values(m, v, w)]
+                else:
+                    history = [(torch.randn(17, o, generator=g), torch.randn(17, k, generator=g)), (gp, xp)]
+                    y = products.fused_adam_linear(w, copy, None, None, gp, xp, x, b, first=True, keep=False, step=2,
+                                                   adam=adam, history=history)
+                    out += [y, copy]
+                out.append(products.linear(x, w, b))
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_mismatched_shapes_raise_instead_of_reaching_the_kernels():
     """The kernels read through raw pointers: a mismatch must be an error, never a read past a tensor's end."""
     needs_kernels()

@@ -278,9 +278,10 @@ INLINE void SFX(rebuilt_strip)(const adam_args *a, const float *gk, const float 
    nh * Tp * SW floats, 22 KB at 10 steps of 17 rows) is then read from L1 by every block of the panel, where
    walking a block's whole row first read it from L2 for each block, which bound the kernel at a third of the
    cores' arithmetic. ``gk``: this thread's buffer of nh * Tp * RPANEL floats for the panel's grad_out. */
-KERNEL static void SFX(rebuilt_forward_rows)(const adam_args *a, const float *xs, float *gk, const float *x,
+KERNEL static void SFX(rebuilt_forward_rows)(const adam_args *args, const float *xs, float *gk, const float *x,
                                              float *y, long T, long o0, long o1)
 {
+    const adam_args local = *args, *a = &local; /* see adam_forward_rows */
     const long K = a->K, O = a->O, Tp = a->Tp, nh = a->nh, kv = K / SW * SW;
     for (long p0 = o0; p0 < o1; p0 += RPANEL) {
         long p1 = p0 + RPANEL < o1 ? p0 + RPANEL : o1;
@@ -337,8 +338,11 @@ KERNEL static void SFX(adam_tail)(const adam_args *a, long o0)
 /* Rows [o0, o1) (a multiple of ROWS) take their step, then y = x W^T on them, chunk by chunk from cache. While
    the product of one chunk computes, the weight and moments of the next are prefetched to L2, so memory and
    arithmetic overlap: without it the fused step would wait on memory as long as the three passes it replaces. */
-KERNEL static void SFX(adam_forward_rows)(const adam_args *a, const float *x, float *y, long T, long o0, long o1)
+KERNEL static void SFX(adam_forward_rows)(const adam_args *args, const float *x, float *y, long T, long o0, long o1)
 {
+    /* a copy that no store through the weight or moment pointers can alias: the compiler keeps its fields in
+       registers instead of loading them again after every store (the kept step ran 3-9% faster) */
+    const adam_args local = *args, *a = &local;
     const long K = a->K, O = a->O;
     const int blocks = T > 0 ? (int)((T + TOKENS - 1) / TOKENS) : 1, arrays = a->first ? 1 : 3, rows = ROWS * arrays;
     const int per = (rows + blocks - 1) / blocks; /* rows to prefetch in each token block */
