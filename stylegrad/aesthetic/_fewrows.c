@@ -273,6 +273,9 @@ static void input_grad_tail(const float *g, const float *w, float *gx, long T, l
         }
 }
 
+/* The end of the chunk of rows that starts at o0, of ``rows`` in all (see CHUNK_ROWS). */
+static inline long chunk_end(long o0, long rows) { return o0 + CHUNK_ROWS < rows ? o0 + CHUNK_ROWS : rows; }
+
 /* [start, end) of n items split in parts of ``unit`` among the threads of a parallel region. */
 static void share(long n, long unit, long *start, long *end)
 {
@@ -323,7 +326,7 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     const long rows = O / ROWS * ROWS, chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
 #pragma omp parallel for schedule(dynamic, 1)
     for (long c = 0; c < chunks; c++) {
-        long o0 = c * CHUNK_ROWS, o1 = o0 + CHUNK_ROWS < rows ? o0 + CHUNK_ROWS : rows;
+        long o0 = c * CHUNK_ROWS, o1 = chunk_end(o0, rows);
         if (wide)
             forward_rows_avx512(x, w, y, T, K, O, o0, o1);
         else
@@ -416,7 +419,7 @@ static PyObject *py_adam_linear(PyObject *self, PyObject *args)
         float *gk = xstrips ? malloc(sizeof(float) * (size_t)(nh * Tp * RPANEL)) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (long c = 0; c < chunks; c++) {
-            long o0 = c * CHUNK_ROWS, o1 = o0 + CHUNK_ROWS < rows ? o0 + CHUNK_ROWS : rows;
+            long o0 = c * CHUNK_ROWS, o1 = chunk_end(o0, rows);
             if (gk)
                 (wide ? rebuilt_forward_rows_avx512 : rebuilt_forward_rows_avx2)(&a, xstrips, gk, xs, ys, T, o0, o1);
             else
