@@ -13,7 +13,7 @@ from tiny import PROJ, tiny_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from stylegrad import AestheticEncoder, Style, StylegradError, StyleOptions
-from stylegrad.aesthetic import memory, products
+from stylegrad.aesthetic import memory, products, workspace
 from stylegrad.aesthetic.sdxl import SDXLAestheticEncoder
 from stylegrad.notes import StylegradNote
 
@@ -109,8 +109,11 @@ def test_rebuilt_moments_hold_only_the_copy(style, kernels, monkeypatch):
     shapes = {tuple(t.shape) for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2}
     scratch = 0 if kernels else sum(o * i * 4 for o, i in shapes)
     kept = 2.5 * matrices if kernels else 3 * matrices  # copy and moments: 4 + 3 + 3 or 4 + 4 + 4 bytes a value
-    assert kept < extra["fast"] - scratch < kept + 0.3 * matrices
-    assert matrices < extra["low"] - 3 * scratch < 1.5 * matrices
+    # each block the copies and the moments are carved from (workspace.py) is allocated 2 MB longer, to start on
+    # a huge page: address space only, never touched
+    pad = workspace._HUGE
+    assert kept < extra["fast"] - scratch - 2 * pad < kept + 0.3 * matrices
+    assert matrices < extra["low"] - 3 * scratch - pad < 1.5 * matrices
 
 
 def test_auto_and_budgets_keep_the_moments_that_fit(monkeypatch):

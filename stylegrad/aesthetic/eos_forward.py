@@ -21,8 +21,17 @@ from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
 from stylegrad.aesthetic.memory import choose_moments
-from stylegrad.aesthetic.products import can_fuse_adam, empty_huge, empty_moments, fused_adam_linear, input_grad, linear
+from stylegrad.aesthetic.products import (
+    can_fuse_adam,
+    empty_huge,
+    empty_moments,
+    fused_adam_linear,
+    input_grad,
+    linear,
+    moment_dtypes,
+)
 from stylegrad.aesthetic.tower import TextTower
+from stylegrad.aesthetic.workspace import WORKSPACE, HugeBlock, block_bytes
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -48,8 +57,11 @@ class AdamMatrix:
     times the gradient arithmetic at step t; on the compiled kernels the numbers are bit for bit those of kept
     moments (on AVX-512 both carry the moments rounded to 24 bits, _fewrows.c says why)."""
 
-    def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings):
-        self.params, self.name = params, name
+    def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings,
+                 blocks: tuple[HugeBlock | None, HugeBlock | None] = (None, None)):
+        """``blocks``: where the copy and the moments are carved from (``TunedWeights._blocks``); None, tensors
+        of their own."""
+        self.params, self.name, self.blocks = params, name, blocks
         self.weight = params[name]  # (out, in)
         self.exp_avg = self.exp_avg_sq = None  # made with the copy, unless rebuilt
         self.rebuilt = adam.moments == "rebuilt"
@@ -63,7 +75,8 @@ class AdamMatrix:
         self.deferred = can_fuse_adam(self.weight)
 
     def _take_copy(self) -> None:
-        copy = empty_huge(self.weight.to(torch.float32) if self.weight.dtype != torch.float32 else self.weight)
+        copy = empty_huge(self.weight.to(torch.float32) if self.weight.dtype != torch.float32 else self.weight,
+                          self.blocks[0])
         self.weight = self.params[self.name] = copy.copy_(self.weight)
         self.copied = True
         if not self.rebuilt:  # zeroed here, the moments are still in cache when Adam reads them
@@ -72,8 +85,9 @@ class AdamMatrix:
 
     def _new_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage for the two moments: the kernels' layout where they take this weight, else float32."""
-        return empty_moments(self.weight) if can_fuse_adam(self.weight) else (empty_huge(self.weight),
-                                                                               empty_huge(self.weight))
+        if can_fuse_adam(self.weight):
+            return empty_moments(self.weight, self.blocks[1])
+        return empty_huge(self.weight, self.blocks[1]), empty_huge(self.weight, self.blocks[1])
 
     def _buffer(self, role: str) -> torch.Tensor:
         """A scratch tensor of this weight's shape, shared by the weights of that shape (one steps at a time)."""
@@ -136,7 +150,7 @@ class AdamMatrix:
         first = not self.copied
         source = self.weight
         if first:
-            self.weight = self.params[self.name] = empty_huge(source)
+            self.weight = self.params[self.name] = empty_huge(source, self.blocks[0])
             self.copied = True
         if self.rebuilt:
             return fused_adam_linear(source, self.weight, None, None, grad_out, x_prev, x, bias, first=True,
@@ -220,9 +234,11 @@ class TunedWeights:
     ``finish`` takes it, runs every token through the tuned tower, and closes the state, so no step can be dropped
     and none taken twice."""
 
-    def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam: AdamSettings | None = None):
+    def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam: AdamSettings | None = None,
+                 keep_copies: bool = False):
         """``adam``: given, the large weights are tuned here (``AdamMatrix``); None, they are ordinary tensors that
-        an optimizer outside moves."""
+        an optimizer outside moves. ``keep_copies``: the tuned copies outlive ``release`` (for the caller), so
+        they are not carved from memory the next prompt reuses (workspace.py)."""
         self.tower, self.params, self.shape = tower, params, _Layers(tower)
         scratch: dict = {}
         self.moments: dict[str, str] = {}  # with ``adam``: "kept" or "rebuilt" for each large weight
@@ -230,9 +246,39 @@ class TunedWeights:
             weights = {name: t for name, t in params.items() if is_matrix(name)}
             device = next(iter(weights.values())).device if weights else torch.device("cpu")
             self.moments = choose_moments(adam.moments, weights, device)
-        self.matrices = {name: AdamMatrix(params, name, scratch, replace(adam, moments=mode))
+        self.keep_copies = keep_copies
+        self.blocks = self._lease_blocks()
+        self.matrices = {name: AdamMatrix(params, name, scratch, replace(adam, moments=mode), self.blocks)
                          for name, mode in self.moments.items()}
         self.finished = False
+
+    def _lease_blocks(self) -> tuple[HugeBlock | None, HugeBlock | None]:
+        """One block for the large weights' float32 copies and one for their kept moments, on the CPU (see
+        ``HugeBlock`` and workspace.py); none elsewhere."""
+        weights = [self.params[name] for name in self.moments]
+        if not weights or weights[0].device.type != "cpu":
+            return None, None
+        device, dtypes = weights[0].device, moment_dtypes(weights[0].device)
+        copies = sum(block_bytes(w.numel(), torch.float32) for w in weights)
+        kept = sum(block_bytes(self.params[n].numel(), d) for n, mode in self.moments.items() if mode == "kept"
+                   for d in dtypes)
+        return (HugeBlock(copies, device) if self.keep_copies else WORKSPACE.lease("copies", copies, device),
+                WORKSPACE.lease("moments", kept, device) if kept else None)
+
+    def release(self) -> None:
+        """Drop the large weights' tuned copies (unless ``keep_copies``) and moments, and hand their memory back
+        for the next prompt. The tuned tensors are unusable after this."""
+        for name, matrix in self.matrices.items():
+            matrix.exp_avg = matrix.exp_avg_sq = matrix.pending = None
+            matrix.history = []
+            if not self.keep_copies:
+                matrix.weight = None
+                self.params.pop(name, None)
+        copies, moments = self.blocks
+        self.blocks = (None, None)
+        if not self.keep_copies:
+            WORKSPACE.give_back(copies, "copies")
+        WORKSPACE.give_back(moments, "moments")
 
     def small_parameters(self) -> list[torch.Tensor]:
         """Everything an ordinary optimizer moves: embeddings, biases, layer norms (and the matrices without

@@ -11,11 +11,15 @@ import ctypes
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from stylegrad.aesthetic.adam import AdamSettings
+
+if TYPE_CHECKING:
+    from stylegrad.aesthetic.workspace import HugeBlock
 
 
 def _compiled():
@@ -108,12 +112,14 @@ _HUGE = 2 << 20  # a transparent huge page
 _MADV_HUGEPAGE = 14
 
 
-def empty_huge(like: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like`` (contiguous), backed by 2 MB pages where Linux allows it. Why: a tuned weight and its
-    moments (7.5 GB for SDXL's bigG) are fresh memory every prompt; in 4 KB pages that is two million page
-    faults, and every pass over them walks a page table that misses the TLB at each new page. Asked on the
-    allocation, before any page is touched, the kernel maps them 2 MB at a time (its "madvise" mode, the default
-    of most distributions). Elsewhere, or if refused, the tensor is an ordinary one."""
+def empty_huge(like: torch.Tensor, block: HugeBlock | None = None) -> torch.Tensor:
+    """``torch.empty_like`` (contiguous), backed by 2 MB pages where Linux allows it; from ``block`` if given.
+    Why: a tuned weight and its moments (7.5 GB for SDXL's bigG) are fresh memory every prompt; in 4 KB pages
+    that is two million page faults, and every pass over them walks a page table that misses the TLB at each new
+    page. Asked on the allocation, before any page is touched, the kernel maps them 2 MB at a time (its "madvise"
+    mode, the default of most distributions). Elsewhere, or if refused, the tensor is an ordinary one."""
+    if block is not None:
+        return block.empty(like.shape, like.dtype)
     return _advised(torch.empty_like(like, memory_format=torch.contiguous_format))
 
 
@@ -123,13 +129,22 @@ def packed_moments() -> bool:
     return _KERNELS is not None and _KERNELS.isa() == "avx512"
 
 
-def empty_moments(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def moment_dtypes(device: torch.device | str) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of a float32 CPU weight's two moments as ``empty_moments`` makes them on ``device``."""
+    if packed_moments() and torch.device(device).type == "cpu":
+        return torch.int32, torch.int16
+    return torch.float32, torch.float32
+
+
+def empty_moments(weight: torch.Tensor, block: HugeBlock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Storage for ``weight``'s two Adam moments as the kernels in use keep them: packed, an int32 and an int16
-    tensor of one value a weight; else two float32 tensors shaped like it. In 2 MB pages where Linux allows it."""
-    if packed_moments():
-        return (_advised(torch.empty(weight.numel(), dtype=torch.int32, device=weight.device)),
-                _advised(torch.empty(weight.numel(), dtype=torch.int16, device=weight.device)))
-    return empty_huge(weight), empty_huge(weight)
+    tensor of one value a weight; else two float32 tensors shaped like it. In 2 MB pages where Linux allows it;
+    from ``block`` if given."""
+    dtypes = moment_dtypes(weight.device)
+    if dtypes[0] != torch.float32:
+        return tuple(block.empty((weight.numel(),), dtype) if block is not None else
+                     _advised(torch.empty(weight.numel(), dtype=dtype, device=weight.device)) for dtype in dtypes)
+    return empty_huge(weight, block), empty_huge(weight, block)
 
 
 def moment_bytes(device: torch.device) -> int:

@@ -74,14 +74,26 @@ def personalize(
     ids = chunks[0]
     eos = first_eos(ids, tower.eos_token_id)
     rows, local_all = torch.unique(chunks, return_inverse=True)  # (U,) table rows the prompt uses; ids into them
-    local = local_all[0]
     params = {name: gather_rows(t, extra_rows, rows) if name == TOKEN else t
               for name, t in (base or tower.base).items()}
     eos_path = regularization == 0
     # float32 copies to tune; on the EOS path each large matrix is copied at its first step (AdamMatrix)
     params = {name: t if eos_path and is_matrix(name) else t.to(torch.float32, copy=True) for name, t in params.items()}
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
-    tuned = TunedWeights(tower, params, adam if eos_path else None)
+    tuned = TunedWeights(tower, params, adam if eos_path else None, keep_copies=keep_weights)
+    try:
+        return _tune(tower, tuned, chunks, local_all, eos, target, steps=steps, adam=adam,
+                     regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
+                     callback=callback, rows=rows, keep_weights=keep_weights)
+    finally:
+        tuned.release()  # its memory goes to the next prompt (workspace.py)
+
+
+def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all: torch.Tensor, eos: int,
+          target: torch.Tensor, *, steps: int, adam: AdamSettings, regularization: float,
+          target_similarity: float | None, clip_skip: int | None, callback: Callable[[int, float], None] | None,
+          rows: torch.Tensor, keep_weights: bool) -> Personalized:
+    local, eos_path = local_all[0], regularization == 0
     if eos_path:
         objective = _eos_objective(tower, tuned, local[: eos + 1], target)  # the EOS state sees only these tokens
     else:
