@@ -1,8 +1,8 @@
 """The memory tuning carves its large tensors from, kept from one prompt for the next.
 
 Why: a prompt's tuned copies and Adam moments (6.3 GB for SDXL's bigG) used to be fresh memory every prompt, and
-the kernel zeroes each fresh page before handing it over. On the 2-core test machine that was 3 s of system time a
-prompt, and a whole prompt ran 15-20% slower than one that found its memory already mapped (2026-12-03). So the
+the kernel zeroes each fresh page before handing it over. On the 2-core test machine that was 3-5 s of system time
+a prompt, and a whole prompt ran 7% slower than one that found its memory already mapped (2026-12-03). So the
 two blocks a prompt carves them from (``HugeBlock``: copies, moments) are not unmapped when it ends but marked
 MADV_FREE: the kernel may take their pages back at any moment, without writing them anywhere, and counts them as
 available memory; the next prompt reuses the pages it did not take. Process memory figures (RSS) still show them
@@ -11,8 +11,8 @@ unmaps it at its end); it is also off where Linux's MADV_FREE is missing, and on
 memory anyway.
 
 A block goes back only when nothing can still read it: every tensor carved from it holds a reference to its
-mapping, and the block is reused only once the workspace's is the last. Tensors handed to the caller (``personalize(...,
-keep_weights=True)``) are never carved from a reused block."""
+mapping, and the block is reused only once the workspace's is the last. Tensors handed to the caller
+(``personalize(..., keep_weights=True)``) are never carved from a reused block."""
 
 from __future__ import annotations
 
