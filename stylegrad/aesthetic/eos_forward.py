@@ -59,7 +59,7 @@ class AdamMatrix:
 
     def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings,
                  blocks: tuple[HugeBlock | None, HugeBlock | None] = (None, None)):
-        """``blocks``: where the copy and the moments are carved from (``TunedWeights._blocks``); None, tensors
+        """``blocks``: where the copy and the moments are carved from (``TunedWeights._lease_blocks``); None, tensors
         of their own."""
         self.params, self.name, self.blocks = params, name, blocks
         self.weight = params[name]  # (out, in)

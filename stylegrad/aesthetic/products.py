@@ -147,9 +147,9 @@ def empty_moments(weight: torch.Tensor, block: HugeBlock | None = None) -> tuple
     return empty_huge(weight, block), empty_huge(weight, block)
 
 
-def moment_bytes(device: torch.device) -> int:
+def moment_bytes(device: torch.device) -> float:
     """Bytes each kept Adam moment takes per weight on ``device``: 3 where the kernels pack them, else 4."""
-    return 3 if packed_moments() and torch.device(device).type == "cpu" else 4
+    return sum(dtype.itemsize for dtype in moment_dtypes(device)) / 2
 
 
 def moment_values(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, like: torch.Tensor
