@@ -237,3 +237,26 @@ def test_merge_bakes_loras_into_the_original_layout(family, tmp_path, capsys):
         assert any(not torch.equal(v, before[k]) for k, v in want.items())  # the LoRA did change this part
     recipe = json.loads(safe_open(str(out), "pt").metadata()["sd_merge_recipe"])
     assert recipe["loras"] == ["lora.safetensors:0.5:0.8"] and recipe["interp_method"] == "No interpolation"
+
+
+def test_merge_bakes_loras_into_a_diffusers_folder(tmp_path, capsys):
+    """A diffusers folder, which every other command takes as --model, is a bake input too: the result is a folder
+    with the LoRA merged in; a weighted merge of a folder is one line saying what merge reads."""
+    from diffusers import StableDiffusionPipeline
+
+    from stylegrad.addons.lora.formats import read_lora
+    from stylegrad.addons.lora.network import LoraNetwork
+
+    pipe = tiny_pipeline(tiny_clip(0))
+    pipe.save_pretrained(tmp_path / "folder")
+    lora = _kohya_for(pipe, tmp_path / "lora.safetensors", sgm_names=False)
+    out = _run(capsys, tmp_path / "folder", "--lora", f"{lora}:0.5:0.8", "-o", tmp_path / "baked")
+    baked = StableDiffusionPipeline.from_pretrained(out)
+    LoraNetwork.for_pipeline(pipe, [(read_lora(lora), 0.5, 0.8)]).merge_into()
+    for part in ("unet", "text_encoder"):
+        want, got = getattr(pipe, part).state_dict(), getattr(baked, part).state_dict()
+        assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in want.items()), part
+    other = write_checkpoint(tiny_pipeline(tiny_clip(1), 1), tmp_path / "B.safetensors")
+    assert main(["merge", str(tmp_path / "folder"), str(other), "-o", str(tmp_path / "m.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "diffusers folder" in err and "single-file" in err and "not found" not in err

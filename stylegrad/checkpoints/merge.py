@@ -100,6 +100,9 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
     ``out`` has no suffix). ``block_weights``: a preset name or one weight per UNet block (see ``blocks.py``).
     ``loras``: (file, text-encoder multiplier, UNet multiplier) baked into the result."""
     given, out, discard_rx = _check_arguments(method, (a, b, c), out, discard)
+    if Path(given[0]).expanduser().is_dir():
+        return _bake_folder(Path(given[0]).expanduser(), len(given), out, fp16, loras,
+                            dict(block_weights=block_weights, bake_vae=bake_vae, discard=discard))
     inputs = [_Input(p, role) for p, role in zip(given, "ABC")]
     vae = None
     try:
@@ -333,6 +336,35 @@ def _combine(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, method: s
     if c is None:  # add difference, a key C lacks: B − C counts as zero
         return a.float()
     return a.float() + (b.float() - c.float()) * m
+
+
+def _bake_folder(folder: Path, models: int, out: Path, fp16: bool, loras, unsupported: dict) -> Path:
+    """LoRAs baked into a diffusers folder, written as a diffusers folder. The streamed merge reads the original
+    layout (what A1111 and ComfyUI keep), so a folder can only be the one model of a bake: a weighted merge of
+    folders, or a single-file output from one, would need diffusers' layout mapped back, which stylegrad leaves to
+    the tools that own that conversion."""
+    if models > 1:
+        raise StylegradError(f"model A is a diffusers folder ({folder}): merging reads single-file checkpoints "
+                             "(.safetensors or .ckpt); a folder can only have LoRAs baked into it")
+    if not loras:
+        raise StylegradError(f"model A is a diffusers folder ({folder}): give LoRAs to bake into it (a folder is "
+                             "already what loading a single file gives)")
+    if out.suffix:
+        raise StylegradError(f"model A is a diffusers folder: the result is a diffusers folder too, so give an "
+                             f"output name without suffix (got {out.name})")
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise StylegradError(f"{', '.join(given)} apply to single-file checkpoints, not to the diffusers folder {folder}")
+    from stylegrad.addons.lora.formats import read_lora
+    from stylegrad.addons.lora.network import LoraNetwork
+    from stylegrad.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(str(folder), device="cpu")  # float32, stylegrad's own copy: baked in place
+    LoraNetwork.for_pipeline(pipe, [(read_lora(f), te, unet) for f, te, unet in loras]).merge_into()
+    if fp16:
+        pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def _to_diffusers(merged: Path, folder: Path, fp16: bool) -> Path:
