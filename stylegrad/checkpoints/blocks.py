@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 
-COUNTS = {"sd1": (12, 12), "sd2": (12, 12), "sdxl": (9, 9)}
+COUNTS = {Family.SD1: (12, 12), Family.SD2: (12, 12), Family.SDXL: (9, 9)}  # input, output blocks
 _BLOCK = re.compile(r"^model\.diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from stylegrad.checkpoints.blocks import block_of, parse_block_weights
-from stylegrad.checkpoints.families import NAMES, SUPPORTED, VAE, CheckpointKind, classify, strip_wrapper
+from stylegrad.checkpoints.families import SUPPORTED, VAE, CheckpointKind, classify, strip_wrapper
 from stylegrad.checkpoints.tensors import SafetensorsWriter, TensorFile
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 
 METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add difference", "none": "No interpolation"}
 FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
@@ -66,6 +67,10 @@ class _Input:
 
     def get(self, key: str) -> torch.Tensor:
         return self.tf.get(self.prefix + key)
+
+
+def _label(family: str | None) -> str:
+    return Family(family).label if family in set(Family) else str(family)
 
 
 def _merged(key: str, method: str) -> bool:
@@ -119,7 +124,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
             for k, vk in vae_names.items():
                 if k in kinds and tuple(vae.shape(vk)) != A.shapes[k]:
                     raise StylegradError(f"the VAE's {k[len(VAE):]} has shape {tuple(vae.shape(vk))}, the model's "
-                                         f"{A.shapes[k]}: it is not a VAE for {NAMES[family]}")
+                                         f"{A.shapes[k]}: it is not a VAE for {Family(family).label}")
         baker = _baker(family, loras, A, keys)
         recipe = _recipe(inputs, method, alpha, fp16, out, bake_vae, discard)
         if loras:
@@ -249,11 +254,11 @@ def _bar(total: int, enabled: bool):
 def _check_families(inputs: list[_Input]) -> str:
     families = {i.kind.family for i in inputs}
     if len(families) > 1:
-        what = ", ".join(f"{i.role} is {NAMES.get(i.kind.family, i.kind.family)}" for i in inputs)
+        what = ", ".join(f"{i.role} is {_label(i.kind.family)}" for i in inputs)
         raise StylegradError(f"cannot merge models of different families ({what})")
     family = families.pop()
     if family not in SUPPORTED:
-        raise StylegradError(f"model A is {NAMES.get(family, family)}; stylegrad merges SD1.x, SD2.x and SDXL")
+        raise StylegradError(f"model A is {_label(family)}; stylegrad merges SD1.x, SD2.x and SDXL")
     return family
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 from stylegrad.files.atomic import atomic_path
 from stylegrad.training.data import STYLE_TEMPLATES
 from stylegrad.training.loop import Method
@@ -98,7 +99,7 @@ class LoRA(Method):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.trained().items()}
         for name in self.layers:
             tensors[name + ".alpha"] = torch.tensor(self.alpha)
-        base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.models.family]
+        base = {Family.SD1: "sd_v1", Family.SD2: "sd_v2", Family.SDXL: "sdxl_base_v1-0"}[self.models.family]
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
                 "ss_network_alpha": str(self.alpha), "ss_base_model_version": base, "ss_steps": str(step),
                 "trained_by": "stylegrad"}

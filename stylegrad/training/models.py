@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from stylegrad.families import Family
 from stylegrad.prompts.chunks import Vocabulary, gather_rows
 
 TOKEN = "embeddings.token_embedding.weight"
@@ -22,11 +23,11 @@ class Models:
     text_encoders: list  # one (SD1.x/SD2.x) or two (SDXL)
     tokenizers: list
     pipe: object  # for samples
-    family: str  # sd1, sd2, sdxl
+    family: Family
 
     @property
     def sdxl(self) -> bool:
-        return self.family == "sdxl"
+        return self.family.is_sdxl
 
     @property
     def device(self) -> torch.device:
@@ -46,7 +47,7 @@ def load_models(model: str, device=None, vae: str | None = None, models_dir: str
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     for m in (pipe.unet, pipe.vae, *encoders):
         m.requires_grad_(False).eval()
-    family = "sdxl" if len(encoders) == 2 else ("sd2" if encoders[0].config.hidden_size == 1024 else "sd1")
+    family = Family.SDXL if len(encoders) == 2 else (Family.SD2 if encoders[0].config.hidden_size == 1024 else Family.SD1)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of the model
     return Models(pipe.unet, pipe.vae, scheduler, encoders, tokenizers, pipe, family)
 
