@@ -24,25 +24,60 @@ Public API::
 
 __version__ = "0.1.0"
 
-from stylegrad.addons.embeddings import load_embedding  # noqa: E402
-from stylegrad.addons.lora.network import LoraNetwork  # noqa: E402
-from stylegrad.aesthetic.embedding import embed_images  # noqa: E402
-from stylegrad.aesthetic.encoder import AestheticEncoder  # noqa: E402
-from stylegrad.aesthetic.options import StyleOptions  # noqa: E402
-from stylegrad.checkpoints.merge import merge_checkpoints  # noqa: E402
-from stylegrad.errors import StylegradError  # noqa: E402
-from stylegrad.evaluation.metrics import aesthetic_score, clip_score, style_similarity  # noqa: E402
-from stylegrad.evaluation.predictors import load_predictor  # noqa: E402
-from stylegrad.files.pnginfo import read_generation_info  # noqa: E402
-from stylegrad.files.recognize import inspect_file  # noqa: E402
-from stylegrad.files.styles import Style, load_style, mix_styles, save_style  # noqa: E402
-from stylegrad.jobs.batch import run_batch  # noqa: E402
-from stylegrad.jobs.work import WorkerSpec  # noqa: E402
-from stylegrad.pipelines.generation import Generator  # noqa: E402
-from stylegrad.pipelines.loading import load_pipeline  # noqa: E402
-from stylegrad.pipelines.request import GenerationRequest  # noqa: E402
-from stylegrad.stylecodes.facade import Stylecodes  # noqa: E402
-from stylegrad.training.recipes import train_lora, train_textual_inversion  # noqa: E402
+# Lazy (PEP 562): ``import stylegrad`` costs nothing until a name is used, so ``stylegrad --help`` and
+# ``stylegrad info`` start without torch or diffusers; ``from stylegrad import X`` imports X's module then.
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports each name when first used
+    from stylegrad.addons.embeddings import load_embedding
+    from stylegrad.addons.lora.network import LoraNetwork
+    from stylegrad.aesthetic.embedding import embed_images
+    from stylegrad.aesthetic.encoder import AestheticEncoder
+    from stylegrad.aesthetic.options import StyleOptions
+    from stylegrad.checkpoints.merge import merge_checkpoints
+    from stylegrad.errors import StylegradError
+    from stylegrad.evaluation.metrics import aesthetic_score, clip_score, style_similarity
+    from stylegrad.evaluation.predictors import load_predictor
+    from stylegrad.files.pnginfo import read_generation_info
+    from stylegrad.files.recognize import inspect_file
+    from stylegrad.files.styles import Style, load_style, mix_styles, save_style
+    from stylegrad.jobs.batch import run_batch
+    from stylegrad.jobs.work import WorkerSpec
+    from stylegrad.pipelines.generation import Generator
+    from stylegrad.pipelines.loading import load_pipeline
+    from stylegrad.pipelines.request import GenerationRequest
+    from stylegrad.stylecodes.facade import Stylecodes
+    from stylegrad.training.recipes import train_lora, train_textual_inversion
+
+_EXPORTS = {  # public name -> the module that defines it
+    "AestheticEncoder": "stylegrad.aesthetic.encoder",
+    "GenerationRequest": "stylegrad.pipelines.request",
+    "Generator": "stylegrad.pipelines.generation",
+    "LoraNetwork": "stylegrad.addons.lora.network",
+    "Style": "stylegrad.files.styles",
+    "StyleOptions": "stylegrad.aesthetic.options",
+    "Stylecodes": "stylegrad.stylecodes.facade",
+    "StylegradError": "stylegrad.errors",
+    "WorkerSpec": "stylegrad.jobs.work",
+    "aesthetic_score": "stylegrad.evaluation.metrics",
+    "clip_score": "stylegrad.evaluation.metrics",
+    "embed_images": "stylegrad.aesthetic.embedding",
+    "inspect_file": "stylegrad.files.recognize",
+    "load_embedding": "stylegrad.addons.embeddings",
+    "load_pipeline": "stylegrad.pipelines.loading",
+    "load_predictor": "stylegrad.evaluation.predictors",
+    "load_style": "stylegrad.files.styles",
+    "merge_checkpoints": "stylegrad.checkpoints.merge",
+    "mix_styles": "stylegrad.files.styles",
+    "read_generation_info": "stylegrad.files.pnginfo",
+    "run_batch": "stylegrad.jobs.batch",
+    "save_style": "stylegrad.files.styles",
+    "style_similarity": "stylegrad.evaluation.metrics",
+    "train_lora": "stylegrad.training.recipes",
+    "train_textual_inversion": "stylegrad.training.recipes",
+}
 
 __all__ = [
     "AestheticEncoder",
@@ -71,3 +106,16 @@ __all__ = [
     "train_lora",
     "train_textual_inversion",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stylegrad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -116,7 +116,7 @@ def test_style_flags_come_from_the_library():
     from stylegrad.apps.cli import build_parser
 
     parser = build_parser()
-    gen = parser._subparsers._group_actions[0].choices["generate"]
+    gen = parser._subparsers._group_actions[0].choices["generate"].complete()  # flags are added when first needed
     by_dest = {a.dest: a for a in gen._actions}
     for f in fields(StyleOptions):
         action = by_dest[f"style_{f.name}"]

@@ -260,3 +260,17 @@ def test_merge_bakes_loras_into_a_diffusers_folder(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "folder"), str(other), "-o", str(tmp_path / "m.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "diffusers folder" in err and "single-file" in err and "not found" not in err
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(files, tmp_path, capsys):
+    """The library's message names the parameter (a Python caller's word); the CLI prints the flag that sets it."""
+    from stylegrad.checkpoints.merge import merge_checkpoints
+    from stylegrad.errors import RequestError
+
+    with pytest.raises(RequestError, match=r"^discard is not a valid regular expression") as e:
+        merge_checkpoints(files[0], out=tmp_path / "x.safetensors", method="none", discard="(")
+    assert "--" not in str(e.value)
+    assert main(["merge", str(files[0]), "--method", "none", "--discard", "(", "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("Error: --discard is not a valid regular expression")
+    assert main(["merge", "nosuchname", "-o", str(tmp_path / "y.safetensors")]) == 1
+    assert "give a models folder as --models-dir" in capsys.readouterr().err

@@ -17,9 +17,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stylegrad import __version__
-from stylegrad.aesthetic.tower import SD1
 from stylegrad.devices import default_dtype, resolve_device
 from stylegrad.errors import StylegradError
+from stylegrad.families import OPENAI_CLIP_L
 from stylegrad.files.styles import Style, save_style
 from stylegrad.notes import note
 
@@ -77,7 +77,7 @@ def _decode(paths: list[Path], processor) -> tuple[list[Path], torch.Tensor | No
 
 def embed_images(
     inputs: Iterable[str | os.PathLike],
-    clip_model: str = SD1.clip_model,
+    clip_model: str = OPENAI_CLIP_L,
     *,
     batch_size: int = 16,
     recursive: bool = False,
@@ -149,7 +149,7 @@ def _mean_style(total: torch.Tensor, count: int, mean: str, clip_model, name: st
     return Style(vector, metadata, name)
 
 
-def embed_pictures(pictures: list[Image.Image], clip_model: str = SD1.clip_model, *, batch_size: int = 16,
+def embed_pictures(pictures: list[Image.Image], clip_model: str = OPENAI_CLIP_L, *, batch_size: int = 16,
                    mean: str = "normalized", device: torch.device | str | None = None, encoder=None,
                    name: str = "style") -> Style:
     """``embed_images`` for pictures already in memory (a ComfyUI IMAGE batch, a web upload): the same
@@ -174,7 +174,7 @@ BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # SDXL's second text tower is
 BIGG_WIDTH = 1280
 
 
-def embed_images_sdxl(inputs: Iterable[str | os.PathLike], clip_model: str = SD1.clip_model, clip_model_g: str = BIGG,
+def embed_images_sdxl(inputs: Iterable[str | os.PathLike], clip_model: str = OPENAI_CLIP_L, clip_model_g: str = BIGG,
                       **kwargs) -> Style:
     """An SDXL style: the images' mean in CLIP ViT-L/14's space (for SDXL's first text tower) and in OpenCLIP
     ViT-bigG/14's (for its second), one file. bigG's image tower is large (1.8 B parameters): the images are read
@@ -189,7 +189,7 @@ def embed_images_sdxl(inputs: Iterable[str | os.PathLike], clip_model: str = SD1
     return Style(first.vector, meta, first.name, g.vector)
 
 
-def embed_to_file(inputs: Iterable[str | os.PathLike], output: str | os.PathLike, clip_model: str = SD1.clip_model,
+def embed_to_file(inputs: Iterable[str | os.PathLike], output: str | os.PathLike, clip_model: str = OPENAI_CLIP_L,
                   *, format: str | None = None, name: str | None = None, **kwargs) -> Style:
     """``embed_images`` saved to ``output`` (format from the suffix unless given); returns the style."""
     clip_model_g = kwargs.pop("clip_model_g", None)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
-import torch
-
-from stylegrad.aesthetic.adam import AdamSettings
 from stylegrad.errors import StylegradError
+
+if TYPE_CHECKING:  # torch is imported where tuning starts: the CLI builds its flags from these fields without it
+    import torch
+
+    from stylegrad.aesthetic.adam import AdamSettings
 
 
 def _opt(default, help: str, infotext: str | None = None):
@@ -70,6 +73,8 @@ class StyleOptions:
         return tuple(asdict(self).values())
 
     def adam(self, device: torch.device) -> AdamSettings:
+        from stylegrad.aesthetic.adam import AdamSettings
+
         return AdamSettings.for_device(device, self.lr, tuple(self.betas), self.eps)
 
     def infotext_fields(self) -> dict[str, object]:

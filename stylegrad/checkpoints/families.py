@@ -33,6 +33,9 @@ OTHER_MODELS = [
     (re.compile(r"^model\.diffusion_model\.(layers|blocks)\.0\."), "a transformer diffusion model (not a SD UNet)"),
 ]
 SUPPORTED = ("sd1", "sd2", "sdxl")
+# what a single-file checkpoint is called: the models folder lists these; NAME.vae.* beside one is its VAE
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def classify(shapes: dict[str, tuple]) -> CheckpointKind:
                                   f"{what}; stylegrad runs Stable Diffusion 1.x, 2.x and SDXL checkpoints")
     if FIRST_CONV not in shapes:
         if any(k.startswith(VAE) for k in keys) or any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
-            refusal = "a VAE, not a whole model (give it with --vae, or --bake-vae when merging)"
+            refusal = "a VAE, not a whole model (load it as a model's vae, or bake it in when merging)"
         else:
             refusal = "not a Stable Diffusion checkpoint (no UNet weights under model.diffusion_model.)"
         return CheckpointKind(None, "base", None, False, False, False, None, refusal)

@@ -4,12 +4,20 @@ their family, size and A1111's short hash."""
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stylegrad.checkpoints.families import NAMES
-from stylegrad.checkpoints.loading import CHECKPOINT_SUFFIXES, VAE_SUFFIXES, open_checkpoint
-from stylegrad.errors import StylegradError
+from stylegrad.checkpoints.families import (
+    CHECKPOINT_SUFFIXES,
+    NAMES,
+    VAE_SUFFIXES,
+    CheckpointKind,
+    classify,
+    strip_wrapper,
+)
+from stylegrad.errors import RequestError, StylegradError
+from stylegrad.files.safetensors_header import DTYPES, read_header
 
 MODELS_DIR_ENV = "STYLEGRAD_MODELS_DIR"
 
@@ -40,8 +48,8 @@ def resolve_model(model: str, folder: str | os.PathLike | None = None) -> str:
     bare = "/" not in model and "\\" not in model  # hub ids are owner/name
     if root is None:
         if bare:
-            raise StylegradError(f"model '{model}' is not a file, a folder or a hub id; to pick a checkpoint by name "
-                                 f"give --models-dir DIR (or set {MODELS_DIR_ENV})")
+            raise RequestError("models_dir", f"model '{model}' is not a file, a folder or a hub id; to pick a "
+                               f"checkpoint by name give a models folder as {{field}} (or set {MODELS_DIR_ENV})")
         return model
     wanted = model.lower()
     matches = [p for p in _candidates(root) if wanted in (p.stem.lower(), p.name.lower(),
@@ -80,13 +88,12 @@ def list_models(folder: str | os.PathLike | None = None, hashes: bool = True, pr
 
     root = models_dir(folder)
     if root is None:
-        raise StylegradError(f"no models folder: give --models-dir DIR or set {MODELS_DIR_ENV}")
+        raise RequestError("models_dir", f"no models folder: give one as {{field}} or set {MODELS_DIR_ENV}")
     entries = []
     files = _candidates(root)
     for p in progress(files) if progress else files:
         try:
-            tf, _, kind = open_checkpoint(p)
-            tf.close()
+            kind = checkpoint_kind(p)
             family, variant = kind.family, kind.variant
             usable, detail = kind.refusal is None, kind.refusal or kind.label
         except StylegradError as e:
@@ -94,6 +101,32 @@ def list_models(folder: str | os.PathLike | None = None, hashes: bool = True, pr
         entries.append(ModelEntry(p.stem, str(p), family, variant, round(p.stat().st_size / 2**20, 1),
                                   short_hash(p) if hashes else None, usable, detail))
     return entries
+
+
+def checkpoint_kind(path: Path) -> CheckpointKind:
+    """What a checkpoint file holds, as ``loading.open_checkpoint`` says it (the same refusals), but from a
+    safetensors header alone: listing a folder of multi-GB files reads a few KB of each and never imports torch.
+    Pickles (.ckpt/.pt) are opened through torch's weights_only reader."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        from stylegrad.checkpoints.loading import open_checkpoint
+
+        tf, _, kind = open_checkpoint(path)
+        tf.close()
+        return kind
+    try:
+        header = read_header(path)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise StylegradError(f"{path} is not a readable safetensors file ({type(e).__name__})") from e
+    for key, entry in header.entries.items():
+        if entry["dtype"] not in DTYPES:
+            raise StylegradError(f"{path}: tensor {key} has dtype {entry['dtype']}, which stylegrad does not read")
+    if header.data_end() > path.stat().st_size:
+        raise StylegradError(f"{path} is truncated (its header points past the end of the file)")
+    shapes = header.shapes
+    prefix = strip_wrapper(shapes)
+    return classify({k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)})
 
 
 def family_name(family: str | None) -> str:

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import torch
 
-from stylegrad.checkpoints.families import SUPPORTED, UNET, VAE, CheckpointKind, classify, strip_wrapper
+from stylegrad.checkpoints.families import SUPPORTED, UNET, VAE, VAE_SUFFIXES, CheckpointKind, classify, strip_wrapper
 from stylegrad.checkpoints.tensors import TensorFile
 from stylegrad.checkpoints.tokenizers import clip_tokenizer
 from stylegrad.devices import default_dtype, resolve_device
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 
 CONFIGS = Path(__file__).parent / "configs"
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
 
 
 def family_config(family: str, prediction: str = "epsilon") -> dict:
@@ -252,7 +250,7 @@ def _looks_like_tensors(path: Path) -> bool:
 
 
 _WHAT = {"lora": "a LoRA", "textual-inversion": "a textual-inversion embedding", "image": "an image",
-         "style": "an aesthetic embedding (a style: give it with --style)"}
+         "style": "an aesthetic embedding (a style, not a model)"}
 
 
 def not_a_model(path: Path, kind: CheckpointKind | None) -> str:
@@ -264,7 +262,7 @@ def not_a_model(path: Path, kind: CheckpointKind | None) -> str:
     info = inspect_file(path)
     if info.kind in _WHAT:
         what = _WHAT[info.kind] + (f" ({info.format})" if info.kind == "lora" and info.format else "")
-        return f"{path.name} is {what}, not a model: give --model a Stable Diffusion checkpoint"
+        return f"{path.name} is {what}, not a model: the model must be a Stable Diffusion checkpoint"
     return f"{path.name} is not a Stable Diffusion checkpoint: {info.detail}"
 
 
@@ -290,8 +288,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
             raise StylegradError(f"{path.name} is {kind.refusal}")
         vae_file = Path(vae).expanduser() if vae else beside_vae(path)
         if vae_file is None and not kind.has_vae:
-            raise StylegradError(f"{path.name} has no VAE baked in: give one with --vae FILE (or put "
-                                 f"{path.stem}.vae.safetensors beside it)")
+            raise RequestError("vae", f"{path.name} has no VAE baked in: give one as {{field}} (or put "
+                               f"{path.stem}.vae.safetensors beside it)")
         hinted = prediction or kind.prediction or _yaml_prediction(path)
         config = family_config(kind.family, hinted or "epsilon")
         if prefix + "ztsnr" in tf:  # ComfyUI's mark of a zero-terminal-SNR model (with v_pred, e.g. NoobAI-XL v-pred)

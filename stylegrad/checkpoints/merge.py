@@ -28,7 +28,7 @@ import torch
 from stylegrad.checkpoints.blocks import block_of, parse_block_weights
 from stylegrad.checkpoints.families import SUPPORTED, VAE, CheckpointKind, classify, strip_wrapper
 from stylegrad.checkpoints.tensors import SafetensorsWriter, TensorFile
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.families import Family
 
 METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add difference", "none": "No interpolation"}
@@ -91,8 +91,8 @@ def _vae_tensors(path: Path) -> tuple[TensorFile, dict[str, str]]:
         raise StylegradError(f"{path} is not a VAE in the original layout (no decoder.* weights)")
     if any(".up_blocks." in k for k in names):
         tf.close()
-        raise StylegradError(f"{path} is a VAE in diffusers' layout; --bake-vae takes the original layout "
-                             "(the .safetensors/.pt files A1111 keeps in models/VAE)")
+        raise RequestError("bake_vae", f"{path} is a VAE in diffusers' layout; {{field}} takes the original layout "
+                           "(the .safetensors/.pt files A1111 keeps in models/VAE)")
     return tf, names
 
 
@@ -160,11 +160,12 @@ def _check_arguments(method: str, paths: tuple, out, discard: str | None) -> tup
                              f"{', C' if need > 2 else ''}), got {len(given)}")
     out = Path(out).expanduser()
     if out.suffix and out.suffix != ".safetensors":
-        raise StylegradError(f"-o must end in .safetensors (or have no suffix, for a diffusers folder), got {out.name}")
+        raise RequestError("out", f"{{field}} must end in .safetensors (or have no suffix, for a diffusers folder), "
+                           f"got {out.name}")
     try:
         return given, out, re.compile(discard) if discard else None
     except re.error as e:
-        raise StylegradError(f"--discard is not a valid regular expression: {e}") from e
+        raise RequestError("discard", f"{{field}} is not a valid regular expression: {e}") from e
 
 
 def _recipe(inputs: list[_Input], method: str, alpha: float, fp16: bool, out: Path, bake_vae, discard) -> dict:
@@ -222,7 +223,7 @@ def _baker(family: str, loras, A: _Input, keys: list[str]):
     ours = {ck: k for k, ck in baker.checkpoint_keys().items()}
     missing = [k for k in ours if k not in A or k not in keys]
     if missing:
-        raise StylegradError(f"the LoRAs change weights model A does not have (or --discard drops): "
+        raise StylegradError(f"the LoRAs change weights model A does not have (or the discard pattern drops): "
                              f"{', '.join(missing[:3])}")
     return baker, ours
 

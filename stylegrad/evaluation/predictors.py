@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import StylegradError, first_line
 from stylegrad.files.atomic import atomic_path
 
 _SAC = "https://github.com/crowsonkb/simulacra-aesthetic-models/raw/master/models/"
@@ -95,7 +95,7 @@ def _download(known: Known, name: str) -> Path:
     target = cache_dir() / known.filename
     if target.exists():
         return target
-    how = f"download {known.url} to {target}, or pass the file's path with --predictor"
+    how = f"download {known.url} to {target}, or pass the file's path as the predictor"
     if _offline():
         raise StylegradError(f"predictor '{name}' is not downloaded and downloads are off (offline): {how}")
     try:
@@ -123,8 +123,7 @@ def load_predictor(name_or_path: str = DEFAULT) -> AestheticPredictor:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused pickles, truncated files, not a torch file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StylegradError(f"cannot read predictor {path}: {first[:160]}") from e
+        raise StylegradError(f"cannot read predictor {path}: {first_line(e, 160)}") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import StylegradError, first_line
 
 
 def from_pretrained(cls, name_or_path: str, what: str = "model", **kwargs):
@@ -24,8 +24,7 @@ def from_pretrained(cls, name_or_path: str, what: str = "model", **kwargs):
 def explain_unavailable(name: str, what: str, error: Exception) -> str:
     """One line saying why ``name`` could not be had, and what to do about it."""
     if Path(name).exists():
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"{what} at {name} could not be loaded: {first[:200]}"
+        return f"{what} at {name} could not be loaded: {first_line(error, 200)}"
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     how = (
         f"download it once with network access (`hf download {name}`), or pass a local folder"

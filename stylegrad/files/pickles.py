@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from stylegrad.errors import first_line
+
 
 class UnsafePickle(Exception):
     """The pickle asks for a Python global outside the allow-list (code, or an object we do not load)."""
@@ -64,11 +66,6 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False):
             else:
                 reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:80]
             raise UnsafePickle(reason) from e
-        raise NotATorchFile(_first_line(e)) from e
+        raise NotATorchFile(first_line(e, 160)) from e
     except Exception as e:  # the unpickler raises many types for bytes that are not a torch file
-        raise NotATorchFile(_first_line(e)) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+        raise NotATorchFile(first_line(e, 160)) from e

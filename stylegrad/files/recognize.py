@@ -9,18 +9,21 @@ that matches names the kind and format. Kinds: ``style``, ``textual-inversion``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stylegrad.errors import StylegradError
-from stylegrad.files.pickles import NotATorchFile, UnsafePickle, load_pickle
+from stylegrad.files.safetensors_header import Header, float32_norm, float_values, read_header
+
+if TYPE_CHECKING:  # torch is imported only for torch pickles and by the loaders: a safetensors file is read without it
+    import torch
 
 STYLE_KEY = "aesthetic_embedding"  # stylegrad's own style files
 STYLE_FORMAT = "stylegrad.style"
@@ -78,38 +81,37 @@ class _Content:
     read: Callable[[str], torch.Tensor]
     obj: Any = None
     metadata: dict[str, str] = field(default_factory=dict)
+    header: Header | None = None  # safetensors: the header, for reading a small vector without torch
 
 
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-_ST_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool", "I16": "int16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2"}
+def _is_tensor(obj: Any) -> bool:
+    """A torch tensor, asked without importing torch: only a torch pickle's objects can be one, and reading a pickle
+    has imported torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
 
 
 def _open_safetensors(path: Path) -> _Content:
-    from safetensors import safe_open
-
-    with open(path, "rb") as f:  # the header alone: a 7 GB checkpoint is described without reading its tensors
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-    dtypes = {k: _ST_DTYPES.get(v["dtype"], v["dtype"].lower()) for k, v in header.items()}
-
+    header = read_header(path)
     handle = []  # opened at the first read and kept while the content lives: one mapping for many reads
 
     def read(key: str) -> torch.Tensor:
         if not handle:
+            from safetensors import safe_open
+
             handle.append(safe_open(str(path), framework="pt", device="cpu"))
         return handle[0].get_tensor(key)
 
-    return _Content("safetensors", shapes, dtypes, read, None, meta)
+    return _Content("safetensors", header.shapes, header.dtypes, read, None, header.metadata, header)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     if isinstance(obj, torch.Tensor):
         out[prefix or "tensor"] = obj
@@ -122,6 +124,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _open_pickle(path: Path) -> _Content:
+    from stylegrad.files.pickles import load_pickle
+
     obj = load_pickle(path)
     flat = _flatten(obj)
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
@@ -271,14 +275,14 @@ def _has(*patterns: str) -> Callable[[_Content], bool]:
 def _single_token(c: _Content) -> bool:
     """diffusers' format: one tensor (D,) or (N, D) named after its token, '<token>' by convention."""
     o = _only(c)
-    if o is None or isinstance(c.obj, torch.Tensor) or len(o[1]) not in (1, 2):
+    if o is None or _is_tensor(c.obj) or len(o[1]) not in (1, 2):
         return False
     key, shape = o
     return key.startswith("<") or (len(shape) == 2 and shape[0] > 1)
 
 
 def _unnamed_list(c: _Content) -> bool:
-    return isinstance(c.obj, (list, tuple)) and len(c.obj) > 0 and all(isinstance(t, torch.Tensor) for t in c.obj)
+    return isinstance(c.obj, (list, tuple)) and len(c.obj) > 0 and all(_is_tensor(t) for t in c.obj)
 
 
 def _list_lora(c: _Content) -> dict:
@@ -315,7 +319,7 @@ RULES: list[tuple[Callable[[_Content], bool], Callable[[_Content], dict]]] = [
     (_has(r"^(down_blocks|up_blocks|mid_block|encoder\.down_blocks|text_model\.encoder)\."), _diffusers_weights),
     (_single_token, lambda c: {**_textual_inversion("diffusers", _only(c)[0])(c), "name": _only(c)[0]}),
     (lambda c: (o := _only(c)) is not None and _is_vector_shape(o[1]),
-     lambda c: _style("a1111", _only(c)[0], "a bare tensor" if isinstance(c.obj, torch.Tensor)
+     lambda c: _style("a1111", _only(c)[0], "a bare tensor" if _is_tensor(c.obj)
                       else f"a single tensor '{_only(c)[0]}'")(c)),
     (_unnamed_list, _list_lora),
 ]
@@ -358,19 +362,24 @@ def _recognize(path: Path) -> tuple[FileInfo, _Content | None, str | None]:
         return other("text", "a text file, not a model file")
     if sniffed == "unknown":
         return other(None, "not a file format stylegrad reads (no safetensors, torch or image signature)")
-    try:
-        if sniffed == "safetensors":
+    if sniffed == "safetensors":
+        try:
             content = _open_safetensors(path)
-        else:
+        except (ValueError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return other("safetensors", f"not a readable safetensors file ({type(e).__name__}); truncated or corrupt?")
+    else:
+        from stylegrad.files.pickles import NotATorchFile, UnsafePickle
+
+        try:
             content = _open_pickle(path)
-    except UnsafePickle as e:
-        return other("torch", f"a pickle that asks for Python code or objects ({e}); stylegrad loads plain "
-                     "tensors only and does not unpickle anything else")
-    except NotATorchFile as e:
-        what = "zip archive" if sniffed == "zip" else "pickle"
-        return other(sniffed, f"a {what} that is not a readable torch file ({e}); truncated or corrupt?")
-    except (ValueError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        return other("safetensors", f"not a readable safetensors file ({type(e).__name__}); truncated or corrupt?")
+        except UnsafePickle as e:
+            return other("torch", f"a pickle that asks for Python code or objects ({e}); stylegrad loads plain "
+                         "tensors only and does not unpickle anything else")
+        except NotATorchFile as e:
+            what = "zip archive" if sniffed == "zip" else "pickle"
+            return other(sniffed, f"a {what} that is not a readable torch file ({e}); truncated or corrupt?")
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            return other("safetensors", f"not a readable safetensors file ({type(e).__name__}); truncated or corrupt?")
     for test, describe in RULES:
         if test(content):
             fields = describe(content)
@@ -385,6 +394,15 @@ def _recognize(path: Path) -> tuple[FileInfo, _Content | None, str | None]:
     if info.kind == "textual-inversion":
         info.trigger = path.stem
     return info, content, key
+
+
+def _vector_values(content: _Content, key: str) -> list[float]:
+    """The style vector's values as float32 holds them: from the file's bytes for a safetensors float vector, so
+    ``info`` on a style never imports torch; through torch otherwise."""
+    values = float_values(content.header, key) if content.header is not None else None
+    if values is None:
+        values = content.read(key).detach().reshape(-1).float().tolist()
+    return values
 
 
 def inspect_file(path: str | os.PathLike) -> FileInfo:
@@ -405,11 +423,11 @@ def open_file(path: str | os.PathLike) -> tuple[FileInfo, _Content | None, str |
     except OSError as e:
         raise StylegradError(f"cannot read {p}: {e.strerror or e}") from e
     if key is not None:
-        v = content.read(key).detach().reshape(-1).float()
-        if not torch.isfinite(v).all():
+        values = _vector_values(content, key)
+        if not all(math.isfinite(v) for v in values):
             info.usable, info.detail = False, f"{info.detail} with NaN or infinite values"
         else:
-            info.norm = float(v.norm())
+            info.norm = float32_norm(values)
             if info.norm == 0.0:
                 info.usable, info.detail = False, f"{info.detail} that is all zeros (no direction)"
     if info.metadata.get("format") == STYLE_FORMAT and info.format != "stylegrad-sdxl":

@@ -9,12 +9,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.jobs.plan import safe_name
 from stylegrad.jobs.work import WorkItem
-from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.pipelines.request import GenerationRequest, build
 
-REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)} - {"model", "style_options"}
 STYLE_FIELDS = {f.name for f in fields(StyleOptions)}
 PATH_FIELDS = ("style", "init_image", "stylecode_image", "clip_model", "stylecodes_model")
 EXAMPLE = ('{"prompt": "a lighthouse at dusk", "seed": 1, "n": 4, "style": "styles/mine.safetensors", '
@@ -35,40 +34,28 @@ def _resolve(value, base: Path):
 
 
 def request_from_fields(data: dict, model: str, base: Path) -> tuple[GenerationRequest, int, str | None]:
-    """(the request, how many images, the file-name stem asked for) from one line's object."""
+    """(the request, how many images, the file-name stem asked for) from one line's object, through the one build
+    (a bad field is a ``RequestError`` naming it)."""
     if not isinstance(data, dict):
         raise StylegradError(f"a line must be a JSON object like {EXAMPLE}")
     data = dict(data)
     if "model" in data and data.pop("model") not in (None, model):
-        raise StylegradError("the model is the batch's (--model): a line cannot ask for another")
+        raise RequestError("model", "is the batch's: a line cannot ask for another")
     n, name = data.pop("n", 1), data.pop("name", None)
-    if not isinstance(n, int) or n < 1:
-        raise StylegradError(f"n must be a whole number >= 1, got {n!r}")
     options = data.pop("style_options", None) or {}
+    if not isinstance(options, dict):
+        raise RequestError("style_options", f"must be an object like {{\"steps\": 10}}, got {options!r}"[:200])
     for key in [k for k in data if k.startswith("style_") and k.removeprefix("style_") in STYLE_FIELDS]:
         options[key.removeprefix("style_")] = data.pop(key)  # the CLI's flat --style-steps as style_steps
-    unknown = sorted(set(data) - REQUEST_FIELDS) + sorted(f"style_options.{k}" for k in set(options) - STYLE_FIELDS)
-    if unknown:
-        raise StylegradError(f"unknown field {unknown[0]} (the fields of stylegrad generate: prompt, negative, seed, "
-                             "n, steps, cfg, width, height, sampler, clip_skip, style, style_options, loras, "
-                             "embeddings, stylecode, init_image, strength, ...)")
-    if not isinstance(data.get("prompt"), str):
-        raise StylegradError("prompt is missing (a string)")
     for key in PATH_FIELDS:
         if key in data:
             data[key] = _resolve(data[key], base)
     for key in ("loras", "embeddings"):
-        if key in data:
-            if isinstance(data[key], str):
-                data[key] = [data[key]]
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
+        if isinstance(data.get(key), list):
             data[key] = tuple(_resolve(v, base) for v in data[key])
-    if "betas" in options:
-        options["betas"] = tuple(options["betas"])
-    try:
-        request = GenerationRequest(model=model, style_options=StyleOptions(**options), **data)
-    except TypeError as e:
-        raise StylegradError(f"a field has the wrong type ({e})") from None
-    return request, n, name
+    return build({**data, "model": model, "style_options": options}, n=n), n, name
 
 
 def read_jobs(path: str | Path, model: str) -> tuple[list[WorkItem], list[BadLine]]:

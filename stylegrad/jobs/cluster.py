@@ -62,7 +62,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise StylegradError('--ray needs Ray: pip install "stylegrad[ray]"') from None
+        raise StylegradError('running on Ray needs Ray: pip install "stylegrad[ray]"') from None
     return ray
 
 
@@ -167,7 +167,7 @@ def run_items_ray(items: list[WorkItem], storage: Storage, spec: WorkerSpec, *, 
             gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
         n = _worker_count(ray, workers, cpus_per_worker, gpus_per_worker)
         if n < 1:
-            raise StylegradError("no worker fits the cluster (check --workers and --gpus-per-worker)")
+            raise StylegradError("no worker fits the cluster (check workers and gpus_per_worker)")
         env = {k: os.environ[k] for k in FORWARDED if k in os.environ}
         actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(BatchWorker)
         if env:

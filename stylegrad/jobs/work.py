@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from stylegrad.errors import describe as one_line  # noqa: F401 - the runners' name for the one description
 from stylegrad.pipelines.request import GenerationRequest
 
 
@@ -56,11 +57,6 @@ def render(generator, item: WorkItem) -> bytes:
 
     ((image, text),) = generator.images(item.request, progress=lambda *a: None)  # the batch has one bar
     return png_bytes(image, text)
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if not type(error).__name__ == "StylegradError" else text
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Addons:
             path = self.lora_library.find(tag.name)
             if path is None:
                 self._note_once(f"LoRA '{tag.name}' of the prompt's {tag.text()} is not in the LoRA folders "
-                                f"({', '.join(map(str, self.lora_library.folders)) or 'none set: --loras DIR'}); "
+                                f"({', '.join(map(str, self.lora_library.folders)) or 'none set: loras_dirs'}); "
                                 "generating without it")
                 continue
             specs.append((str(path), tag.te, tag.unet))

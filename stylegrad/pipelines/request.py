@@ -1,21 +1,39 @@
-"""Everything one image depends on, frozen: what ``generate``, ``compare`` and ``evaluate`` take, what the PNG
-records (A1111's field names where A1111 has one), and what ``generate --from IMAGE.png`` reads back."""
+"""Everything one image depends on, frozen and checked in one place: what ``generate``, ``compare`` and ``evaluate``
+take, what the PNG records (A1111's field names where A1111 has one), and what ``generate --from IMAGE.png`` reads
+back. Every front door (Python, CLI, batch lines, the server's APIs and web UI) makes its request through
+``GenerationRequest`` (each field checked: types, finite numbers, ranges, prompt length, LoRA multipliers) and
+``build`` (names resolved, a door's ``Limits``, the size an init image implies); a bad field is a ``RequestError``
+naming it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+import random
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Protocol
 
 from stylegrad import __version__
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.files.infotext import format_infotext, parse_infotext
+from stylegrad.pipelines.limits import MAX_PROMPT_CHARS, MAX_SEED, SERVER, Limits
 from stylegrad.pipelines.loading import DEFAULT_MODEL, a1111_sampler, sampler_id
+
+__all__ = ["GenerationRequest", "Limits", "Names", "RequestError", "SERVER", "build", "check", "implied_size"]
+
+NO_LIMITS = Limits()
+MAX_CFG = 100.0
+MAX_CLIP_SKIP = 11  # A1111's 'Clip skip' 12
+MAX_STYLECODE_STRENGTH = 10.0
+MAX_STYLE_WEIGHT = 10.0  # beyond [0, 1] (without slerp) the blend extrapolates; further than this is noise
+MAX_REGULARIZATION = 1e6
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image (or ``n`` with seeds ``seed .. seed+n-1``). Paths are as the user gave them."""
+    """One image (or ``n`` with seeds ``seed .. seed+n-1``). Paths are as the user gave them. Every field is checked
+    when the request is made (and again by ``dataclasses.replace``): a bad one is a ``RequestError`` naming it."""
 
     prompt: str
     negative: str = ""
@@ -42,28 +60,18 @@ class GenerationRequest:
     weighting: bool = True  # read A1111's emphasis syntax; False: brackets are plain text
 
     def __post_init__(self):
-        object.__setattr__(self, "loras", tuple(self.loras))
-        object.__setattr__(self, "embeddings", tuple(self.embeddings))
+        for name in ("loras", "embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise RequestError(name, f"must be a list of texts, got {value!r}"[:200])
+            object.__setattr__(self, name, tuple(value))
         if self.sampler is not None:
-            object.__setattr__(self, "sampler", sampler_id(self.sampler))
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise StylegradError(f"steps must be a whole number >= 1, got {self.steps!r}")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (v < 8 or v % 8):
-                raise StylegradError(f"{name} must be a positive multiple of 8, got {v}")
-        if not 0.0 < self.strength <= 1.0:
-            raise StylegradError(f"strength must be in (0, 1], got {self.strength}")
-        if self.clip_skip is not None and self.clip_skip < 0:
-            raise StylegradError(f"clip_skip must be >= 0, got {self.clip_skip}")
-        if self.stylecode_strength < 0:
-            raise StylegradError(f"stylecode_strength must be >= 0, got {self.stylecode_strength}")
-        if self.stylecode and self.stylecode_image:
-            raise StylegradError("give stylecode or stylecode_image, not both")
-        if self.stylecode:
-            from stylegrad.stylecodes.codec import parse_weighted
-
-            parse_weighted(self.stylecode)  # a bad code fails before any model loads
+            _text(self.sampler, "sampler", optional=True)
+            try:
+                object.__setattr__(self, "sampler", sampler_id(self.sampler))
+            except StylegradError as e:
+                raise RequestError("sampler", "{field}: " + str(e)) from None
+        _validate(self)
 
     @property
     def styled(self) -> bool:
@@ -75,6 +83,253 @@ class GenerationRequest:
 
     def with_seed(self, seed: int) -> GenerationRequest:
         return replace(self, seed=seed)
+
+
+# -- the checks, one per kind of value -------------------------------------------------------------------------
+def _shown(value) -> str:
+    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+
+
+def _whole(value, name: str, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"must be a whole number, got {_shown(value)}")
+    if value < lo:
+        raise RequestError(name, f"must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise RequestError(name, f"must be at most {hi}, got {value}")
+
+
+def _real(value, name: str, lo: float, hi: float, *, above: bool = False) -> None:
+    """A finite number in [lo, hi] ((lo, hi] with ``above``): inf and nan never reach a model."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(name, f"must be a number, got {_shown(value)}")
+    if not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number, got {value}")
+    if value < lo or (above and value == lo) or value > hi:
+        raise RequestError(name, f"must be in {'(' if above else '['}{lo:g}, {hi:g}], got {value:g}")
+
+
+def _text(value, name: str, *, optional: bool = False, limit: int = MAX_PROMPT_CHARS) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise RequestError(name, f"must be text, got {_shown(value)}")
+    if len(value) > limit:
+        raise RequestError(name, f"must be at most {limit} characters, got {len(value)}")
+
+
+def _flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise RequestError(name, f"must be true or false, got {_shown(value)}")
+
+
+def _lora_tags(prompt: str, name: str) -> None:
+    from stylegrad.prompts.syntax import extract_tags
+
+    try:
+        extract_tags(prompt)
+    except StylegradError as e:
+        raise RequestError(name, "{field}: " + str(e)) from None
+
+
+def _lora_arg(spec, name: str) -> None:
+    """'FILE_OR_NAME[:TE[:UNET]]' with multipliers that are finite and in range (as a tag's)."""
+    from stylegrad.addons.lora.library import parse_lora_arg
+    from stylegrad.prompts.syntax import MAX_MULTIPLIER
+
+    _text(spec, name)
+    _, te, unet = parse_lora_arg(spec)
+    for m in (te, unet):
+        if not math.isfinite(m) or abs(m) > MAX_MULTIPLIER:
+            raise RequestError(name, f"{{field}}: {spec!r}: multipliers must be numbers in "
+                               f"-{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
+
+
+def _style_values(values: dict, prefix: str = "style_options.") -> None:
+    """The style options' own checks, plus what they allow and no model should get (inf, nan, huge rates)."""
+    checks = {
+        "steps": lambda v, n: _whole(v, n, 0),
+        "lr": lambda v, n: _real(v, n, 0.0, 1.0, above=True),
+        "weight": lambda v, n: _real(v, n, -MAX_STYLE_WEIGHT, MAX_STYLE_WEIGHT),
+        "slerp": _flag,
+        "text": lambda v, n: _text(v, n, optional=True),
+        "text_angle": lambda v, n: _real(v, n, 0.0, 1.0),
+        "text_negative": _flag,
+        "regularization": lambda v, n: _real(v, n, 0.0, MAX_REGULARIZATION),
+        "target_similarity": lambda v, n: v is None or _real(v, n, -1.0, 1.0, above=True),
+        "personalize_negative": _flag,
+        "towers": lambda v, n: None if v in ("l", "g", "both") else _fail(n, f"must be l, g or both, got {_shown(v)}"),
+        "eps": lambda v, n: _real(v, n, 0.0, 1.0, above=True),
+        "betas": _betas,
+    }
+    for key, value in values.items():
+        if key not in checks:
+            raise RequestError(prefix + key, "unknown field {field} (a style option is one of: "
+                               + ", ".join(checks) + ")")
+        checks[key](value, prefix + key)
+
+
+def _betas(value, name: str) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RequestError(name, f"must be two numbers in [0, 1), got {_shown(value)}")
+    for i, b in enumerate(value):
+        _real(b, f"{name}[{i}]", 0.0, 0.999999)
+
+
+def _fail(name: str, problem: str):
+    raise RequestError(name, problem)
+
+
+def _validate(r: GenerationRequest) -> None:
+    """Every field of ``r``, in the order the schema lists them."""
+    _text(r.prompt, "prompt")
+    _text(r.negative, "negative")
+    _lora_tags(r.prompt, "prompt")
+    _lora_tags(r.negative, "negative")
+    _whole(r.seed, "seed", 0, MAX_SEED)
+    _whole(r.steps, "steps", 1)
+    _real(r.cfg, "cfg", 0.0, MAX_CFG)
+    for name in ("width", "height"):
+        v = getattr(r, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8):
+            raise RequestError(name, f"must be a positive multiple of 8, got {_shown(v)}")
+    if r.clip_skip is not None:
+        _whole(r.clip_skip, "clip_skip", 0, MAX_CLIP_SKIP)
+    _text(r.model, "model")
+    for name in ("init_image", "style", "clip_model", "stylecode", "stylecode_image", "stylecodes_model"):
+        _text(getattr(r, name), name, optional=True)
+    _real(r.strength, "strength", 0.0, 1.0, above=True)
+    if not isinstance(r.style_options, StyleOptions):
+        raise RequestError("style_options", f"must be StyleOptions, got {_shown(r.style_options)}")
+    _style_values({f.name: getattr(r.style_options, f.name) for f in fields(StyleOptions)})
+    _real(r.stylecode_strength, "stylecode_strength", 0.0, MAX_STYLECODE_STRENGTH)
+    _flag(r.stylecode_guidance, "stylecode_guidance")
+    _flag(r.weighting, "weighting")
+    for i, spec in enumerate(r.loras):
+        _lora_arg(spec, f"loras[{i}]")
+    for i, spec in enumerate(r.embeddings):
+        _text(spec, f"embeddings[{i}]")
+    if r.stylecode and r.stylecode_image:
+        raise RequestError("stylecode_image", "give stylecode or {field}, not both")
+    if r.stylecode:
+        from stylegrad.stylecodes.codec import parse_weighted
+
+        try:
+            parse_weighted(r.stylecode)  # a bad code fails before any model loads
+        except StylegradError as e:
+            raise RequestError("stylecode", "{field}: " + str(e)) from None
+
+
+# -- a front door's request ------------------------------------------------------------------------------------
+def implied_size(request: GenerationRequest, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The picture img2img makes from an init image of ``image_size``: the request's width and height where given,
+    else the image's, rounded down to a multiple of 8 (as the init image is resized)."""
+    w, h = request.width or image_size[0], request.height or image_size[1]
+    return w - w % 8, h - h % 8
+
+
+def check(request: GenerationRequest, limits: Limits = NO_LIMITS, *, n: int = 1,
+          init_size: tuple[int, int] | None = None) -> GenerationRequest:
+    """``request`` within a door's ``limits``, for ``n`` images; ``init_size``: the size of an init image given
+    apart from the request (an upload), whose implied picture size is checked too."""
+    _whole(n, "n", 1, limits.max_images)
+    if request.seed + n - 1 > MAX_SEED:
+        raise RequestError("seed", f"+ n - 1 must be at most {MAX_SEED}, got {request.seed} + {n} - 1")
+    if limits.max_steps is not None:
+        _whole(request.steps, "steps", 1, limits.max_steps)
+    if limits.max_style_steps is not None:
+        _whole(request.style_options.steps, "style_options.steps", 0, limits.max_style_steps)
+    _text(request.prompt, "prompt", limit=limits.max_prompt_chars)
+    _text(request.negative, "negative", limit=limits.max_prompt_chars)
+    if limits.max_side is not None:
+        for name in ("width", "height"):
+            if getattr(request, name) is not None:
+                _whole(getattr(request, name), name, 8, limits.max_side)
+    if init_size is not None:
+        w, h = implied_size(request, init_size)
+        too_big = limits.max_side is not None and max(w, h) > limits.max_side
+        if min(w, h) < 8 or too_big:
+            want = f"8..{limits.max_side}" if limits.max_side else "at least 8"
+            raise RequestError("init_image", f"is {init_size[0]}x{init_size[1]}, so the picture would be {w}x{h}: "
+                               f"each side must be {want} (give width and height, or another image)")
+    return request
+
+
+class Names(Protocol):
+    """How a door turns the names its clients give into files (a server: only inside its folders)."""
+
+    def style(self, name: str) -> str: ...
+
+    def lora(self, spec: str) -> str: ...  # 'NAME[:TE[:UNET]]' -> 'FILE[:TE[:UNET]]'
+
+    def embedding(self, name: str) -> str: ...
+
+
+REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest))
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+def build(values: dict, limits: Limits = NO_LIMITS, *, n: int = 1, init_size: tuple[int, int] | None = None,
+          names: Names | None = None, random_seed_allowed: bool = False) -> GenerationRequest:
+    """The request a door's client asked for, ``values`` by the schema's field names (``style_options`` a mapping
+    or ``StyleOptions``): unknown fields refused, ``names`` resolved (by the door's rules), seed -1 made random where
+    the door allows it (once: the request records the seed used), every field and ``limits`` checked."""
+    unknown = [k for k in values if k not in REQUEST_FIELDS]
+    if unknown:
+        raise RequestError(unknown[0], "unknown field {field} (a request's fields: " + ", ".join(REQUEST_FIELDS)
+                           + ")")
+    values = dict(values)
+    if "prompt" not in values:
+        raise RequestError("prompt", "is missing (a text)")
+    options = values.get("style_options")
+    if options is None:
+        values.pop("style_options", None)
+    elif not isinstance(options, (dict, StyleOptions)):
+        raise RequestError("style_options", f"must be an object of style options, got {_shown(options)}")
+    elif isinstance(options, dict):
+        options = dict(options)
+        if isinstance(options.get("betas"), list):
+            options["betas"] = tuple(options["betas"])
+        _style_values(options)
+        try:
+            values["style_options"] = StyleOptions(**options)
+        except StylegradError as e:
+            raise RequestError("style_options", "{field}: " + str(e)) from None
+    if random_seed_allowed and values.get("seed") == -1:
+        values["seed"] = random_seed()
+    elif random_seed_allowed and isinstance(values.get("seed"), int) and values["seed"] < 0:
+        raise RequestError("seed", f"must be -1 (a random seed) or 0..{MAX_SEED}, got {values['seed']}")
+    for key in ("loras", "embeddings"):
+        if isinstance(values.get(key), str):
+            values[key] = (values[key],)
+    if names is not None:
+        values = _resolved(values, names)
+    return check(GenerationRequest(**values), limits, n=n, init_size=init_size)
+
+
+def _resolved(values: dict, names: Names) -> dict:
+    """The names in ``values`` as the files ``names`` gives for them; its refusals name the field."""
+    def one(resolve, value, name: str):
+        _text(value, name)
+        try:
+            return resolve(value)
+        except RequestError:
+            raise
+        except StylegradError as e:
+            raise RequestError(name, "{field}: " + str(e)) from None
+
+    out = dict(values)
+    if out.get("style") is not None:
+        out["style"] = one(names.style, out["style"], "style")
+    for key, resolve in (("loras", names.lora), ("embeddings", names.embedding)):
+        items = out.get(key) or ()
+        if not isinstance(items, (list, tuple)):
+            raise RequestError(key, f"must be a list of texts, got {_shown(items)}")
+        out[key] = tuple(one(resolve, v, f"{key}[{i}]") for i, v in enumerate(items))
+    return out
 
 
 def infotext(request: GenerationRequest, *, size: tuple[int, int], sampler_name: str, style=None,
@@ -135,6 +390,13 @@ def request_from_infotext(text: str) -> GenerationRequest:
     if sampler is None and f.get("Sampler"):
         sampler = a1111_sampler(f["Sampler"], f.get("Schedule type"))  # None: no equivalent, the model's own
     clip_skip = _number(f, "Clip skip", int)
+    try:
+        return _from_fields(f, prompt, negative, width, height, sampler, clip_skip)
+    except RequestError as e:
+        raise StylegradError(f"the image's metadata asks for what cannot be made: {e}") from None
+
+
+def _from_fields(f: dict, prompt: str, negative: str, width, height, sampler, clip_skip) -> GenerationRequest:
     style = f.get("Style file")
     init = f.get("Init image")
     return GenerationRequest(
@@ -163,7 +425,7 @@ _NOT_HONOURED = {
     "Variation seed": "variation seeds are not mixed in",
     "ENSD": "the eta noise seed delta is not applied",
     "Eta": None,
-    "VAE": "the named VAE is not loaded (give it with --vae)",
+    "VAE": "the named VAE is not loaded (load the model with that vae)",
     "Refiner": "the refiner pass is not run",
     "ADetailer model": "ADetailer is not run",
 }

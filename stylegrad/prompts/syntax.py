@@ -8,6 +8,7 @@ current 75-token chunk. ``<lora:NAME:TE[:UNET]>`` (also ``te=``/``unet=``) names
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from stylegrad.errors import StylegradError
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = "BREAK"
+MAX_MULTIPLIER = 10.0  # a LoRA's multiplier, in a tag or in 'FILE:TE:UNET': beyond it a picture is only noise
 
 # one token of the emphasis grammar, in A1111's order of precedence
 _TOKEN = re.compile(r"""
@@ -107,6 +109,9 @@ def _parse_tag(body: str) -> NetworkTag:
         unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
     except ValueError as e:
         raise StylegradError(f"bad LoRA tag <lora:{body}>: multipliers must be numbers") from e
+    if not all(math.isfinite(m) and abs(m) <= MAX_MULTIPLIER for m in (te, unet)):
+        raise StylegradError(f"bad LoRA tag <lora:{body}>: multipliers must be numbers in "
+                             f"-{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
     return NetworkTag(name.strip(), te, unet)
 
 

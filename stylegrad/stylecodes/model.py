@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import StylegradError, first_line
 from stylegrad.stylecodes.codec import DIM
 
 PUBLISHED_REPO = "CiaraRowles/stylecodes"
@@ -186,8 +186,7 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except RuntimeError:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        why = (str(e).strip() or type(e).__name__).splitlines()[0][:120]
-        raise StylegradError(f"{path.name} is not a plain tensor checkpoint ({why})") from None
+        raise StylegradError(f"{path.name} is not a plain tensor checkpoint ({first_line(e, 120)})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("controlnet"), dict):
         raise StylegradError(f"{path.name} has no 'controlnet' dict: not a Stylecodes checkpoint")
     raw = obj["controlnet"]
@@ -215,7 +214,7 @@ def resolve_checkpoint(model_id_or_path: str | None) -> Path:
     except Exception as e:  # noqa: BLE001
         raise StylegradError(
             f"cannot get {ref}/{PUBLISHED_FILE} ({type(e).__name__}); download it while online "
-            f"(huggingface-cli download {ref} {PUBLISHED_FILE}) or pass --stylecodes-model PATH") from None
+            f"(huggingface-cli download {ref} {PUBLISHED_FILE}) or give stylecodes_model as a path") from None
 
 
 def load_stylecodes(model_id_or_path: str | None, base_unet) -> StylecodesModel:

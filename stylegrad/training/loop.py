@@ -93,7 +93,7 @@ def train(method: Method, models: Models, data: TrainingSet, settings: TrainSett
         info = load_checkpoint(found[-1][1], tensors, optimizer, generator)
         start, losses = info["step"], info.get("losses", [])
         if info.get("settings", {}).get("seed") != settings.seed or info.get("method") != method.name:
-            raise StylegradError(f"{work} holds a run with other settings; use another --work folder or --restart")
+            raise StylegradError(f"{work} holds a run with other settings; use another work folder or restart")
     mean, std = latent_moments(models.vae, data.pixels)
     scaler = torch.amp.GradScaler("cuda") if settings.mixed_precision == "fp16" and models.device.type == "cuda" \
         else None

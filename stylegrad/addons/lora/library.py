@@ -69,7 +69,7 @@ class LoraLibrary:
             name, te, unet = parse_lora_arg(arg)
             path = self.resolve(name)
             if path is None:
-                where = ", ".join(map(str, self.folders)) or "(none set: --loras DIR)"
+                where = ", ".join(map(str, self.folders)) or "(none set: loras_dirs)"
                 raise StylegradError(f"LoRA not found: {name} (not a file, nor a name in the LoRA folders {where})")
             out.append((str(path), te, unet))
         return out

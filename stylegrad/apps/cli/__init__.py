@@ -4,6 +4,7 @@ progress and notes to stderr; a user error is one ``Error: ...`` line (exit 1, u
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -32,13 +33,14 @@ def build_parser() -> Parser:
 
 
 def _quiet_libraries() -> None:
+    """Only errors from transformers and diffusers (e.g. not the advice to install accelerate on every model load).
+    Neither is imported for this: a command that never loads a model (``info``, ``models``) never pays for them."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.showwarning = lambda message, *a, **k: print(f"Warning: {message}", file=sys.stderr)
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    tlog.set_verbosity_error()
-    dlog.set_verbosity_error()  # e.g. the advice to install accelerate, on every model load
+    for library, variable in (("transformers", "TRANSFORMERS_VERBOSITY"), ("diffusers", "DIFFUSERS_VERBOSITY")):
+        os.environ[variable] = "error"  # read when the library configures its logging, on first use
+        if library in sys.modules:  # already imported (the CLI called in-process): set it directly
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 
 from stylegrad.aesthetic.options import StyleOptions
@@ -13,7 +14,29 @@ from stylegrad.errors import StylegradError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a usage error as one line (exit 2) instead of the usage block."""
+    """argparse with a usage error as one line (exit 2) instead of the usage block, and arguments added when they are
+    needed: a command's ``arguments`` function runs the first time that command parses or shows its help, so
+    ``stylegrad --help`` lists every command without importing the modules its flags' defaults come from."""
+
+    def __init__(self, *args, arguments: Callable[[Parser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending = arguments
+
+    def complete(self) -> Parser:
+        """This parser with all its arguments (run once, before it parses or prints)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(Parser, self.complete()).parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        return super(Parser, self.complete()).format_usage()
+
+    def format_help(self) -> str:
+        return super(Parser, self.complete()).format_help()
 
     def error(self, message: str):
         print(f"Error: {message} (see '{self.prog} --help')", file=sys.stderr)

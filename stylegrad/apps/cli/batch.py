@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from stylegrad.apps.cli.args import add_device, add_model_options
-from stylegrad.pipelines.loading import DEFAULT_MODEL
 
 
 def add_ray_options(p) -> None:
@@ -34,6 +33,7 @@ def ray_options(a) -> dict:
 def cmd_batch(a) -> int:
     from stylegrad.jobs.batch import run_batch
     from stylegrad.jobs.work import WorkerSpec
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
 
     if a.workers is not None and a.workers < 1:
         a.parser.error("--workers must be >= 1")
@@ -49,14 +49,19 @@ def cmd_batch(a) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("batch", help="many images from a JSONL file of requests, locally or on a Ray cluster",
-                       description="One generation request per line of JOBS (a JSON object with the fields of "
-                       "stylegrad generate: prompt, negative, seed, n, steps, cfg, width, height, sampler, clip_skip, "
-                       "style, style_options, loras, embeddings, stylecode, init_image, strength, name). Images go to "
-                       "OUT/images/L00003-seed7.png (line 3) with their infotext. Rerunning the same command makes "
-                       "only what is missing; a bad line is reported and the others still run.",
-                       epilog='Example line: {"prompt": "a lighthouse at dusk", "seed": 1, "n": 4, '
-                       '"style": "mine.safetensors", "style_options": {"steps": 10}}')
+    sub.add_parser("batch", help="many images from a JSONL file of requests, locally or on a Ray cluster",
+                   description="One generation request per line of JOBS (a JSON object with the fields of "
+                   "stylegrad generate: prompt, negative, seed, n, steps, cfg, width, height, sampler, clip_skip, "
+                   "style, style_options, loras, embeddings, stylecode, init_image, strength, name). Images go to "
+                   "OUT/images/L00003-seed7.png (line 3) with their infotext. Rerunning the same command makes "
+                   "only what is missing; a bad line is reported and the others still run.",
+                   epilog='Example line: {"prompt": "a lighthouse at dusk", "seed": 1, "n": 4, '
+                   '"style": "mine.safetensors", "style_options": {"steps": 10}}', arguments=_arguments)
+
+
+def _arguments(p) -> None:
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+
     p.add_argument("jobs", metavar="JOBS.jsonl", help="one JSON request per line ('#' lines are comments)")
     p.add_argument("--out", required=True, metavar="DIR_OR_URL", help="output folder, or an fsspec URL (s3://...) "
                    "every worker can reach")

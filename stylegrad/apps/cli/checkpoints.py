@@ -8,7 +8,6 @@ import sys
 from stylegrad.apps.cli.args import add_lora_options
 from stylegrad.checkpoints.blocks import PRESET_NAMES, block_names
 from stylegrad.checkpoints.library import MODELS_DIR_ENV, family_name, list_models, resolve_model
-from stylegrad.checkpoints.merge import METHODS, merge_checkpoints
 
 
 def cmd_models(a) -> None:
@@ -33,6 +32,7 @@ def cmd_merge(a) -> None:
     b = resolve_model(a.b, a.models_dir) if a.b else None
     c = resolve_model(a.c, a.models_dir) if a.c else None
     from stylegrad.addons.lora.library import LoraLibrary
+    from stylegrad.checkpoints.merge import merge_checkpoints
 
     loras = LoraLibrary(a.loras).specs(a.lora)
     method = a.method or ("none" if b is None and loras else "weighted-sum")
@@ -43,18 +43,13 @@ def cmd_merge(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list the checkpoints in the models folder",
-                       description="List the single-file checkpoints in the models folder (--models-dir or "
-                       f"${MODELS_DIR_ENV}): name (what --model takes), A1111's short hash, size and family. "
-                       "Hashes are computed once per file and cached.")
-    p.add_argument("--models-dir", metavar="DIR", help=f"the folder (default: ${MODELS_DIR_ENV})")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--no-hash", action="store_true", help="skip hashing (fast listing of new files)")
-    p.set_defaults(func=cmd_models)
-
+    sub.add_parser("models", help="list the checkpoints in the models folder", arguments=_models_arguments,
+                   description="List the single-file checkpoints in the models folder (--models-dir or "
+                   f"${MODELS_DIR_ENV}): name (what --model takes), A1111's short hash, size and family. "
+                   "Hashes are computed once per file and cached.")
     sd, xl = block_names("sd1"), block_names("sdxl")
-    p = sub.add_parser(
-        "merge", help="merge checkpoints (A1111's Checkpoint Merger)",
+    sub.add_parser(
+        "merge", help="merge checkpoints (A1111's Checkpoint Merger)", arguments=_merge_arguments,
         description="Merge Stable Diffusion checkpoints as A1111's Checkpoint Merger does: weighted sum "
         "A*(1-M) + B*M, add difference A + (B-C)*M, or none (A alone: convert, prune with --discard, bake a VAE, "
         "--fp16). Only the models' own weights are merged; A decides the keys and dtypes. An inpainting or "
@@ -66,6 +61,18 @@ def register(sub) -> None:
         f"with the last OUT block. Presets: {', '.join(PRESET_NAMES)}. "
         "Example: stylegrad merge base.safetensors style.safetensors --alpha 0.4 -o mix.safetensors; "
         "stylegrad merge base.safetensors --lora detail.safetensors:0.6 -o baked.safetensors")
+
+
+def _models_arguments(p) -> None:
+    p.add_argument("--models-dir", metavar="DIR", help=f"the folder (default: ${MODELS_DIR_ENV})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing (fast listing of new files)")
+    p.set_defaults(func=cmd_models)
+
+
+def _merge_arguments(p) -> None:
+    from stylegrad.checkpoints.merge import METHODS
+
     p.add_argument("a", metavar="A", help="primary model (file, or name in --models-dir)")
     p.add_argument("b", metavar="B", nargs="?", help="secondary model")
     p.add_argument("c", metavar="C", nargs="?", help="tertiary model (add difference: B - C is added)")

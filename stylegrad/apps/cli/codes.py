@@ -6,8 +6,6 @@ import json
 
 from stylegrad.apps.cli.args import add_device
 from stylegrad.stylecodes.codec import decode, random_code
-from stylegrad.stylecodes.facade import SIGLIP, encode_image
-from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO
 
 FORMATS = ["stylegrad", "reference"]
 
@@ -22,6 +20,8 @@ def cmd_decode(a) -> None:
 
 
 def cmd_encode(a) -> None:
+    from stylegrad.stylecodes.facade import encode_image
+
     print(encode_image(a.image, a.stylecodes_model, a.siglip_model, a.format, a.device))
 
 
@@ -30,17 +30,30 @@ def cmd_random(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("code", help="stylecodes: make, read or draw short style codes",
-                       description="Stylecodes (Rowles 2024): a style as a 21-character code (stylegrad's format) "
-                       "or the reference implementation's 27-character code; both decode.")
+    sub.add_parser("code", help="stylecodes: make, read or draw short style codes", arguments=_arguments,
+                   description="Stylecodes (Rowles 2024): a style as a 21-character code (stylegrad's format) "
+                   "or the reference implementation's 27-character code; both decode.")
+
+
+def _arguments(p) -> None:
     code_sub = p.add_subparsers(dest="code_command", required=True, metavar="ACTION", parser_class=type(p))
     q = code_sub.add_parser("decode", help="print a code's format, version and 20 levels")
     q.add_argument("code", metavar="CODE")
     q.add_argument("--json", action="store_true", help='print {"format", "version", "levels"}')
     q.set_defaults(func=cmd_decode)
-    q = code_sub.add_parser("encode", help="make the code of an image's style",
-                            description="SigLIP features of the image -> the Stylecodes encoder -> 20 levels -> "
-                            "a code. Decoding and re-encoding a code gives the same code.")
+    code_sub.add_parser("encode", help="make the code of an image's style", arguments=_encode_arguments,
+                        description="SigLIP features of the image -> the Stylecodes encoder -> 20 levels -> "
+                        "a code. Decoding and re-encoding a code gives the same code.")
+    q = code_sub.add_parser("random", help="a random code")
+    q.add_argument("--seed", type=int, help="make it reproducible")
+    q.add_argument("--format", choices=FORMATS, default="stylegrad",
+                   help="stylegrad (21 characters, default) or reference (27)")
+    q.set_defaults(func=cmd_random)
+
+
+def _encode_arguments(q) -> None:
+    from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO, SIGLIP
+
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("--format", choices=FORMATS, default="stylegrad",
                    help="stylegrad (21 characters with the model version, default) or reference (27)")
@@ -50,8 +63,3 @@ def register(sub) -> None:
                    help="image encoder the codes are made with (default: %(default)s)")
     add_device(q, "cpu")
     q.set_defaults(func=cmd_encode)
-    q = code_sub.add_parser("random", help="a random code")
-    q.add_argument("--seed", type=int, help="make it reproducible")
-    q.add_argument("--format", choices=FORMATS, default="stylegrad",
-                   help="stylegrad (21 characters, default) or reference (27)")
-    q.set_defaults(func=cmd_random)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from stylegrad.apps.cli.args import number_list
-from stylegrad.world.measure import STEPS
 
 
 def cmd_demo(a) -> None:
@@ -20,12 +19,17 @@ def cmd_demo(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="see aesthetic gradients work, offline, in about a minute",
-                       description="Runs the paper's experiment on the small world bundled with stylegrad (a CLIP "
-                       "and a text-to-image model trained on procedural shapes): a style is embedded from bundled "
-                       "striped images; the same prompts and seeds are generated without it and with it at each "
-                       "step count. Writes grid.png and results.json (style similarity and shape/color fidelity "
-                       "per steps) and prints the table.")
+    sub.add_parser("demo", help="see aesthetic gradients work, offline, in about a minute",
+                   description="Runs the paper's experiment on the small world bundled with stylegrad (a CLIP "
+                   "and a text-to-image model trained on procedural shapes): a style is embedded from bundled "
+                   "striped images; the same prompts and seeds are generated without it and with it at each "
+                   "step count. Writes grid.png and results.json (style similarity and shape/color fidelity "
+                   "per steps) and prints the table.", arguments=_arguments)
+
+
+def _arguments(p) -> None:
+    from stylegrad.world.measure import STEPS
+
     p.add_argument("--out", default="stylegrad-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--style-steps", type=number_list(int, minimum=0), default=list(STEPS), metavar="LIST",
                    help=f"steps to compare (default {','.join(map(str, STEPS))})")

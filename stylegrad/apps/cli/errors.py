@@ -1,44 +1,27 @@
-"""The CLI's error table (the ``hf`` CLI's pattern): each kind of exception a user can cause, as one line."""
+"""The CLI's one ``Error:`` line: the library's description of any error (``stylegrad.errors.describe``), with
+the CLI's own words where it has them: request fields as the flags that set them, and which flags to lower when
+memory runs out."""
 
 from __future__ import annotations
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, describe, is_out_of_memory
+
+MEMORY = "out of memory: try a smaller --width/--height or --n, fewer --style-steps, or another --device"
+# request fields whose flag is not simply '--' + the field with dashes
+FLAGS = {"prompt": "PROMPT", "loras": "--lora", "embeddings": "--embedding"}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _os_error(e: OSError) -> str:
-    what = e.strerror or _first_line(e)
-    return f"{what}: {e.filename}" if e.filename else what
-
-
-def _unicode(e: UnicodeDecodeError) -> str:
-    return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-
-
-def _memory(e: BaseException) -> str:
-    return "out of memory: try a smaller --width/--height or --n, fewer --style-steps, or another --device"
-
-
-# (exception type, one line): the first type that matches wins, so subclasses come first
-TABLE: list[tuple[type[BaseException], object]] = [
-    (StylegradError, _first_line),
-    (UnicodeDecodeError, _unicode),
-    (MemoryError, _memory),
-    (OSError, _os_error),
-]
+def flag(field: str) -> str:
+    """The flag that sets a request field: ``style_options.lr`` -> ``--style-lr``, ``loras[1]`` -> ``--lora``."""
+    name = field.split("[", 1)[0]
+    if name.startswith("style_options."):
+        name = "style_" + name.removeprefix("style_options.")
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def error_line(e: BaseException) -> str:
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError):
-        return _memory(e)
-    for kind, line in TABLE:
-        if isinstance(e, kind):
-            return line(e)
-    return (f"unexpected {type(e).__name__}: {_first_line(e)[:300]} (a bug in stylegrad? STYLEGRAD_DEBUG=1 shows "
-            "the traceback to report)")
+    if is_out_of_memory(e):
+        return MEMORY
+    if isinstance(e, RequestError):
+        return str(e.renamed(flag(e.field)))
+    return describe(e)

@@ -6,14 +6,13 @@ from pathlib import Path
 
 from stylegrad.apps.cli.args import add_device, add_model_options, add_style_options, number_list, style_options
 from stylegrad.apps.cli.batch import add_ray_options, ray_options
-from stylegrad.evaluation.experiment import run_evaluation, seeds_from
-from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
-from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
-from stylegrad.pipelines.loading import DEFAULT_MODEL
-from stylegrad.pipelines.request import GenerationRequest
 
 
 def cmd_evaluate(a) -> None:
+    from stylegrad.evaluation.experiment import run_evaluation, seeds_from
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+    from stylegrad.pipelines.request import GenerationRequest
+
     base = GenerationRequest(prompt="", negative=a.negative, steps=a.steps, cfg=a.cfg, width=a.width,
                              height=a.height, sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL,
                              style_options=style_options(a, steps=0), clip_model=a.clip_model)
@@ -28,11 +27,18 @@ def cmd_evaluate(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="measure styles: the paper's experiment on your prompts",
-                       description="Generate prompt x style x steps x seed, score every image (aesthetic score, "
-                       "CLIP score, style similarity) and write results.csv, summary.json, plots, grids and "
-                       "report.html into --out. Rerunning the same command resumes; other settings into the same "
-                       "folder are refused.")
+    sub.add_parser("evaluate", help="measure styles: the paper's experiment on your prompts",
+                   description="Generate prompt x style x steps x seed, score every image (aesthetic score, "
+                   "CLIP score, style similarity) and write results.csv, summary.json, plots, grids and "
+                   "report.html into --out. Rerunning the same command resumes; other settings into the same "
+                   "folder are refused.", arguments=_arguments)
+
+
+def _arguments(p) -> None:
+    from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
+    from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: stylegrad's shipped set)")
     p.add_argument("--style", action="append", required=True, metavar="FILE", help="style file; repeat for more")
     p.add_argument("--style-steps", type=number_list(int, minimum=0), default=[0, 5, 10, 20], metavar="LIST",

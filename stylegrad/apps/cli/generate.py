@@ -4,6 +4,7 @@ stylegrad PNG (``--from``)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from stylegrad.apps.cli.args import (
     add_addon_options,
@@ -13,26 +14,31 @@ from stylegrad.apps.cli.args import (
     number_list,
     style_options,
 )
-from stylegrad.files.styles import load_style
-from stylegrad.pipelines.generation import Generator, request_from_png
-from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
-from stylegrad.pipelines.request import GenerationRequest
-from stylegrad.stylecodes.facade import SIGLIP
-from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO
+
+if TYPE_CHECKING:  # the modules that load models are imported by the command, not by `stylegrad --help`
+    from stylegrad.pipelines.request import GenerationRequest
 
 
 def _request(a) -> GenerationRequest:
+    """The request of the command line, through the schema's one build (no limits but the schema's; --seed -1 is
+    a random seed, as in A1111); a bad value is a RequestError that the error line names by its flag."""
+    from stylegrad.pipelines.generation import request_from_png
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+    from stylegrad.pipelines.request import build, check
+
     if a.from_png:
-        return request_from_png(a.from_png, a.embeddings, a.loras, model=a.model, style=a.style,
-                                init_image=a.init_image, clip_model=a.clip_model, stylecodes_model=a.stylecodes_model)
-    return GenerationRequest(
+        request = request_from_png(a.from_png, a.embeddings, a.loras, model=a.model, style=a.style,
+                                   init_image=a.init_image, clip_model=a.clip_model,
+                                   stylecodes_model=a.stylecodes_model)
+        return check(request, n=a.n)
+    return build(dict(
         prompt=a.prompt, negative=a.negative, seed=a.seed, steps=a.steps, cfg=a.cfg, width=a.width, height=a.height,
         sampler=a.sampler, clip_skip=a.clip_skip, model=a.model or DEFAULT_MODEL, init_image=a.init_image,
         strength=a.strength, style=a.style, style_options=style_options(a), clip_model=a.clip_model,
         stylecode=a.stylecode, stylecode_image=a.stylecode_image, stylecode_strength=a.stylecode_strength,
         stylecode_guidance=a.stylecode_guidance, stylecodes_model=a.stylecodes_model,
         loras=tuple(a.lora), embeddings=tuple(a.embedding), weighting=a.weighting,
-    )
+    ), n=a.n, random_seed_allowed=True)
 
 
 def _check_addon_files(request: GenerationRequest, a) -> None:
@@ -48,13 +54,14 @@ def _check_addon_files(request: GenerationRequest, a) -> None:
 
 
 def cmd_generate(a) -> None:
+    from stylegrad.files.styles import load_style
+    from stylegrad.pipelines.generation import Generator
+
     if (a.prompt is None) == (a.from_png is None):
         a.parser.error("give a PROMPT, or --from IMAGE.png to regenerate an image")
     if a.compare and a.style is None:
         a.parser.error("--compare needs --style")
     request = _request(a)
-    if a.n < 1:
-        a.parser.error(f"--n must be >= 1, got {a.n}")
     if request.style:
         load_style(request.style)  # a bad style file fails before any model loads
     _check_addon_files(request, a)
@@ -74,10 +81,16 @@ def cmd_generate(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate images with a style",
-                       description="Generate images with a diffusers Stable Diffusion pipeline, styled by an "
-                       "aesthetic embedding (--style), a stylecode (--stylecode / --stylecode-image), or both. Every "
-                       "PNG records all its settings; --from IMAGE.png makes the same image again.")
+    sub.add_parser("generate", help="generate images with a style", arguments=_arguments,
+                   description="Generate images with a diffusers Stable Diffusion pipeline, styled by an "
+                   "aesthetic embedding (--style), a stylecode (--stylecode / --stylecode-image), or both. Every "
+                   "PNG records all its settings; --from IMAGE.png makes the same image again.")
+
+
+def _arguments(p) -> None:
+    from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
+    from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO, SIGLIP
+
     p.add_argument("prompt", nargs="?", metavar="PROMPT")
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="make a stylegrad PNG again from its metadata, the same pixels (--model, --vae, --style, "
@@ -104,7 +117,8 @@ def register(sub) -> None:
     add_model_options(g, DEFAULT_MODEL)
     g.add_argument("--clip-model", metavar="ID_OR_PATH",
                    help="CLIP model whose projection defines the style space (default: the family's)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image, 0..4294967295 or -1 for a random "
+                   "one; image i uses seed+i (default 0)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--width", type=int, help="image width (default: the model's)")

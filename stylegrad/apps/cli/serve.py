@@ -6,11 +6,11 @@ import os
 import sys
 
 from stylegrad.apps.cli.args import add_device, add_model_options
-from stylegrad.pipelines.loading import DEFAULT_MODEL
 
 
 def cmd_serve(a) -> None:
     from stylegrad.apps.serve.settings import ServeSettings, default_dirs
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
 
     settings = ServeSettings(  # a bad address or key fails before any model loads
         host=a.host, port=a.port, api_key=a.api_key or os.environ.get("STYLEGRAD_API_KEY") or None,
@@ -49,14 +49,20 @@ def cmd_serve(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="web UI and HTTP API (A1111-compatible) over one model",
-                       description="Serve one loaded model: a web UI at / (make a style from pictures, generate with "
-                       "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
-                       "img2img, png-info, progress, interrupt, sd-models, samplers, loras, embeddings; the aesthetic "
-                       "fields under alwayson_scripts['Aesthetic embeddings']) and stylegrad's own API at /v1 (its "
-                       "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
-                       epilog="Example: stylegrad serve --model dreamshaper_8.safetensors --styles styles/ --loras "
-                       "models/Lora --embeddings embeddings/")
+    sub.add_parser("serve", help="web UI and HTTP API (A1111-compatible) over one model",
+                   description="Serve one loaded model: a web UI at / (make a style from pictures, generate with "
+                   "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
+                   "img2img, png-info, progress, interrupt, sd-models, samplers, loras, embeddings; the aesthetic "
+                   "fields under alwayson_scripts['Aesthetic embeddings']) and stylegrad's own API at /v1 (its "
+                   "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
+                   epilog="Example: stylegrad serve --model dreamshaper_8.safetensors --styles styles/ --loras "
+                   "models/Lora --embeddings embeddings/", arguments=_arguments)
+
+
+def _arguments(p) -> None:
+    from stylegrad.pipelines.limits import SERVER  # the server's limits, defined once
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+
     g = p.add_argument_group("model")
     add_model_options(g, DEFAULT_MODEL)
     g.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP that styles are made with and measured in "
@@ -86,8 +92,11 @@ def register(sub) -> None:
     g.add_argument("--batch", type=int, default=1, metavar="N", help="run up to N waiting requests with the same "
                    "sampler, steps, guidance and size as one batch: several times the throughput under load, but an "
                    "image then equals `generate`'s only up to float rounding (default 1: exactly the same pixels)")
-    g.add_argument("--max-side", type=int, default=2048, metavar="PX", help="largest width or height (default 2048)")
-    g.add_argument("--max-steps", type=int, default=150, metavar="N", help="most denoising steps (default 150)")
-    g.add_argument("--max-images", type=int, default=8, metavar="N", help="most images per request (default 8)")
+    g.add_argument("--max-side", type=int, default=SERVER.max_side, metavar="PX",
+                   help=f"largest width or height, also of an init image's picture (default {SERVER.max_side})")
+    g.add_argument("--max-steps", type=int, default=SERVER.max_steps, metavar="N",
+                   help=f"most denoising steps (default {SERVER.max_steps})")
+    g.add_argument("--max-images", type=int, default=SERVER.max_images, metavar="N",
+                   help=f"most images per request (default {SERVER.max_images})")
     g.add_argument("--max-upload-mb", type=int, default=20, metavar="MB", help="largest uploaded image (default 20)")
     p.set_defaults(func=cmd_serve, parser=p)

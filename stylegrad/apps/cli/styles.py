@@ -6,21 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-from stylegrad.aesthetic.embedding import BIGG, MEANS, embed_to_file
-from stylegrad.aesthetic.tower import FAMILIES
 from stylegrad.apps.cli.args import add_device
 from stylegrad.errors import StylegradError
-from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
-from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
-from stylegrad.evaluation.scoring import score_files
-from stylegrad.files.pnginfo import read_generation_info
-from stylegrad.files.recognize import describe_width, inspect_file
-from stylegrad.files.styles import mix_style_files
 
 LONG = 200  # metadata values longer than this are shortened in text mode (kohya's ss_tag_frequency is ~15 KB)
 
 
 def cmd_embed(a) -> None:
+    from stylegrad.aesthetic.embedding import BIGG, embed_to_file
+    from stylegrad.aesthetic.tower import FAMILIES
+
     sdxl = a.family == "sdxl"
     clip = a.clip_model or FAMILIES["sd1" if sdxl else a.family].clip_model
     extra = {"clip_model_g": a.clip_model_g or BIGG} if sdxl else {}
@@ -36,6 +31,8 @@ def cmd_embed(a) -> None:
 
 
 def cmd_mix(a) -> None:
+    from stylegrad.files.styles import mix_style_files
+
     style = mix_style_files(a.styles, a.output, a.slerp, a.format)
     print(f"{a.output}: {style.metadata['method']}")
 
@@ -48,6 +45,8 @@ def _short(value: str) -> str:
 def _describe(info) -> dict:
     d = info.as_dict()
     if info.kind == "image" and info.format == "png":
+        from stylegrad.files.pnginfo import read_generation_info
+
         gen = read_generation_info(info.path)
         if gen is not None:
             d["generation"] = {k: v for k, v in gen.as_dict().items() if k != "raw"}
@@ -55,6 +54,8 @@ def _describe(info) -> dict:
 
 
 def _print_text(d: dict) -> None:
+    from stylegrad.files.recognize import describe_width
+
     print(d["path"])
     print(f"  kind:    {d['kind']}{' (' + d['format'] + ')' if d['format'] else ''}"
           f"{'' if d['usable'] or d['kind'] not in ('style',) else ' (not usable as a style)'}")
@@ -88,6 +89,8 @@ def _print_text(d: dict) -> None:
 
 
 def cmd_info(a) -> int:
+    from stylegrad.files.recognize import inspect_file
+
     rows, failed = [], 0
     for f in a.files:  # one unreadable file does not stop the others
         try:
@@ -104,6 +107,8 @@ def cmd_info(a) -> int:
 
 
 def cmd_score(a) -> None:
+    from stylegrad.evaluation.scoring import score_files
+
     rows = score_files(a.files, a.predictor, a.clip_model, a.device)
     if a.json:
         print(json.dumps(rows, indent=2))
@@ -113,15 +118,31 @@ def cmd_score(a) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("embed", help="make a style file from images",
-                       description="Average the CLIP image embeddings of images into a style file.")
+    sub.add_parser("embed", help="make a style file from images", arguments=_embed_arguments,
+                   description="Average the CLIP image embeddings of images into a style file.")
+    sub.add_parser("mix", help="mix styles into one", description="Normalized weighted mean of styles.",
+                   arguments=_mix_arguments)
+    sub.add_parser("info", help="say what a file is", arguments=_info_arguments,
+                   description="What any file is (style, textual inversion, LoRA, checkpoint, image, other), "
+                   "with its shape, dtype, width(s), family and metadata; for PNGs the generation parameters "
+                   "written by AUTOMATIC1111, ComfyUI, NovelAI, kohya sd-scripts or stylegrad.")
+    sub.add_parser("score", help="aesthetic score of images and style files", arguments=_score_arguments,
+                   description="Score images (through the CLIP image encoder) and style files (directly: a "
+                   "style is already a CLIP image embedding) with a published aesthetic predictor.")
+
+
+def _embed_arguments(p) -> None:
+    from stylegrad.aesthetic.embedding import BIGG, MEANS
+    from stylegrad.families import Family
+
+    one_tower = (Family.SD1, Family.SD2)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders of images")
     p.add_argument("-o", "--output", required=True, metavar="STYLE", help="output file (.safetensors or .pt)")
     p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP model (default: the family's CLIP)")
-    p.add_argument("--family", choices=sorted(FAMILIES) + ["sdxl"], default="sd1",
-                   help="model family the style is for: " + ", ".join(f"{f.name} = {f.clip_model}"
-                                                                      for f in FAMILIES.values())
-                   + f", sdxl = both {FAMILIES['sd1'].clip_model} and {BIGG} (two image towers; bigG's is 1.8 B "
+    p.add_argument("--family", choices=[f.value for f in (*one_tower, Family.SDXL)], default="sd1",
+                   help="model family the style is for: " + ", ".join(f"{f.value} = {f.clip_models[0]}"
+                                                                      for f in one_tower)
+                   + f", sdxl = both {Family.SDXL.clip_models[0]} and {BIGG} (two image towers; bigG's is 1.8 B "
                    "parameters, about 3.7 GB in fp16) (default sd1)")
     p.add_argument("--clip-model-g", metavar="ID_OR_PATH", help=f"--family sdxl: the bigG CLIP (default: {BIGG})")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
@@ -136,24 +157,25 @@ def register(sub) -> None:
     add_device(p)
     p.set_defaults(func=cmd_embed, parser=p)
 
-    p = sub.add_parser("mix", help="mix styles into one", description="Normalized weighted mean of styles.")
+
+def _mix_arguments(p) -> None:
     p.add_argument("styles", nargs="+", metavar="STYLE[:WEIGHT]", help="style files with optional weights")
     p.add_argument("-o", "--output", required=True, metavar="STYLE", help="output file")
     p.add_argument("--slerp", action="store_true", help="spherical interpolation (exactly two styles)")
     p.add_argument("--format", choices=["safetensors", "pt"], help="output format (default: from the suffix)")
     p.set_defaults(func=cmd_mix)
 
-    p = sub.add_parser("info", help="say what a file is",
-                       description="What any file is (style, textual inversion, LoRA, checkpoint, image, other), "
-                       "with its shape, dtype, width(s), family and metadata; for PNGs the generation parameters "
-                       "written by AUTOMATIC1111, ComfyUI, NovelAI, kohya sd-scripts or stylegrad.")
+
+def _info_arguments(p) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("score", help="aesthetic score of images and style files",
-                       description="Score images (through the CLIP image encoder) and style files (directly: a "
-                       "style is already a CLIP image embedding) with a published aesthetic predictor.")
+
+def _score_arguments(p) -> None:
+    from stylegrad.evaluation.predictors import DEFAULT as DEFAULT_PREDICTOR
+    from stylegrad.evaluation.predictors import KNOWN as PREDICTORS
+
     p.add_argument("files", nargs="+", metavar="FILE", help="images and/or style files")
     p.add_argument("--predictor", default=DEFAULT_PREDICTOR, metavar="NAME_OR_PATH",
                    help=f"{', '.join(PREDICTORS)} or a .pth path (default {DEFAULT_PREDICTOR}, the LAION aesthetic "

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from stylegrad.apps.cli.args import add_device
-from stylegrad.pipelines.loading import DEFAULT_MODEL
-from stylegrad.stylecodes.model import SIGLIP
-from stylegrad.stylecodes.training import TrainConfig, train
 
 
 def cmd_stylecodes(a) -> None:
+    from stylegrad.stylecodes.training import TrainConfig, train
+
     cfg = TrainConfig(data=a.data, out=a.out, model=a.model, siglip=a.siglip_model, init=a.init, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, resolution=a.resolution, grad_accum=a.grad_accum,
                       checkpoint_every=a.checkpoint_every, seed=a.seed,
@@ -18,6 +17,8 @@ def cmd_stylecodes(a) -> None:
 
 
 def _common(a) -> dict:
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+
     return dict(model=a.model or DEFAULT_MODEL, device=a.device, vae=a.vae, models_dir=a.models_dir,
                 resume=not a.restart, steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
                 resolution=a.resolution, seed=a.seed, checkpoint_every=a.checkpoint_every,
@@ -43,6 +44,7 @@ def cmd_lora(a) -> None:
 
 def _training_options(q, defaults: dict) -> None:
     from stylegrad.apps.cli.args import add_model_options
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
 
     q.add_argument("images", nargs="+", metavar="IMAGES", help="pictures, or folders of them (a .txt file beside a "
                    "picture is its caption)")
@@ -70,16 +72,32 @@ def _training_options(q, defaults: dict) -> None:
 
 
 def register(sub) -> None:
-    from stylegrad.training import lora, textual_inversion
+    sub.add_parser("train", help="train textual inversions, LoRAs or a Stylecodes model", arguments=_arguments)
 
-    p = sub.add_parser("train", help="train textual inversions, LoRAs or a Stylecodes model")
+
+def _arguments(p) -> None:
     train_sub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT", parser_class=type(p))
-    q = train_sub.add_parser("textual-inversion", help="a new word for your pictures' style or object",
-                             description="Textual inversion (Gal et al. 2022): new vectors for --token, learned "
-                             "from the pictures with the model frozen (the diffusers example's recipe and defaults). "
-                             "Writes OUT as A1111's .pt and a .safetensors (A1111, ComfyUI, diffusers, stylegrad).",
-                             epilog="Example: stylegrad train textual-inversion my_pictures/ --token mystyle --init "
-                             "painting --out embeddings/mystyle.pt")
+    train_sub.add_parser("textual-inversion", help="a new word for your pictures' style or object",
+                         description="Textual inversion (Gal et al. 2022): new vectors for --token, learned "
+                         "from the pictures with the model frozen (the diffusers example's recipe and defaults). "
+                         "Writes OUT as A1111's .pt and a .safetensors (A1111, ComfyUI, diffusers, stylegrad).",
+                         epilog="Example: stylegrad train textual-inversion my_pictures/ --token mystyle --init "
+                         "painting --out embeddings/mystyle.pt", arguments=_textual_inversion_arguments)
+    train_sub.add_parser("lora", help="a LoRA (kohya format) from your pictures",
+                         description="LoRA (Hu et al. 2021) beside the UNet's attention projections (and the text "
+                         "encoders' with --text-encoder), saved in kohya's format for A1111, ComfyUI, diffusers "
+                         "and stylegrad.", epilog="Example: stylegrad train lora my_pictures/ --word mystyle "
+                         "--out models/Lora/mystyle.safetensors", arguments=_lora_arguments)
+    train_sub.add_parser("stylecodes", help="train a Stylecodes model on (style image, prompt, target) triples",
+                         description="The Stylecodes paper's recipe: SD and SigLIP frozen; the style encoder, "
+                         "decoder and control module trained end to end with the diffusion loss. DATA holds "
+                         "index.csv or index.jsonl with columns style_image, prompt, target_image. Checkpoints go "
+                         "to OUT/checkpoint-N; rerunning the same command resumes exactly.", arguments=_stylecodes_arguments)
+
+
+def _textual_inversion_arguments(q) -> None:
+    from stylegrad.training import textual_inversion
+
     q.add_argument("--token", required=True, metavar="NAME", help="the word prompts will use")
     q.add_argument("--init", metavar="WORD", help="start the vectors from this word's (default: the table's mean)")
     q.add_argument("--vectors", type=int, default=1, metavar="N", help="vectors per token (default 1)")
@@ -88,11 +106,11 @@ def register(sub) -> None:
     kind.add_argument("--object", action="store_true", help="object prompt templates")
     _training_options(q, textual_inversion.DEFAULTS)
     q.set_defaults(func=cmd_textual_inversion)
-    q = train_sub.add_parser("lora", help="a LoRA (kohya format) from your pictures",
-                             description="LoRA (Hu et al. 2021) beside the UNet's attention projections (and the text "
-                             "encoders' with --text-encoder), saved in kohya's format for A1111, ComfyUI, diffusers "
-                             "and stylegrad.", epilog="Example: stylegrad train lora my_pictures/ --word mystyle "
-                             "--out models/Lora/mystyle.safetensors")
+
+
+def _lora_arguments(q) -> None:
+    from stylegrad.training import lora
+
     q.add_argument("--rank", type=int, default=4, help="rank (default 4)")
     q.add_argument("--alpha", type=float, help="alpha (default: the rank, so the scale is 1)")
     q.add_argument("--text-encoder", action="store_true", help="also train LoRA on the text encoder(s)")
@@ -100,11 +118,12 @@ def register(sub) -> None:
                    "captions)")
     _training_options(q, lora.DEFAULTS)
     q.set_defaults(func=cmd_lora)
-    q = train_sub.add_parser("stylecodes", help="train a Stylecodes model on (style image, prompt, target) triples",
-                             description="The Stylecodes paper's recipe: SD and SigLIP frozen; the style encoder, "
-                             "decoder and control module trained end to end with the diffusion loss. DATA holds "
-                             "index.csv or index.jsonl with columns style_image, prompt, target_image. Checkpoints go "
-                             "to OUT/checkpoint-N; rerunning the same command resumes exactly.")
+
+
+def _stylecodes_arguments(q) -> None:
+    from stylegrad.pipelines.loading import DEFAULT_MODEL
+    from stylegrad.stylecodes.model import SIGLIP
+
     q.add_argument("data", metavar="DATA", help="folder with index.csv or index.jsonl and the images")
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the final stylecodes.safetensors")
     q.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH",

@@ -10,10 +10,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.errors import StylegradError
-from stylegrad.pipelines.loading import sampler_id
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.pipelines.request import GenerationRequest
+
+from .jobs import wait
 
 SCRIPT = "aesthetic embeddings"  # the extension's script title, as A1111 matches alwayson_scripts keys
 # the extension's ui() order, and its defaults
@@ -22,6 +22,14 @@ SCRIPT_ARGS = ("aesthetic_weight", "aesthetic_steps", "aesthetic_lr", "aesthetic
 SCRIPT_DEFAULTS = dict(aesthetic_weight=0.9, aesthetic_steps=5, aesthetic_lr=0.0001, aesthetic_slerp=False,
                        aesthetic_imgs="None", aesthetic_imgs_text="", aesthetic_slerp_angle=0.1,
                        aesthetic_text_negative=False)
+CLIP_STOP = "override_settings.CLIP_stop_at_last_layers"
+# the schema's field -> A1111's name for it, so an error names what the client sent
+NAMES = {"negative": "negative_prompt", "cfg": "cfg_scale", "sampler": "sampler_name", "n": "batch_size x n_iter",
+         "strength": "denoising_strength", "clip_skip": CLIP_STOP, "init_image": "init_images[0]",
+         "style": f"alwayson_scripts['{SCRIPT}'].aesthetic_imgs", "style_options.steps": "aesthetic_steps",
+         "style_options.lr": "aesthetic_lr", "style_options.weight": "aesthetic_weight",
+         "style_options.slerp": "aesthetic_slerp", "style_options.text": "aesthetic_imgs_text",
+         "style_options.text_angle": "aesthetic_slerp_angle", "style_options.text_negative": "aesthetic_text_negative"}
 
 
 class Txt2Img(BaseModel):
@@ -33,10 +41,10 @@ class Txt2Img(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
-    steps: int = Field(50, ge=1)
-    cfg_scale: float = Field(7.0, ge=0, le=100)
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
@@ -51,7 +59,7 @@ class Txt2Img(BaseModel):
 
 class Img2Img(Txt2Img):
     init_images: list[str] | None = None
-    denoising_strength: float = Field(0.75, gt=0, le=1)
+    denoising_strength: float = 0.75
 
 
 class PNGInfoRequest(BaseModel):
@@ -67,62 +75,54 @@ def _script_args(scripts: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(args, dict):
         unknown = set(args) - set(SCRIPT_ARGS)
         if unknown:
-            raise StylegradError(f"alwayson_scripts['{SCRIPT}']: unknown argument(s) {', '.join(sorted(unknown))}")
+            raise RequestError(f"alwayson_scripts['{SCRIPT}']",
+                               f"{{field}}: unknown argument(s) {', '.join(sorted(unknown))}")
         return {**SCRIPT_DEFAULTS, **args}
     if not isinstance(args, list) or len(args) > len(SCRIPT_ARGS):
-        raise StylegradError(f"alwayson_scripts['{SCRIPT}'].args: a list of at most {len(SCRIPT_ARGS)} values "
-                             f"({', '.join(SCRIPT_ARGS)})")
+        raise RequestError(f"alwayson_scripts['{SCRIPT}'].args",
+                           f"{{field}}: a list of at most {len(SCRIPT_ARGS)} values ({', '.join(SCRIPT_ARGS)})")
     return {**SCRIPT_DEFAULTS, **dict(zip(SCRIPT_ARGS, args))}
 
 
-def _number(args: dict, key: str, kind, lo: float, hi: float):
+def _value(args: dict, key: str, kind):
+    """A script argument as the schema's type (its range is the schema's to check)."""
     try:
-        v = kind(args[key])
-    except (TypeError, ValueError) as e:
-        raise StylegradError(f"{key}: {args[key]!r} is not a number") from e
-    if not lo <= v <= hi:
-        raise StylegradError(f"{key}: {v} is outside {lo}..{hi}")
-    return v
+        return kind(args[key])
+    except (TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
+        raise RequestError(key, f"must be a number, got {args[key]!r}") from e
 
 
-def to_request(body: Txt2Img, service, seed: int, init: bool = False) -> GenerationRequest:
-    """Our request for an A1111 one; every name resolved inside the server's folders, every limit checked."""
-    s = service.settings
-    if body.width > s.max_side or body.height > s.max_side:
-        raise StylegradError(f"width and height must be at most {s.max_side}")
-    if body.width % 8 or body.height % 8:
-        raise StylegradError("width and height must be multiples of 8")
-    if body.steps > s.max_steps:
-        raise StylegradError(f"steps must be at most {s.max_steps}")
+def to_request(body: Txt2Img, service, init_size: tuple[int, int] | None = None) -> GenerationRequest:
+    """Our request for an A1111 one, through the one build (names inside the server's folders, its limits, seed
+    -1 random); a bad field is named as A1111 names it."""
     name = body.sampler_name or body.sampler_index
     if body.scheduler and body.scheduler.lower() == "karras" and "karras" not in name.lower():
         name = f"{name} Karras"
-    sampler = sampler_id(name)
-    clip_skip = None
+    values = dict(prompt=body.prompt, negative=body.negative_prompt, seed=body.seed, steps=body.steps,
+                  cfg=body.cfg_scale, width=body.width, height=body.height, sampler=name,
+                  style_options={"steps": 0})
     stop = body.override_settings.get("CLIP_stop_at_last_layers")
     if stop is not None:
-        if not isinstance(stop, int) or not 1 <= stop <= 12:
-            raise StylegradError("override_settings.CLIP_stop_at_last_layers must be 1..12")
-        clip_skip = stop - 1 or None  # A1111's 1 = the last layer = no skip
-    style, options = None, StyleOptions(steps=0)
+        if isinstance(stop, bool) or not isinstance(stop, int) or not 1 <= stop <= 12:
+            raise RequestError(CLIP_STOP, f"must be a whole number in 1..12, got {stop!r}")
+        values["clip_skip"] = stop - 1 or None  # A1111's 1 = the last layer = no skip
+    if isinstance(body, Img2Img):
+        values["strength"] = body.denoising_strength
     args = _script_args(body.alwayson_scripts)
     if args is not None and str(args["aesthetic_imgs"]) not in ("", "None"):
-        style = service.style_path(str(args["aesthetic_imgs"]))
-        options = StyleOptions(
-            steps=_number(args, "aesthetic_steps", int, 0, s.max_style_steps),
-            lr=_number(args, "aesthetic_lr", float, 0.0, 1.0),
-            weight=_number(args, "aesthetic_weight", float, 0.0, 1.0),
-            slerp=bool(args["aesthetic_slerp"]),
-            text=str(args["aesthetic_imgs_text"]) or None,
-            text_angle=_number(args, "aesthetic_slerp_angle", float, 0.0, 1.0),
+        values["style"] = str(args["aesthetic_imgs"])
+        values["style_options"] = dict(
+            steps=_value(args, "aesthetic_steps", int), lr=_value(args, "aesthetic_lr", float),
+            weight=_value(args, "aesthetic_weight", float), slerp=bool(args["aesthetic_slerp"]),
+            text=str(args["aesthetic_imgs_text"]) or None, text_angle=_value(args, "aesthetic_slerp_angle", float),
             text_negative=bool(args["aesthetic_text_negative"]),
             personalize_negative=True,  # the extension tunes every prompt it encodes, the negative too
         )
-    return GenerationRequest(
-        prompt=body.prompt, negative=body.negative_prompt, seed=seed, steps=body.steps, cfg=body.cfg_scale,
-        width=body.width, height=body.height, sampler=sampler, clip_skip=clip_skip,
-        model=str(service.generator.model or ""), clip_model=service.clip_model, style=style, style_options=options,
-        strength=getattr(body, "denoising_strength", 0.75) if init else 0.75)
+    try:
+        return service.request(values, n=body.batch_size * body.n_iter, init_size=init_size,
+                               random_seed_allowed=True)
+    except RequestError as e:
+        raise e.renamed(NAMES.get(e.field, e.field)) from None
 
 
 def info_json(body: Txt2Img, request: GenerationRequest, seeds: list[int], infotexts: list[str], service) -> str:
@@ -145,29 +145,25 @@ def info_json(body: Txt2Img, request: GenerationRequest, seeds: list[int], infot
 
 
 def routes(app, service) -> None:
-    from .app import wait
     from .images import decode_b64, open_image, png_b64
-    from .service import random_seed
 
     s = service.settings
 
     async def run(body: Txt2Img, init: bool):
         n = body.batch_size * body.n_iter
-        if n > s.max_images:
-            raise StylegradError(f"batch_size x n_iter must be at most {s.max_images}")
-        seed = random_seed() if body.seed == -1 else body.seed
-        if not 0 <= seed < 2**32:
-            raise StylegradError("seed must be -1 or 0..4294967295")
         init_image = None
         if init:
             if not body.init_images:
-                raise StylegradError("init_images: one base64 image is needed")
+                raise RequestError("init_images", "{field}: one base64 image is needed")
             init_image = open_image(decode_b64(body.init_images[0], s.max_upload_bytes, "init_images[0]"),
                                     s.max_upload_bytes, "init_images[0]")
-        request = to_request(body, service, seed, init)
-        job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id)
+        request = to_request(body, service, init_image.size if init_image is not None else None)
+        try:
+            job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id)
+        except RequestError as e:
+            raise e.renamed(NAMES.get(e.field, e.field)) from None
         results = await wait(job)
-        seeds = [seed + i for i in range(n)]
+        seeds = [request.seed + i for i in range(n)]
         infotexts = [text for _, text in results]
         images = [png_b64(im, text) for im, text in results] if body.send_images else None
         parameters = body.model_dump(exclude={"init_images"})

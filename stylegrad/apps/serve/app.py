@@ -3,7 +3,6 @@ OpenAPI page at /docs) and the Gradio web UI (/), all over one ``Service`` and i
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import logging
@@ -11,13 +10,9 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-
-from stylegrad.errors import StylegradError
 
 from . import a1111, native
-from .jobs import Cancelled, QueueFull, ShuttingDown
+from .errors import error, install
 from .service import Service
 
 log = logging.getLogger("stylegrad.serve")
@@ -40,10 +35,6 @@ def _authorized(header: str | None, key: str) -> bool:
             return False
         return hmac.compare_digest(password.encode(), key.encode())
     return False
-
-
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -79,26 +70,7 @@ def create_app(service: Service) -> FastAPI:
         log.info("%s %s %d %.0f ms", request.method, path, response.status_code, 1000 * (time.monotonic() - start))
         return response
 
-    @app.exception_handler(StylegradError)
-    async def bad_input(request: Request, e: StylegradError):
-        return error(422, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_fields(request: Request, e: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
-        return error(422, "; ".join(problems) or "invalid request", fields=problems)
-
-    @app.exception_handler(QueueFull)
-    async def full(request: Request, e: QueueFull):
-        return JSONResponse({"error": f"busy: {e}"}, status_code=429, headers={"Retry-After": "5"})
-
-    @app.exception_handler(ShuttingDown)
-    async def stopping(request: Request, e: ShuttingDown):
-        return error(503, str(e))
-
-    @app.exception_handler(Cancelled)
-    async def cancelled(request: Request, e: Cancelled):
-        return error(409, str(e))
+    install(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
@@ -118,11 +90,6 @@ def body_limit(settings, path: str) -> int:
     if path.startswith("/v1/styles"):
         return min(settings.max_upload_bytes * settings.max_style_images, 512 << 20)
     return settings.max_upload_bytes * 2 + (1 << 20)
-
-
-async def wait(job):
-    """The job's result, without holding the event loop (other clients, progress polls) while it runs."""
-    return await asyncio.wrap_future(job.future)
 
 
 def _version() -> str:

@@ -44,3 +44,22 @@ def resolve(name: str, dirs, suffixes, what: str) -> Path:
         if candidate.suffix.lower() in suffixes and candidate.is_file() and candidate.is_relative_to(root):
             return candidate
     raise StylegradError(f"{what} '{name}' is not in this server's {what} folders")
+
+
+class FolderNames:
+    """The server's ``Names`` (``pipelines.request.Names``): styles, LoRAs and embeddings only from its folders."""
+
+    def __init__(self, styles_dirs, loras_dirs, embeddings_dirs):
+        self.styles_dirs, self.loras_dirs, self.embeddings_dirs = styles_dirs, loras_dirs, embeddings_dirs
+
+    def style(self, name: str) -> str:
+        return str(resolve(name, self.styles_dirs, STYLE_SUFFIXES, "style"))
+
+    def lora(self, spec: str) -> str:
+        """'NAME[:TE[:UNET]]' with NAME resolved inside the LoRA folders (never a path of the client's)."""
+        name, _, weights = spec.partition(":")
+        path = resolve(name, self.loras_dirs, ADDON_SUFFIXES, "LoRA")
+        return f"{path}:{weights}" if weights else str(path)
+
+    def embedding(self, name: str) -> str:
+        return str(resolve(name, self.embeddings_dirs, ADDON_SUFFIXES, "embedding"))

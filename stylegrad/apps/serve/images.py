@@ -8,7 +8,7 @@ import io
 
 from PIL import Image, PngImagePlugin
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
@@ -17,35 +17,36 @@ MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
 def decode_b64(data: str, max_bytes: int, what: str = "image") -> bytes:
     """A1111 clients send images as base64, sometimes as a data URL ('data:image/png;base64,...')."""
     if not isinstance(data, str) or not data:
-        raise StylegradError(f"{what}: base64 image data is needed")
+        raise RequestError(what, "{field}: base64 image data is needed")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
     if len(data) * 3 // 4 > max_bytes:
-        raise StylegradError(f"{what}: larger than {max_bytes >> 20} MB")
+        raise RequestError(what, f"{{field}}: larger than {max_bytes >> 20} MB")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise StylegradError(f"{what}: not valid base64 ({e})") from e
+        raise RequestError(what, f"{{field}}: not valid base64 ({e})") from e
 
 
 def open_image(raw: bytes, max_bytes: int, what: str = "image") -> Image.Image:
     """An RGB image from uploaded bytes, whatever name or type the client claims: the bytes must decode as one of
     ``FORMATS``, within the size limits."""
     if len(raw) > max_bytes:
-        raise StylegradError(f"{what}: larger than {max_bytes >> 20} MB")
+        raise RequestError(what, f"{{field}}: larger than {max_bytes >> 20} MB")
     try:
         with Image.open(io.BytesIO(raw)) as probe:
             if probe.format not in FORMATS:
-                raise StylegradError(f"{what}: {probe.format} images are not accepted ({', '.join(FORMATS)} are)")
+                raise RequestError(what, f"{{field}}: {probe.format} images are not accepted "
+                                   f"({', '.join(FORMATS)} are)")
             if probe.width * probe.height > MAX_PIXELS:
-                raise StylegradError(f"{what}: {probe.width}x{probe.height} is more pixels than accepted")
+                raise RequestError(what, f"{{field}}: {probe.width}x{probe.height} is more pixels than accepted")
             probe.verify()
         with Image.open(io.BytesIO(raw)) as im:
             return im.convert("RGB")
     except StylegradError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise StylegradError(f"{what}: not a readable image ({type(e).__name__})") from e
+        raise RequestError(what, f"{{field}}: not a readable image ({type(e).__name__})") from e
 
 
 def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:

@@ -7,6 +7,7 @@ that floods the server gets a clear 429 at once instead of everyone waiting minu
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import threading
@@ -192,3 +193,8 @@ class JobQueue:
         if self.current is not None:
             self.current.cancel()
         self._thread.join(timeout)
+
+
+async def wait(job: Job):
+    """The job's result, without holding the event loop (other clients, progress polls) while it runs."""
+    return await asyncio.wrap_future(job.future)

@@ -4,31 +4,42 @@ stylecodes, per-request progress and cancel. Its OpenAPI page is /docs."""
 from __future__ import annotations
 
 import base64
+from dataclasses import MISSING, fields
 
 from fastapi import File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.files.styles import save_style
-from stylegrad.pipelines.loading import sampler_id
 from stylegrad.pipelines.request import GenerationRequest
+
+from .errors import error
+from .jobs import wait
+
+# The fields' types are for the OpenAPI page and for parsing JSON; their defaults are read from the schema's
+# dataclasses, and every range, limit and name is checked by the one build (pipelines/request.py).
+_REQUEST = {f.name: f.default for f in fields(GenerationRequest) if f.default is not MISSING}
+_STYLE = {f.name: f.default for f in fields(StyleOptions)}
+SERVER_SET = ("model", "clip_model", "stylecodes_model", "init_image", "stylecode_image")  # not the client's to name
 
 
 class StyleFields(BaseModel):
+    """``StyleOptions``: how the style personalizes the prompt (ranges: see the error a bad value gets)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(10, ge=0)
-    lr: float = Field(1e-4, ge=0, le=1)
-    weight: float = Field(1.0, ge=0, le=1)
-    slerp: bool = False
-    text: str | None = None
-    text_angle: float = Field(0.1, ge=0, le=1)
-    text_negative: bool = False
-    regularization: float = Field(0.0, ge=0)
-    target_similarity: float | None = Field(None, ge=-1, le=1)
-    personalize_negative: bool = False
-    towers: str = Field("both", pattern="^(l|g|both)$")
+    steps: int = _STYLE["steps"]
+    lr: float = _STYLE["lr"]
+    weight: float = _STYLE["weight"]
+    slerp: bool = _STYLE["slerp"]
+    text: str | None = _STYLE["text"]
+    text_angle: float = _STYLE["text_angle"]
+    text_negative: bool = _STYLE["text_negative"]
+    regularization: float = _STYLE["regularization"]
+    target_similarity: float | None = _STYLE["target_similarity"]
+    personalize_negative: bool = _STYLE["personalize_negative"]
+    towers: str = _STYLE["towers"]
 
 
 class Generate(BaseModel):
@@ -37,25 +48,26 @@ class Generate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
-    negative: str = ""
-    seed: int = Field(0, ge=0, lt=2**32)
-    n: int = Field(1, ge=1)
-    steps: int = Field(30, ge=1)
-    cfg: float = Field(7.5, ge=0, le=100)
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
-    sampler: str | None = None
-    clip_skip: int | None = Field(None, ge=0, le=11)
+    negative: str = _REQUEST["negative"]
+    seed: int = _REQUEST["seed"]
+    n: int = 1
+    steps: int = _REQUEST["steps"]
+    cfg: float = _REQUEST["cfg"]
+    width: int | None = _REQUEST["width"]
+    height: int | None = _REQUEST["height"]
+    sampler: str | None = _REQUEST["sampler"]
+    clip_skip: int | None = _REQUEST["clip_skip"]
     style: str | None = Field(None, description="a style's name in the server's styles folders")
     style_options: StyleFields = Field(default_factory=StyleFields)
     loras: list[str] = Field(default_factory=list, description="'NAME[:TE[:UNET]]', names in the LoRA folders")
     embeddings: list[str] = Field(default_factory=list, description="names in the embeddings folders")
-    stylecode: str | None = None
+    stylecode: str | None = _REQUEST["stylecode"]
     stylecode_image: str | None = Field(None, description="base64 image to take the stylecode from")
-    stylecode_strength: float = Field(1.0, ge=0, le=10)
+    stylecode_strength: float = _REQUEST["stylecode_strength"]
+    stylecode_guidance: bool = _REQUEST["stylecode_guidance"]
     init_image: str | None = Field(None, description="base64 image: img2img")
-    strength: float = Field(0.75, gt=0, le=1)
-    weighting: bool = True
+    strength: float = _REQUEST["strength"]
+    weighting: bool = _REQUEST["weighting"]
     task_id: str | None = Field(None, max_length=128, description="your id for this request's progress and cancel")
 
 
@@ -67,35 +79,19 @@ class CodeRequest(BaseModel):
     image: str | None = Field(None, description="base64 image whose style becomes a code")
     code: str | None = Field(None, description="a stylecode (or 'A::2 B::1') to preview")
     prompt: str = Field("a house by a lake", description="the preview's prompt")
-    seed: int = Field(0, ge=0, lt=2**32)
-    steps: int = Field(20, ge=1)
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
+    seed: int = _REQUEST["seed"]
+    steps: int = 20
+    width: int | None = None
+    height: int | None = None
 
 
-def to_request(body: Generate, service) -> GenerationRequest:
-    s = service.settings
-    for side in (body.width, body.height):
-        if side is not None and (side > s.max_side or side % 8):
-            raise StylegradError(f"width and height must be multiples of 8, at most {s.max_side}")
-    if body.steps > s.max_steps:
-        raise StylegradError(f"steps must be at most {s.max_steps}")
-    if body.style_options.steps > s.max_style_steps:
-        raise StylegradError(f"style_options.steps must be at most {s.max_style_steps}")
-    options = StyleOptions(**body.style_options.model_dump())
-    return GenerationRequest(
-        prompt=body.prompt, negative=body.negative, seed=body.seed, steps=body.steps, cfg=body.cfg,
-        width=body.width, height=body.height, sampler=sampler_id(body.sampler) if body.sampler else None,
-        clip_skip=body.clip_skip, model=str(service.generator.model or ""), clip_model=service.clip_model,
-        style=service.style_path(body.style) if body.style else None, style_options=options,
-        loras=tuple(service.lora_arg(x) for x in body.loras),
-        embeddings=tuple(service.embedding_arg(x) for x in body.embeddings),
-        stylecode=body.stylecode or None, stylecode_strength=body.stylecode_strength, strength=body.strength,
-        stylecodes_model=service.stylecodes_model, weighting=body.weighting)
+def to_request(body: Generate, service, init_size: tuple[int, int] | None = None) -> GenerationRequest:
+    """The request of what the client sent (what it left out: the schema's defaults), through the one build."""
+    values = body.model_dump(exclude_unset=True, exclude={"n", "task_id", *SERVER_SET})
+    return service.request(values, n=body.n, init_size=init_size)
 
 
 def routes(app, service) -> None:
-    from .app import wait
     from .images import decode_b64, open_image, png_b64
 
     s = service.settings
@@ -106,11 +102,11 @@ def routes(app, service) -> None:
     @app.post("/v1/generate", tags=["stylegrad"])
     async def generate(body: Generate):
         """Images as base64 PNGs (each with its infotext), the same pixels as ``stylegrad generate`` gives."""
-        request = to_request(body, service)
         init = image(body.init_image, "init_image") if body.init_image else None
+        request = to_request(body, service, init.size if init is not None else None)
         code_image = image(body.stylecode_image, "stylecode_image") if body.stylecode_image else None
         if code_image is not None and body.stylecode:
-            raise StylegradError("give stylecode or stylecode_image, not both")
+            raise RequestError("stylecode_image", "give stylecode or {field}, not both")
         job = service.submit_generation(request, body.n, init_image=init, stylecode_image=code_image,
                                         job_id=body.task_id)
         results = await wait(job)
@@ -158,9 +154,7 @@ def routes(app, service) -> None:
     async def progress(task_id: str):
         job = service.queue.jobs.get(task_id)
         if job is None:
-            from .app import error
-
-            return error(404, f"no task {task_id!r}")
+            return error(404, f"no task {task_id!r}", "task_id")
         return job.snapshot()
 
     @app.post("/v1/cancel/{task_id}", tags=["stylegrad"])
@@ -176,5 +170,5 @@ def routes(app, service) -> None:
         return {"model": service.model_name, "family": service.family, "styles": sorted(service.styles()),
                 "loras": sorted(service.loras()), "embeddings": sorted(service.embeddings()),
                 "samplers": [a for _, a in service.samplers()], "default_sampler": service.default_sampler(),
-                "limits": {k: getattr(s, k) for k in ("max_side", "max_steps", "max_style_steps", "max_images",
-                                                        "max_upload_bytes", "max_style_images", "max_waiting")}}
+                "limits": {**s.limits.as_dict(), **{k: getattr(s, k) for k in ("max_upload_bytes", "max_style_images",
+                                                                                "max_waiting")}}}

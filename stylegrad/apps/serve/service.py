@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from stylegrad.files.pnginfo import read_generation_info
 from stylegrad.files.styles import Style, save_style
 from stylegrad.pipelines.generation import Generator
 from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name, pipeline_family
-from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.pipelines.request import GenerationRequest, build, check
 
 from . import folders
 from .jobs import Cancelled, Job, JobQueue
@@ -38,18 +37,23 @@ class Service:
         self._image_encoder = None
         self._codes = None
 
-    # -- names inside the configured folders ------------------------------------------------------------
+    # -- requests, with names inside the configured folders ---------------------------------------------------
+    @property
+    def names(self) -> folders.FolderNames:
+        s = self.settings
+        return folders.FolderNames(s.styles_dirs, s.loras_dirs, s.embeddings_dirs)
+
     def style_path(self, name: str) -> str:
-        return str(folders.resolve(name, self.settings.styles_dirs, folders.STYLE_SUFFIXES, "style"))
+        return self.names.style(name)
 
-    def lora_arg(self, spec: str) -> str:
-        """'NAME[:TE[:UNET]]' with NAME resolved inside the LoRA folders (never a path of the client's)."""
-        name, _, weights = spec.partition(":")
-        path = folders.resolve(name, self.settings.loras_dirs, folders.ADDON_SUFFIXES, "LoRA")
-        return f"{path}:{weights}" if weights else str(path)
-
-    def embedding_arg(self, name: str) -> str:
-        return str(folders.resolve(name, self.settings.embeddings_dirs, folders.ADDON_SUFFIXES, "embedding"))
+    def request(self, values: dict, *, n: int = 1, init_size: tuple[int, int] | None = None,
+                random_seed_allowed: bool = False) -> GenerationRequest:
+        """The request a client asked for (schema field names), through the one ``build``: this server's model,
+        CLIP and Stylecodes model, its folders and its limits."""
+        values = {"model": str(self.generator.model or ""), "clip_model": self.clip_model,
+                  "stylecodes_model": self.stylecodes_model, **values}
+        return build(values, self.settings.limits, n=n, init_size=init_size, names=self.names,
+                     random_seed_allowed=random_seed_allowed)
 
     # -- the lists A1111 clients read ---------------------------------------------------------------------
     def styles(self) -> dict[str, Path]:
@@ -97,8 +101,7 @@ class Service:
     # -- jobs -------------------------------------------------------------------------------------------------
     def submit_generation(self, request: GenerationRequest, n: int = 1, init_image: Image.Image | None = None,
                           stylecode_image: Image.Image | None = None, job_id: str | None = None) -> Job:
-        if n > self.settings.max_images:
-            raise StylegradError(f"at most {self.settings.max_images} images per request (asked for {n})")
+        check(request, self.settings.limits, n=n, init_size=init_image.size if init_image is not None else None)
         if self.settings.log_prompts:
             log.info("generate %r seed=%s steps=%s style=%s", request.prompt, request.seed, request.steps,
                      request.style)
@@ -262,7 +265,3 @@ def _free_name(folder: Path, stem: str) -> Path:
         path = folder / f"{stem}-{i}.safetensors"
         i += 1
     return path
-
-
-def random_seed() -> int:
-    return random.randrange(0, 2**32 - 1)

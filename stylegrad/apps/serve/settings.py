@@ -1,4 +1,5 @@
-"""What one ``stylegrad serve`` process allows: limits on every request, the folders it reads, who may call it."""
+"""What one ``stylegrad serve`` process allows: limits on every request (``Limits``, defaults ``limits.SERVER``),
+the folders it reads, who may call it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from stylegrad.errors import StylegradError
+from stylegrad.pipelines.limits import SERVER, Limits
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,12 @@ class ServeSettings:
     embeddings_dirs: tuple[str, ...] = ()
     max_waiting: int = 16  # requests queued behind the running one; more get 429
     max_batch: int = 1  # >1: waiting requests with the same settings run as one batch (equal up to rounding)
-    max_side: int = 2048  # width and height, pixels
-    max_steps: int = 150  # denoising steps
-    max_style_steps: int = 100  # aesthetic-gradient steps
-    max_images: int = 8  # images per request (A1111's batch_size x n_iter)
+    # a request's limits (the schema's Limits): every door checks them through GenerationRequest's build/check
+    max_side: int = SERVER.max_side
+    max_steps: int = SERVER.max_steps
+    max_style_steps: int = SERVER.max_style_steps
+    max_images: int = SERVER.max_images
+    max_prompt_chars: int = SERVER.max_prompt_chars
     max_upload_bytes: int = 20 << 20  # one uploaded image
     max_style_images: int = 200  # images in one style upload
     log_prompts: bool = False  # request logs name prompts only when asked
@@ -35,10 +39,16 @@ class ServeSettings:
                                  "(or $STYLEGRAD_API_KEY); clients then send 'Authorization: Bearer KEY'")
         if self.api_key is not None and len(self.api_key) < 8:
             raise StylegradError("--api-key must be at least 8 characters")
-        for name in ("max_waiting", "max_batch", "max_side", "max_steps", "max_images", "max_upload_bytes",
-                     "max_style_images"):
+        for name in ("max_waiting", "max_batch", "max_upload_bytes", "max_style_images"):
             if getattr(self, name) < 1:
-                raise StylegradError(f"{name.replace('_', '-')} must be >= 1")
+                raise StylegradError(f"{name} must be >= 1")
+        self.limits  # noqa: B018 - refuses a limit below 1 now, not at the first request
+
+    @property
+    def limits(self) -> Limits:
+        """What one request may ask for here."""
+        return Limits(max_side=self.max_side, max_steps=self.max_steps, max_style_steps=self.max_style_steps,
+                      max_images=self.max_images, max_prompt_chars=self.max_prompt_chars)
 
 
 def is_loopback(host: str) -> bool:

@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.pipelines.grids import label_grid
-from stylegrad.pipelines.loading import sampler_id
-from stylegrad.pipelines.request import GenerationRequest
 
 NO_STYLE = "(none)"
+# the schema's field -> the page's label for it, so an error names what the user sees
+LABELS = {"prompt": "Prompt", "negative": "Negative prompt", "style": "Style", "style_options.steps": "Style steps",
+          "style_options.lr": "Style learning rate", "style_options.weight": "Style weight", "stylecode": "Stylecode",
+          "loras": "LoRAs", "seed": "Seed", "steps": "Steps", "cfg": "CFG scale", "width": "Width", "height": "Height",
+          "sampler": "Sampler"}
 
 
 def _wait(job, progress):
@@ -42,7 +44,15 @@ def _png_file(image, text: str) -> str:
 def _fail(e: Exception):
     import gradio as gr
 
+    if isinstance(e, RequestError):
+        e = e.renamed(LABELS.get(e.field.split("[")[0], e.field))
     raise gr.Error(str(e)) from e
+
+
+def _number(value):
+    """A widget's number as the schema wants it: a whole float (sliders give 20.0) as an int; anything else as
+    it is, for the schema to refuse with the field's name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _actions(service) -> SimpleNamespace:
@@ -83,19 +93,13 @@ def _actions(service) -> SimpleNamespace:
     def generate(prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
                  lora_weight, seed, width, height, steps, cfg, sampler, compare, progress=gr.Progress()):
         try:
-            options = StyleOptions(steps=int(style_steps), lr=float(style_lr), weight=float(style_weight))
-            request = GenerationRequest(
-                prompt=prompt or "", negative=negative or "", seed=int(seed), steps=int(steps), cfg=float(cfg),
-                width=int(width), height=int(height), sampler=sampler_id(sampler) if sampler else None,
-                model=str(service.generator.model or ""),
-                style=service.style_path(style) if style and style != NO_STYLE else None, style_options=options,
-                loras=tuple(service.lora_arg(f"{x}:{lora_weight}") for x in (loras or [])),
-                stylecode=(stylecode or "").strip() or None, stylecodes_model=service.stylecodes_model)
-            for side in (request.width, request.height):
-                if side > s.max_side:
-                    raise StylegradError(f"width and height must be at most {s.max_side}")
-            if request.steps > s.max_steps:
-                raise StylegradError(f"steps must be at most {s.max_steps}")
+            request = service.request(dict(
+                prompt=prompt or "", negative=negative or "", seed=_number(seed), steps=_number(steps),
+                cfg=cfg, width=_number(width), height=_number(height), sampler=sampler or None,
+                style=style if style and style != NO_STYLE else None,
+                style_options={"steps": _number(style_steps), "lr": style_lr, "weight": style_weight},
+                loras=[f"{x}:{lora_weight}" for x in (loras or [])], stylecode=(stylecode or "").strip() or None),
+                random_seed_allowed=True)
             code_img = code_image if code_image is not None and not request.stylecode else None
             styled = _wait(service.submit_generation(request, 1, stylecode_image=code_img), progress)
             image, text = styled[0]
@@ -123,10 +127,9 @@ def _actions(service) -> SimpleNamespace:
 
     def code_preview(code, prompt, seed, progress=gr.Progress()):
         try:
-            request = GenerationRequest(prompt=prompt or "a house by a lake", seed=int(seed), steps=20,
-                                        model=str(service.generator.model or ""), stylecode=(code or "").strip(),
-                                        stylecodes_model=service.stylecodes_model,
-                                        width=width_default, height=height_default)
+            request = service.request(dict(prompt=prompt or "a house by a lake", seed=_number(seed), steps=20,
+                                           stylecode=(code or "").strip(), width=width_default,
+                                           height=height_default), random_seed_allowed=True)
             ((image, text),) = _wait(service.submit_generation(request, 1), progress)
         except Exception as e:  # noqa: BLE001
             _fail(e)
@@ -170,9 +173,8 @@ def _actions(service) -> SimpleNamespace:
             if not style or style == NO_STYLE:
                 raise StylegradError("pick a style to evaluate")
             out = Path(tempfile.mkdtemp(prefix="stylegrad-eval-"))
-            base = GenerationRequest(prompt="", model=str(service.generator.model or ""),
-                                     style_options=StyleOptions(steps=0), width=int(width_default),
-                                     height=int(height_default), steps=20)
+            base = service.request(dict(prompt="", style_options={"steps": 0}, width=int(width_default),
+                                        height=int(height_default), steps=20))
             summary = _wait(service.submit_evaluation(lines, style, step_list, int(seeds), base, out), progress)
         except Exception as e:  # noqa: BLE001
             _fail(e)
