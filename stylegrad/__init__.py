@@ -5,8 +5,8 @@ Public API::
     style = embed_images(["my_pictures/"])                        # images -> Style (CLIP ViT-L/14 for SD1.x)
     save_style(style, "mine.safetensors");  style = load_style("watercolor.pt");  inspect_file("any.file")
     enc = AestheticEncoder.from_pipeline(pipe)                    # any diffusers pipeline that takes prompt_embeds
-    prompt_embeds, negative_prompt_embeds = enc.encode("a harbour at night", style, StyleOptions(steps=10))
-    image = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds).images[0]
+    e = enc.encode("a harbour at night", style, StyleOptions(steps=10))   # EncodedPrompt (SDXL: pooled too)
+    image = pipe(**e.pipeline_kwargs()).images[0]                 # or pe, ne = e for SD1.x/SD2.x
     gen = Generator.load("stable-diffusion-v1-5/stable-diffusion-v1-5")   # or Generator(pipe), or a .safetensors
     pipe = load_pipeline("models/dreamshaper_8.safetensors")      # single files (SD1/SD2/SDXL), offline
     merge_checkpoints("a.safetensors", "b.safetensors", out="mix.safetensors", alpha=0.4)  # A1111's merger
@@ -34,12 +34,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from stylegrad.addons.embeddings import load_embedding
     from stylegrad.addons.lora.network import LoraNetwork
     from stylegrad.aesthetic.embedding import embed_images
-    from stylegrad.aesthetic.encoder import AestheticEncoder
+    from stylegrad.aesthetic.encoder import AestheticEncoder, EncodedPrompt
     from stylegrad.aesthetic.options import StyleOptions
     from stylegrad.checkpoints.merge import merge_checkpoints
-    from stylegrad.errors import StylegradError
+    from stylegrad.errors import RequestError, StylegradError
     from stylegrad.evaluation.metrics import aesthetic_score, clip_score, style_similarity
     from stylegrad.evaluation.predictors import load_predictor
+    from stylegrad.families import Family
     from stylegrad.files.pnginfo import read_generation_info
     from stylegrad.files.recognize import inspect_file
     from stylegrad.files.styles import Style, load_style, mix_styles, save_style
@@ -53,12 +54,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
 
 _EXPORTS = {  # public name -> the module that defines it
     "AestheticEncoder": "stylegrad.aesthetic.encoder",
+    "EncodedPrompt": "stylegrad.aesthetic.encoder",
+    "Family": "stylegrad.families",
     "GenerationRequest": "stylegrad.pipelines.request",
     "Generator": "stylegrad.pipelines.generation",
     "LoraNetwork": "stylegrad.addons.lora.network",
     "Style": "stylegrad.files.styles",
     "StyleOptions": "stylegrad.aesthetic.options",
     "Stylecodes": "stylegrad.stylecodes.facade",
+    "RequestError": "stylegrad.errors",
     "StylegradError": "stylegrad.errors",
     "WorkerSpec": "stylegrad.jobs.work",
     "aesthetic_score": "stylegrad.evaluation.metrics",
@@ -79,11 +83,14 @@ _EXPORTS = {  # public name -> the module that defines it
     "train_textual_inversion": "stylegrad.training.recipes",
 }
 
-__all__ = [
+__all__ = [  # the keys of _EXPORTS, written out for linters
     "AestheticEncoder",
+    "EncodedPrompt",
+    "Family",
     "GenerationRequest",
     "Generator",
     "LoraNetwork",
+    "RequestError",
     "Style",
     "StyleOptions",
     "Stylecodes",

@@ -340,3 +340,22 @@ def test_stylecode_from_an_image_is_the_code_stylegrad_makes(comfy, tmp_path, ti
     _, code = run_node(nodes.Stylecode, model=ModelPatcher(base), code="", strength=1.0, image=batch,
                        checkpoint="tiny.safetensors", siglip=str(tmp_path / "siglip"))
     assert code == Stylecodes(control.sref_autoencoder, control, siglip, processor).code_for(picture)
+
+
+def test_the_node_tunes_through_the_one_encoder(comfy, sd1, monkeypatch):
+    """The node's towers are ``AestheticEncoder``'s (``towers_for``) and each is tuned by ``AestheticEncoder.tune``,
+    the entry point every other front door's prompts take: no copy of the method lives in the pack."""
+    import stylegrad.aesthetic.encoder as encoder_module
+
+    _, nodes = comfy
+    pipe, clip_dir, style = sd1
+    calls = []
+    real = encoder_module.AestheticEncoder.tune
+    monkeypatch.setattr(encoder_module.AestheticEncoder, "tune",
+                        lambda self, name, *a, **k: calls.append((name, len(self.towers), k.get("keep_weights")))
+                        or real(self, name, *a, **k))
+    _encode_node(nodes, sd1_clip(pipe.text_encoder, pipe.tokenizer), style, clip_model=str(clip_dir))
+    assert calls == [("l", 1, True)]  # SD1.x: one tower, its tuned tensors kept for ComfyUI's patches
+    calls.clear()
+    _encode_node(nodes, sd1_clip(pipe.text_encoder, pipe.tokenizer), style, steps=0)
+    assert calls == []  # 0 steps: nothing tuned, ComfyUI's own conditioning

@@ -378,3 +378,61 @@ def test_tuning_memory_flag_gives_the_same_pixels(world, tmp_path, capsys, style
     assert [set(c.values()) for c in chosen] == [{"kept"}, {"rebuilt"}]
     assert np.array_equal(pixels["fast"], pixels["low"])
     assert main(["generate", "x", "--tuning-memory", "tiny"]) == 2  # argparse's one-line error
+
+
+def _pipeline_snapshot(pipe):
+    """Everything of a pipeline a generation could change: its attributes (by identity; the progress-bar settings
+    by value), each component's parameters and buffers (bits), hooks and attention processors."""
+    attrs = {k: (id(v), dict(v) if k == "_progress_bar_config" else None) for k, v in vars(pipe).items()}
+    modules = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            modules[name] = (type(component), {k: v.clone() for k, v in component.state_dict().items()},
+                             [(n, len(m._forward_hooks), len(m._forward_pre_hooks), type(m).__name__)
+                              for n, m in component.named_modules()],
+                             {k: type(p) for k, p in getattr(component, "attn_processors", {}).items()})
+    return attrs, id(pipe.scheduler), dict(pipe.scheduler.config), modules
+
+
+def _same_snapshot(a, b) -> None:
+    attrs_a, sched_a, config_a, modules_a = a
+    attrs_b, sched_b, config_b, modules_b = b
+    assert attrs_a == attrs_b and sched_a == sched_b and config_a == config_b
+    for name, (cls, state, hooks, processors) in modules_a.items():
+        cls_b, state_b, hooks_b, processors_b = modules_b[name]
+        assert cls is cls_b and hooks == hooks_b and processors == processors_b, name
+        assert all(torch.equal(v, state_b[k]) for k, v in state.items()), name
+
+
+def test_generation_never_changes_the_users_pipeline(pipe, clip_text, style, tmp_path):
+    """Plain, styled, another sampler, a stylecode, img2img, a batch and a progress callback: the pipeline handed in
+    keeps every attribute (its progress-bar settings included), its scheduler object, modules, hooks, processors and
+    the bits of every parameter; and stylegrad shows no bar of diffusers' own."""
+    from tiny import tiny_stylecodes
+
+    from stylegrad.stylecodes.codec import random_code
+    from stylegrad.stylecodes.model import save_stylecodes
+
+    pipe.set_progress_bar_config(desc="the user's own", leave=True)
+    settings = pipe._progress_bar_config
+    before = _pipeline_snapshot(pipe)
+    style_file = save_style(style, tmp_path / "look.safetensors") or tmp_path / "look.safetensors"
+    codes = save_stylecodes(tiny_stylecodes(pipe.unet), tmp_path / "sc.safetensors")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "init.png")
+    gen = Generator(pipe, "tiny", clip_text)
+    small = dict(steps=2, width=32, height=32)
+    seen = []
+    gen.generate(GenerationRequest("a red house", **small), tmp_path / "out")
+    gen.generate(GenerationRequest("a red house", style=str(style_file), style_options=StyleOptions(steps=2),
+                                   sampler="euler", **small), tmp_path / "out")
+    gen.generate(GenerationRequest("a red house", stylecode=random_code(3), stylecodes_model=str(codes), **small),
+                 tmp_path / "out")
+    gen.images(GenerationRequest("a red house", init_image=str(tmp_path / "init.png"), strength=0.5, **small),
+               progress=lambda *a: seen.append(a))
+    gen.images_batch([GenerationRequest("a red house", seed=s, **small) for s in (1, 2)], progress=lambda *a: None)
+    gen.compare(GenerationRequest("a red house", style=str(style_file), **small), [1], tmp_path / "out")
+    _same_snapshot(before, _pipeline_snapshot(pipe))
+    assert pipe._progress_bar_config is settings and settings == {"desc": "the user's own", "leave": True}
+    assert ("denoising", 1, 1) in seen  # img2img at strength 0.5: one of two steps, reported to the callback
+    ours = gen.runner.pipeline(GenerationRequest("a red house", **small))[0]
+    assert ours is not pipe and ours._progress_bar_config == {"disable": True}  # its own settings: diffusers' bar off

@@ -326,3 +326,19 @@ def test_any_image_size_gets_its_own_style_map(pipe):
     b = pipe("a red circle", generator=torch.Generator("cpu").manual_seed(0), **args).images
     assert a.shape == b.shape == (1, 48, 32, 3) and not np.array_equal(a, b)
     assert set(styled.unet._maps) == {(12, 8)}
+
+
+def test_the_wrapper_forwards_only_what_pipelines_read(pipe):
+    """StylecodeUNet answers what diffusers' pipelines read on ``pipe.unet`` from the base UNet; anything else, a
+    method that would change the user's UNet included, is an AttributeError rather than the base's."""
+    from stylegrad.stylecodes.unet import StylecodeUNet
+
+    model = tiny_stylecodes(pipe.unet)
+    wrapped = StylecodeUNet(pipe.unet, model, torch.zeros(20))
+    assert wrapped.config is pipe.unet.config and wrapped.dtype == pipe.unet.dtype
+    assert wrapped.device == pipe.unet.device and wrapped.encoder_hid_proj is pipe.unet.encoder_hid_proj
+    assert wrapped.base is pipe.unet and wrapped.control is model  # its own submodules
+    for name in ("set_attn_processor", "fuse_qkv_projections", "no_such_attribute"):
+        with pytest.raises(AttributeError, match=name):
+            getattr(wrapped, name)
+    assert not hasattr(wrapped, "_hf_hook")  # none on the base: diffusers' offload checks read False

@@ -26,7 +26,7 @@ def score_files(files: list[str], predictor: str = DEFAULT, clip_model: str | No
             results[f] = ("style", float(aesthetic_score(pred, style.vector[None])[0]))
     images = [f for f in files if kinds[f] == "image"]
     if images:
-        from stylegrad.pipelines.generation import load_image
+        from stylegrad.pipelines.images import load_image
 
         embedder = ClipEmbedder(clip_model or pred.clip_model or SD1.clip_model, device)
         pred.check_width(embedder.width)

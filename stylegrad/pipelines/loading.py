@@ -70,9 +70,23 @@ def a1111_sampler_name(scheduler) -> str:
     return best[0] if best else name
 
 
+def derived_pipeline(pipe, **components):
+    """A new pipeline object sharing ``pipe``'s components and settings (``components`` replace some), as
+    ``from_pipe`` would give without casting anything: what a call writes on it (guidance scale, timesteps,
+    progress-bar settings) stays on it. Its progress-bar settings are a copy of ``pipe``'s, not the same dict."""
+    import copy
+
+    ours = copy.copy(pipe)
+    if components:
+        ours.register_modules(**components)  # sets the attribute and the copy's own config entry
+    if isinstance(getattr(pipe, "_progress_bar_config", None), dict):
+        ours._progress_bar_config = dict(pipe._progress_bar_config)
+    return ours
+
+
 def with_sampler(pipe, sampler: str | None):
     """``pipe`` itself for the model's own sampler, else a pipeline sharing its components with that scheduler
-    (the user's pipeline keeps its own)."""
+    (``derived_pipeline``: the user's pipeline keeps its own scheduler and settings)."""
     if sampler is None:
         return pipe
     import diffusers
@@ -91,7 +105,7 @@ def with_sampler(pipe, sampler: str | None):
     except ImportError as e:  # LMS needs scipy, which diffusers does not require
         missing = "scipy" if "scipy" in str(e) else "a package diffusers asks for"
         raise StylegradError(f"sampler {short} needs {missing} (pip install {missing.split()[0]})") from e
-    return type(pipe).from_pipe(pipe, scheduler=scheduler)
+    return derived_pipeline(pipe, scheduler=scheduler)
 
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from stylegrad.errors import StylegradError
+from stylegrad.pipelines.images import load_image
 from stylegrad.stylecodes.codec import Code, blend, dequantize, encode, parse_weighted, quantize
 from stylegrad.stylecodes.model import SIGLIP, StyleAutoencoder, StylecodesModel, load_autoencoder, load_stylecodes
 from stylegrad.stylecodes.unet import with_stylecode
@@ -105,8 +106,6 @@ class Stylecodes:
 def encode_image(image_path: str, checkpoint: str | None = None, siglip: str = SIGLIP, format: str = "stylegrad",
                  device=None) -> str:
     """The code of one image file's style (only the code encoder and SigLIP are loaded, no SD model)."""
-    from stylegrad.pipelines.generation import load_image
-
     image = load_image(image_path)
     return Stylecodes.load(None, checkpoint, siglip, device=device).code_for(image, format)
 

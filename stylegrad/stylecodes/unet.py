@@ -114,11 +114,21 @@ class StylecodeUNet(nn.Module):
                                                                             height, width)
         return self._maps[height, width]
 
+    # What diffusers' SD pipelines read on ``pipe.unet`` besides ``config``, ``dtype`` and ``device`` (text-to-image
+    # and img2img: ``encoder_hid_proj`` for IP-Adapter image embeds; SDXL's ``add_embedding``; accelerate's offload
+    # hook for ``_execution_device``): read from the base UNet. Anything else is not there (AttributeError), so no
+    # method that would change the user's UNet (``set_attn_processor``, ``fuse_qkv_projections``, ...) is reached
+    # through the wrapper.
+    FORWARDED = frozenset({"encoder_hid_proj", "add_embedding", "_hf_hook"})
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("base"), name)
+            if name in StylecodeUNet.FORWARDED:
+                return getattr(super().__getattr__("base"), name)
+            raise AttributeError(f"'{type(self).__name__}' has no attribute '{name}' (the base UNet's are not "
+                                 "forwarded beyond StylecodeUNet.FORWARDED)") from None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -13,14 +13,14 @@ from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.evaluation.metrics import ClipEmbedder, style_similarity
 from stylegrad.files.styles import Style
-from stylegrad.pipelines.generation import run_pipeline
 from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.pipelines.run import run_pipeline
 
+from . import STEPS
 from .data import caption_facts, class_captions
 
 PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a green cross",
            "a green circle", "a yellow square", "a red triangle", "a blue cross")  # every color and shape twice
-STEPS = (0, 2, 5, 10, 20)
 DEMO_LR = 3e-5  # higher rates push the world's 64-wide text states off the UNet's data (docs/world.md)
 DENOISE = GenerationRequest(prompt="", steps=20, cfg=3.0, width=32, height=32)  # cfg: docs/world.md
 

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def _arguments(p) -> None:
-    from stylegrad.world.measure import STEPS
+    from stylegrad.world import STEPS
 
     p.add_argument("--out", default="stylegrad-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--style-steps", type=number_list(int, minimum=0), default=list(STEPS), metavar="LIST",

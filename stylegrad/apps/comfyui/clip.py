@@ -1,8 +1,9 @@
 """ComfyUI's CLIP object seen as stylegrad's text towers, and a prompt's tuning handed back to it as weight patches.
 
 ComfyUI's text layers add their residuals in place, so autograd cannot run through them. The tuning runs on
-stylegrad's own tower (transformers' ``CLIPTextModel`` built on the meta device and given ComfyUI's tensors by
-reference, nothing copied until Adam's first step), exactly as ``AestheticEncoder`` runs it; the tuned tensors'
+stylegrad's own towers (``PromptTower``: transformers' ``CLIPTextModel`` built on the meta device and given ComfyUI's
+tensors by reference, nothing copied until Adam's first step), through the one ``AestheticEncoder`` (``towers_for``
+picks the towers, ``tune`` runs the method) as every other front door; the tuned tensors'
 differences then go to ``clip.clone().add_patches`` and ComfyUI encodes the prompt itself, so its prompt weighting,
 long prompts and embeddings keep working. Key names (``clip_l.transformer.text_model.*``), the tokenizer's output
 (``{"l": [[(token, weight), ...], ...]}``, tokens that are tensors for embeddings) and the model options
@@ -18,14 +19,16 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from stylegrad.aesthetic.deltas import weight_deltas
+from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.aesthetic.sdxl import TOWERS
-from stylegrad.aesthetic.targets import blend, style_target
+from stylegrad.aesthetic.targets import blend
 from stylegrad.aesthetic.tower import SD1, ClipParts, TextTower, clip_parts
-from stylegrad.aesthetic.tuning import first_eos, personalize
+from stylegrad.aesthetic.towers import PromptTower
+from stylegrad.aesthetic.tuning import TOKEN
 from stylegrad.aesthetic.vectors import slerp
 from stylegrad.errors import StylegradError
 from stylegrad.files.styles import Style
+from stylegrad.prompts.chunks import Chunks
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ComfyTower:
 
     name: str
     prefix: str  # of its keys in ComfyUI's CLIP state dict: 'clip_l.transformer.text_model.'
-    tower: TextTower
+    tower: PromptTower  # stylegrad's view of it (no tokenizer: ComfyUI tokenizes)
     width: int  # of its hidden states in the conditioning
     clip_skip: int | None  # ComfyUI's layer choice in stylegrad's terms (matters for the regularizer only)
 
@@ -109,10 +112,18 @@ def comfy_towers(clip, clip_model=None, device: torch.device | None = None) -> d
             parts.layers = {}
         else:  # a normal tensor: ComfyUI makes its weights inside inference mode, and autograd saves this one
             parts = ClipParts(projection.to(encoder.device).clone(), {}, cfg.num_hidden_layers, cfg.hidden_size)
-        tower = TextTower(encoder, parts, int(module.special_tokens["end"]), sdxl=sdxl)
+        text_tower = TextTower(encoder, parts, int(module.special_tokens["end"]), sdxl=sdxl)
+        tower = PromptTower(name, encoder, None, sdxl=sdxl, pooled=name == "g", component="te2" if name == "g"
+                            else "te", text_tower=text_tower)
         out[name] = ComfyTower(name, f"clip_{name}.transformer.text_model.", tower, cfg.hidden_size,
                                _clip_skip(module, getattr(clip, "layer_idx", None), sdxl))
     return out
+
+
+def comfy_encoder(towers: dict[str, ComfyTower]) -> AestheticEncoder:
+    """stylegrad's one encoder over ComfyUI's towers: tuning goes through ``AestheticEncoder.tune``, as every
+    other front door's does (nothing cached: ComfyUI caches node outputs itself)."""
+    return AestheticEncoder(towers=[tw.tower for tw in towers.values()], cache_size=0)
 
 
 def token_ids(chunks: list, vocab: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,60 +146,36 @@ def token_ids(chunks: list, vocab: int, width: int) -> tuple[torch.Tensor, torch
     return torch.tensor(rows), (torch.stack(extra) if extra else None)
 
 
-def towers_to_tune(towers: dict[str, ComfyTower], style: Style, options: StyleOptions) -> list[str]:
-    """SDXL: the option's towers among those the style has a part for; SD1.x/SD2.x: their one tower."""
-    if not options.active:
-        return []
-    if "g" not in towers:
-        name = next(iter(towers))
-        style.check_width(towers[name].tower.width)
-        return [name]
-    wanted = [t for t in TOWERS[options.towers] if style.part("clip_" + t) is not None]
-    for t in wanted:
-        style.check_part("clip_" + t, towers[t].tower.width)
-    return wanted
-
-
-def _target(clip, tw: ComfyTower, style: Style, options: StyleOptions) -> torch.Tensor:
-    part = style.part("clip_g") if tw.name == "g" else style.direction
-    text = None
-    if options.text:
-        ids, extra = token_ids(clip.tokenize(options.text)[tw.name][:1], *tw.tower.base[
-            "embeddings.token_embedding.weight"].shape)
-        ids = ids.to(tw.tower.device)
-        with torch.no_grad():
-            from stylegrad.prompts.chunks import gather_rows
-
-            rows, local = torch.unique(ids, return_inverse=True)
-            params = {**tw.tower.base, "embeddings.token_embedding.weight": gather_rows(
-                tw.tower.base["embeddings.token_embedding.weight"], extra, rows)}
-            out = tw.tower.run(params, local)
-            eos = torch.tensor([first_eos(ids[0], tw.tower.eos_token_id)], device=ids.device)
-            text = tw.tower.text_embed(out, eos)[0].float()
-    return style_target(part.to(tw.tower.device), text, options.text_angle, options.text_negative)
+def comfy_chunks(chunks: list, tower: ComfyTower) -> Chunks:
+    """ComfyUI's tokens of one tower as stylegrad's ``Chunks`` (weights are ComfyUI's to apply: all 1 here)."""
+    vocab, width = tower.tower.text_tower.base[TOKEN].shape
+    ids, extra = token_ids(chunks, vocab, width)
+    return Chunks(ids, torch.ones(ids.shape), vocab, extra)
 
 
 def tuned_patches(clip, text: str, style: Style, options: StyleOptions, clip_model=None,
                   callback=None) -> tuple[dict[str, tuple[torch.Tensor]], dict[str, list[float]], list[str]]:
     """(ComfyUI patches ``{key: (difference,)}`` of the prompt's tuning, the cosine to the style per step for each
-    tuned tower, the towers tuned). Runs with autograd on whatever mode the caller is in (ComfyUI's inference
-    mode is lifted here), and keeps nothing once it returns."""
+    tuned tower, the towers tuned). The towers are ``AestheticEncoder``'s choice (SD1.x/SD2.x: the one; SDXL:
+    ``options.towers`` among the style's parts) and each is tuned by ``AestheticEncoder.tune``. Runs with autograd
+    on whatever mode the caller is in (ComfyUI's inference mode is lifted here), and keeps nothing once it returns."""
+    if style is None or not options.active:  # nothing to tune: no CLIP projection is read (as for plain prompts)
+        return {}, {}, []
     with torch.inference_mode(False), torch.enable_grad():
         towers = comfy_towers(clip, clip_model)
-        tune = towers_to_tune(towers, style, options)
+        encoder = comfy_encoder(towers)
+        tune = list(encoder.towers_for(style, options))
         tokens = clip.tokenize(text)
+        target_tokens = clip.tokenize(options.text) if options.text else None
         patches, similarities = {}, {}
         for name in tune:
             tw = towers[name]
+            target_text = comfy_chunks(target_tokens[name][:1], tw) if target_tokens is not None else None
             # the first chunk is tuned, as stylegrad does
-            ids, extra = token_ids(tokens[name][:1], *tw.tower.base["embeddings.token_embedding.weight"].shape)
-            result = personalize(
-                tw.tower, ids.to(tw.tower.device), _target(clip, tw, style, options), steps=options.steps,
-                adam=options.adam(tw.tower.device), regularization=options.regularization,
-                target_similarity=options.target_similarity, clip_skip=tw.clip_skip, extra_rows=extra,
-                callback=callback, keep_weights=True)
+            result = encoder.tune(name, comfy_chunks(tokens[name][:1], tw), style, options, tw.clip_skip, callback,
+                                  target_text=target_text, keep_weights=True)
             similarities[name] = result.similarities
-            for key, diff in weight_deltas(tw.tower.base, result).items():
+            for key, diff in weight_deltas(tw.tower.text_tower.base, result).items():
                 patches[tw.prefix + key] = (diff,)
             del result
         return patches, similarities, tune
