@@ -1,4 +1,8 @@
-"""Aesthetic-gradient personalization: the reference loop vs stylegrad, on the real SD1.x (or SDXL) text-encoder size.
+"""Aesthetic-gradient personalization: the method vs stylegrad's engine, on the real SD1.x (or SDXL) text-encoder size.
+
+The reference is the method itself (stylegrad/aesthetic/method.py, ``tune_text_encoder``), given the whole CLIP
+model to copy as the paper's code does; its difference to stylegrad is checked against the contract's full-size
+tolerance (contract.FULL_SIZE_ATOL, docs/exactness.md).
 
 Builds CLIP ViT-L/14 (text tower 12x768 with projection, vision tower 24x1024) with random weights (speed does
 not depend on the values), a typical 15-token prompt, T = 10 Adam steps, lr 1e-4. Each side runs in its own
@@ -21,6 +25,12 @@ more arithmetic. The timed prompt is a process's second (after the warm-up), so 
 tuned in (aesthetic/workspace.py), as every prompt after the first of a batch or a server does;
 "stylegrad-fresh" (fast, STYLEGRAD_REUSE_MEMORY=0) maps fresh memory instead, as a process's first prompt does.
 
+For SD1.x it also prints the gain of each of the engine's optimisations, each turned off alone against
+"stylegrad": "stylegrad-torch" (STYLEGRAD_KERNELS=0: torch's products and Adam instead of the compiled kernels),
+"stylegrad-avx2" (where the CPU has AVX-512: the AVX2 kernels, whose moments are float32 instead of packed in 6
+bytes), "stylegrad-4k" (no huge pages asked for), besides kept vs rebuilt moments ("stylegrad-low") and memory
+kept between prompts ("stylegrad-fresh").
+
     python bench/personalize.py                 # prints a table, then one JSON line
     python bench/personalize.py --family sdxl   # SD1.x, then SDXL (about 40 minutes on 2 cores)
 """
@@ -28,7 +38,6 @@ tuned in (aesthetic/workspace.py), as every prompt after the first of a batch or
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -40,6 +49,9 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from stylegrad.aesthetic.contract import FULL_SIZE_ATOL  # noqa: E402
 
 EOS, BOS, VOCAB = 49407, 49406, 49408
 STEPS, LR, PROMPT_TOKENS, SEED = 10, 1e-4, 15, 0
@@ -103,21 +115,13 @@ def style_vector() -> torch.Tensor:
 
 
 def run_reference(clip: CLIPModel, ids: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:
-    """The paper's loop: a fresh copy of the CLIP model, Adam over the text transformer, 77-token prompt."""
-    model = copy.deepcopy(clip)
-    model.requires_grad_(True)
-    style = style_vector()[None] / style_vector().norm()  # (1, 768)
-    optimizer = torch.optim.Adam(model.text_model.parameters(), lr=LR)
-    for _ in range(STEPS):
-        text = model.text_projection(model.text_model(input_ids=ids).pooler_output)  # (1, 768)
-        loss = -(text / text.norm(dim=-1, keepdim=True) @ style.T).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """The method: a fresh copy of the whole CLIP model, Adam over the text transformer, 77-token prompt."""
+    from stylegrad.aesthetic.method import tune_text_encoder
+
+    z = tune_text_encoder(clip, ids, style_vector(), steps=STEPS, lr=LR).hidden
     with torch.no_grad():
-        z = model.text_model(input_ids=ids).last_hidden_state
         clip.text_model(input_ids=negative_ids)  # the unconditional prompt, unpersonalized, as stylegrad does
-        return z
+    return z
 
 
 class Side:
@@ -129,6 +133,8 @@ class Side:
         self.ids = self.tok([PROMPT]).input_ids
         self.role = role
         if role == "reference":
+            import stylegrad.aesthetic.method  # noqa: F401 (imported before the memory baseline, as stylegrad is)
+
             self.clip, self.negative_ids = clip, self.tok([""]).input_ids
             self.base = reset_peak()  # before the warm-up: memory the allocator keeps from it still counts
             run_reference(clip, self.ids[:, :20], self.negative_ids)  # warm-up of kernels on a short run
@@ -187,26 +193,15 @@ def style_g() -> torch.Tensor:
 
 
 def run_reference_sdxl(towers, ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh copies of both towers, Adam over each text transformer towards its style part; then the penultimate
-    states of both (concatenated) and bigG's pooled text embedding, as encode_prompt computes them."""
-    hidden, pooled = [], None
+    """The method on fresh copies of both towers, one after the other, each towards its style part; then the
+    penultimate states of both (concatenated) and bigG's pooled text embedding, as encode_prompt computes them."""
+    from stylegrad.aesthetic.method import tune_text_encoder
+
+    hidden = []
     for (model, target), tokens in zip(towers, ids):
-        model = copy.deepcopy(model)
-        model.requires_grad_(True)
-        s = (target / target.norm())[None]
-        optimizer = torch.optim.Adam(model.text_model.parameters(), lr=LR)
-        for _ in range(STEPS):
-            e = model.text_projection(model.text_model(input_ids=tokens).pooler_output)
-            loss = -(e / e.norm(dim=-1, keepdim=True) @ s.T).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            out = model(input_ids=tokens, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out.text_embeds
-        del model, optimizer
-    return torch.cat(hidden, dim=-1), pooled
+        tuned = tune_text_encoder(model, tokens, target, steps=STEPS, lr=LR, layer=-2, final_norm=False)
+        hidden.append(tuned.hidden)
+    return torch.cat(hidden, dim=-1), tuned.text_embedding  # bigG's, the last
 
 
 class SideXL(Side):
@@ -220,6 +215,8 @@ class SideXL(Side):
         self.role, self.tok, self.tok2 = role, PromptTokenizer(), PadTokenizer()
         self.ids = (self.tok([PROMPT]).input_ids, self.tok2([PROMPT]).input_ids)
         if role == "reference":
+            import stylegrad.aesthetic.method  # noqa: F401 (imported before the memory baseline, as stylegrad is)
+
             self.towers = ((text_l, style_vector()), (text_g, style_g()))
             self.base = reset_peak()
             run_reference_sdxl(self.towers, tuple(i[:, :20] for i in self.ids))
@@ -251,9 +248,14 @@ class SideXL(Side):
 
 
 
-def child(role: str, out: str, family: str = "sd1", towers: str = "both") -> None:
-    """One timed run (after a warm-up) in a fresh process; stylegrad's also times a cached repeat."""
+def child(role: str, out: str, family: str = "sd1", towers: str = "both", small_pages: bool = False) -> None:
+    """One timed run (after a warm-up) in a fresh process; stylegrad's also times a cached repeat. ``small_pages``:
+    no huge pages are asked for (the huge-page advice's gain)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if small_pages:
+        from stylegrad.aesthetic import pages
+
+        pages._MADVISE = None
     side = SideXL(role, towers) if family == "sdxl" else Side(role)
     seconds, z = side.run()
     result = {"seconds": seconds, "peak_extra_mb": rss_mb("VmHWM") - side.base}
@@ -270,6 +272,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=["reference", "stylegrad"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--small-pages", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=["sd1", "sdxl"], default="sd1",
                         help="sdxl: also SDXL's two text towers, both tuned (SD1.x first, in the same run)")
     parser.add_argument("--runs", type=int, default=None, help=f"runs per side (default {RUNS}; 3 for SDXL)")
@@ -281,7 +284,7 @@ def main() -> None:
                         "rebuild them")
     args = parser.parse_args()
     if args.role:
-        return child(args.role, args.out, args.family, args.towers or "both")
+        return child(args.role, args.out, args.family, args.towers or "both", args.small_pages)
     if args.towers:
         return towers_table()
     summary = compare("sd1", args.runs or RUNS)
@@ -311,21 +314,39 @@ def towers_table() -> None:
 # stylegrad runs in both of its memory modes (aesthetic/memory.py), each set explicitly, not by "auto"
 MODES = {"stylegrad": "fast", "stylegrad-low": "low", "stylegrad-fresh": "fast"}
 ENV = {"stylegrad-fresh": {"STYLEGRAD_REUSE_MEMORY": "0"}}  # the memory of the last prompt is not reused
+# SD1.x: each other optimisation of the engine turned off alone (module docstring)
+ABLATIONS = {"stylegrad-torch": {"STYLEGRAD_KERNELS": "0"}, "stylegrad-avx2": {"STYLEGRAD_KERNELS_ISA": "avx2"},
+             "stylegrad-4k": {}}
+ARGS = {"stylegrad-4k": ["--small-pages"]}
+
+
+def _default_isa() -> str | None:
+    from stylegrad.aesthetic import products
+
+    return products.kernels_isa()
 
 
 def compare(family: str, n_runs: int, budget: str | None = None) -> dict:
+    modes = dict(MODES)
     if budget:  # a memory budget (memory.py): as many weights keep their moments as fit in it
-        MODES[f"stylegrad-{budget}"] = budget
-    roles = ("reference", *MODES)
+        modes[f"stylegrad-{budget}"] = budget
+    ablations = {}
+    if family == "sd1" and _default_isa() is not None:  # the kernels are here: each optimisation can be taken away
+        ablations = {role: env for role, env in ABLATIONS.items() if role != "stylegrad-avx2" or
+                     _default_isa() == "avx512"}
+    modes.update(dict.fromkeys(ablations, "fast"))
+    roles = ("reference", *modes)
     runs = {role: [] for role in roles}
     peak, cached, outputs = {}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n_runs):  # alternating who goes first: the VM's drift falls on both sides alike
             for role in roles if i % 2 == 0 else roles[::-1]:
                 out = os.path.join(tmp, f"{role}.pt")
-                env = {**os.environ, "STYLEGRAD_TUNING_MEMORY": MODES.get(role, "auto"), **ENV.get(role, {})}
+                env = {**os.environ, "STYLEGRAD_TUNING_MEMORY": modes.get(role, "auto"), **ENV.get(role, {}),
+                       **ablations.get(role, {})}
                 proc = subprocess.run([sys.executable, __file__, "--role", role.split("-")[0], "--out", out, "--family",
-                                       family], capture_output=True, text=True, check=False, env=env)
+                                       family, *ARGS.get(role, [])], capture_output=True, text=True, check=False,
+                                      env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{role} run failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -376,9 +397,34 @@ def compare(family: str, n_runs: int, budget: str | None = None) -> dict:
         print(f"{name:15}{med:>18.3f}{ref / med:>9.2f}{peak[name]:>16.1f}{peak[name] / peak['reference']:>12.3f}"
               f"   {times}")
     print(f"{'cached':15}{cached:>18.5f}")
-    print(f"max |stylegrad - reference| {summary['max_abs_diff']:.2e}; low memory gives the same bits as fast: "
-          f"{summary['low_memory']['same_as_fast']}; fresh memory too: {summary['fresh_memory']['same_as_fast']}")
+    summary["within_contract"] = max(summary["max_abs_diff"], summary["low_memory"]["max_abs_diff"]) < FULL_SIZE_ATOL
+    print(f"max |stylegrad - reference| {summary['max_abs_diff']:.2e} (contract: < {FULL_SIZE_ATOL:g}, "
+          f"docs/exactness.md: {'holds' if summary['within_contract'] else 'BROKEN'}); low memory gives the same "
+          f"bits as fast: {summary['low_memory']['same_as_fast']}; fresh memory too: "
+          f"{summary['fresh_memory']['same_as_fast']}")
+    summary["gains"] = gains(runs, peak, outputs, ablations)
     return summary
+
+
+# each optimisation and the row that runs without it
+GAINS = {"compiled kernels": "stylegrad-torch", "AVX-512 packed moments": "stylegrad-avx2",
+         "huge pages": "stylegrad-4k", "memory kept between prompts": "stylegrad-fresh",
+         "kept moments (vs rebuilt)": "stylegrad-low"}
+
+
+def gains(runs: dict, peak: dict, outputs: dict, ablations: dict) -> dict:
+    """Each optimisation's gain: "stylegrad" against the same run with that one optimisation off, in seconds and
+    peak memory (above 1: the optimisation pays); printed, and returned for the JSON line."""
+    ours, out = statistics.median(runs["stylegrad"]), {}
+    print(f"{'each optimisation, off alone':32}{'time gain':>10}{'memory gain':>13}   same bits")
+    for name, role in GAINS.items():
+        if role not in runs:
+            continue
+        time_gain, memory_gain = statistics.median(runs[role]) / ours, peak[role] / peak["stylegrad"]
+        same = bool(torch.equal(outputs["stylegrad"], outputs[role]))
+        out[name] = {"time": round(time_gain, 2), "memory": round(memory_gain, 2), "same_bits": same}
+        print(f"{name:32}{time_gain:>9.2f}x{memory_gain:>12.2f}x   {same}")
+    return out
 
 
 if __name__ == "__main__":

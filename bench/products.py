@@ -5,7 +5,14 @@ Adam step followed by the next forward product (fused on the kernels, with their
 torch: gradient product into a reused buffer, torch's fused Adam on float32 moments, oneDNN product); then the
 same step at step 10 with rebuilt moments (every step's gradient formed again from its factors; on torch into
 reused buffers, as tuning does there). Random weights: the speed does not depend on the values. Timings are
-medians over rounds in which the two sides take turns; each prints GFLOP/s and the ratio to torch's.
+medians over rounds in which the two sides take turns; each prints GFLOP/s and the ratio to torch's. Where the
+CPU has AVX-512 the kernels run on both instruction sets (AVX-512 packs the kept moments in 6 bytes a weight,
+AVX2 keeps them as float32): the gain of each, and the time the packing costs.
+
+Then torch's path alone (other CPUs, GPUs, STYLEGRAD_KERNELS=0), each of its two shortcuts against the public call
+it replaces: products.linear (oneDNN, the weight first for few rows) vs F.linear, and adam.adam_step (torch's
+fused Adam kernel called directly) vs torch.optim.adam.adam. Then the huge pages tuning asks for
+(aesthetic/pages.py): fresh memory the size of four bigG weights written and read twice, with and without.
 
     python bench/products.py            # a table, then one JSON line
 """
@@ -23,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from stylegrad.aesthetic import products  # noqa: E402
 from stylegrad.aesthetic.adam import AdamSettings, adam_step  # noqa: E402
+from stylegrad.aesthetic.pages import advise_huge  # noqa: E402
 
 ROWS, ROUNDS, LR, REBUILT_STEP = 17, 7, 1e-4, 10
 ADAM = AdamSettings(lr=LR)
@@ -46,24 +54,37 @@ def main() -> None:
     kernels = products._KERNELS
     if kernels is None:
         sys.exit("stylegrad's compiled kernels are not built or not usable here (setup.py)")
-    mats = matrices()
+    summary, default = {}, kernels.isa()
+    for isa in ("avx512", "avx2"):
+        try:
+            kernels.use(isa)
+        except ValueError:
+            continue  # this CPU has no AVX-512
+        summary[isa] = kernel_gains(isa)
+    kernels.use(default)
+    if len(summary) == 2:  # the price of AVX-512's packed moments, and what the wider vectors give back
+        print(f"one kept step on AVX-512 (moments packed in 6 bytes) vs AVX2 (float32, 8 bytes): "
+              f"{summary['avx2']['kept_step_ms'] / summary['avx512']['kept_step_ms']:.2f}x")
+    summary["torch_path"] = torch_path_shortcuts()
+    summary["huge_pages_speedup"] = huge_pages()
+    print(json.dumps(summary))
+
+
+def kernel_gains(isa: str) -> dict:
+    """Each kind of per-step work on the kernels (on ``isa``) against torch's path: prints the table, returns the
+    ratios."""
+    mats = matrices()  # the kept moments in this instruction set's layout
     scratch: dict = {}
 
-    def with_kernels(on: bool):
-        products._KERNELS = kernels if on else None
-
     def forward(on):
-        with_kernels(on)
         for d in mats:
             products.linear(d["x"], d["w"], d["b"])
 
     def input_grad(on):
-        with_kernels(on)
         for d in mats:
             products.input_grad(d["g"], d["w"])
 
     def adam_then_forward(on):
-        with_kernels(on)
         for d in mats:
             if on:
                 products.fused_adam_linear(d["w"], d["w"], *d["kept"], d["g"], d["x"], d["x"], d["b"],
@@ -75,7 +96,6 @@ def main() -> None:
                 products.linear(d["x"], d["w"], d["b"])
 
     def rebuilt_then_forward(on):
-        with_kernels(on)
         for d in mats:
             g, xp = d["history"][-1]
             if on:
@@ -100,13 +120,13 @@ def main() -> None:
     for i in range(ROUNDS):
         for name, (fn, _) in cases.items():
             for on in ((True, False) if i % 2 == 0 else (False, True)):
-                t0 = time.perf_counter()
-                fn(on)
-                times[name, on].append(time.perf_counter() - t0)
-    with_kernels(True)
+                with products.kernels_enabled(on):
+                    t0 = time.perf_counter()
+                    fn(on)
+                    times[name, on].append(time.perf_counter() - t0)
 
     print(f"SD1.x text encoder, 72 large weights ({params / 1e6:.0f} M parameters), {ROWS} rows, "
-          f"{torch.get_num_threads()} threads, medians of {ROUNDS} interleaved rounds")
+          f"{torch.get_num_threads()} threads, medians of {ROUNDS} interleaved rounds; kernels on {isa}")
     print(f"{'per step':26}{'kernels ms':>12}{'GFLOP/s':>9}{'torch ms':>10}{'GFLOP/s':>9}{'ratio':>8}")
     summary = {}
     for name, (_, flop) in cases.items():
@@ -118,7 +138,76 @@ def main() -> None:
     total = sum(statistics.median(times[n, False]) for n in step) / sum(statistics.median(times[n, True])
                                                                           for n in step)
     summary["step_speedup"] = round(total, 2)
-    print(json.dumps(summary))
+    summary["kept_step_ms"] = round(1e3 * sum(statistics.median(times[n, True]) for n in step), 1)
+    return summary
+
+
+def torch_path_shortcuts() -> dict:
+    """Per step over the 72 weights, on torch's path: each shortcut against the public call (the ratio)."""
+    import torch.nn.functional as F
+    from torch.optim.adam import adam
+
+    mats = matrices()
+    for d in mats:
+        d["grad"] = 1e-3 * torch.randn_like(d["w"])
+
+    def ours_linear():
+        for d in mats:
+            products.linear(d["x"], d["w"], d["b"])
+
+    def public_linear():
+        for d in mats:
+            F.linear(d["x"], d["w"], d["b"])
+
+    def ours_adam():
+        for d in mats:
+            adam_step(d["w"], d["grad"], d["m"], d["v"], d["step"], ADAM)
+
+    def public_adam():
+        for d in mats:
+            adam([d["w"]], [d["grad"]], [d["m"]], [d["v"]], [], [d["step"]], amsgrad=False, maximize=False,
+                 weight_decay=0.0, lr=ADAM.lr, beta1=ADAM.beta1, beta2=ADAM.beta2, eps=ADAM.eps, fused=True)
+
+    pairs = {"few-row linear (oneDNN)": (ours_linear, public_linear),
+             "Adam step (fused kernel)": (ours_adam, public_adam)}
+    times = {(name, side): [] for name in pairs for side in (0, 1)}
+    with products.kernels_enabled(False):
+        for i in range(ROUNDS):
+            for name, fns in pairs.items():
+                for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    fns[side]()
+                    times[name, side].append(time.perf_counter() - t0)
+    out = {}
+    print(f"{'torch path, per step':26}{'ours ms':>12}{'public ms':>11}{'ratio':>8}")
+    for name in pairs:
+        ours, public = (statistics.median(times[name, side]) for side in (0, 1))
+        print(f"{name:26}{ours * 1e3:>12.1f}{public * 1e3:>11.1f}{public / ours:>7.2f}x")
+        out[name.split(" (")[0].replace(" ", "_").replace("-", "_") + "_speedup"] = round(public / ours, 2)
+    return out
+
+
+def huge_pages() -> float:
+    """Seconds to fill fresh memory the size of four of bigG's 5120 x 1280 weights and stream it twice, in 4 KB
+    pages over in 2 MB ones (the ratio). Four: more than glibc's largest mmap threshold (32 MB), so each round
+    gets fresh pages from the kernel, as a prompt's tuned copies do without the workspace (workspace.py)."""
+    shape, rounds = (4 * 5120, 1280), 2 * ROUNDS
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(rounds):
+        for advised in ((True, False) if i % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            t = torch.empty(shape)
+            if advised:
+                advise_huge(t)
+            t.fill_(1.0)  # the first touch: page faults
+            for _ in range(2):
+                t.mul_(0.5)  # passes over it: TLB misses
+            del t
+            times[advised].append(time.perf_counter() - t0)
+    plain, huge = statistics.median(times[False]), statistics.median(times[True])
+    print(f"fresh {shape[0]}x{shape[1]} floats, fill + 2 passes: 4 KB pages {plain * 1e3:.1f} ms, "
+          f"huge pages {huge * 1e3:.1f} ms ({plain / huge:.2f}x)")
+    return round(plain / huge, 2)
 
 
 if __name__ == "__main__":

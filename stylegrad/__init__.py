@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from stylegrad.addons.lora.network import LoraNetwork
     from stylegrad.aesthetic.embedding import embed_images
     from stylegrad.aesthetic.encoder import AestheticEncoder, EncodedPrompt
+    from stylegrad.aesthetic.engine import EngineSettings
     from stylegrad.aesthetic.options import StyleOptions
     from stylegrad.checkpoints.merge import merge_checkpoints
     from stylegrad.errors import RequestError, StylegradError
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
 _EXPORTS = {  # public name -> the module that defines it
     "AestheticEncoder": "stylegrad.aesthetic.encoder",
     "EncodedPrompt": "stylegrad.aesthetic.encoder",
+    "EngineSettings": "stylegrad.aesthetic.engine",
     "Family": "stylegrad.families",
     "GenerationRequest": "stylegrad.pipelines.request",
     "Generator": "stylegrad.pipelines.generation",
@@ -86,6 +88,7 @@ _EXPORTS = {  # public name -> the module that defines it
 __all__ = [  # the keys of _EXPORTS, written out for linters
     "AestheticEncoder",
     "EncodedPrompt",
+    "EngineSettings",
     "Family",
     "GenerationRequest",
     "Generator",

@@ -191,9 +191,9 @@ def _anon_huge_kb(address: int) -> int:
 
 
 def test_tuned_copies_ask_for_huge_pages():
-    """The tuned weights and moments (7.5 GB for bigG) are fresh memory every prompt: ``empty_huge`` asks Linux for
-    2 MB pages before the first touch, which took a quarter off SDXL's tuning time (fewer page faults, fewer TLB
-    misses); with THP in its default 'madvise' mode nothing else gets them."""
+    """The tuned weights and moments (6.3 GB for bigG on AVX-512, docs/exactness.md) are fresh memory every prompt:
+    ``empty_huge`` asks Linux for 2 MB pages before the first touch, which took a quarter off SDXL's tuning time
+    (fewer page faults, fewer TLB misses); with THP in its default 'madvise' mode nothing else gets them."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[madvise]" not in thp.read_text():
         pytest.skip("transparent huge pages are not in 'madvise' mode here: the advice changes nothing to observe")

@@ -1,17 +1,19 @@
-"""Aesthetic gradients on SDXL: both towers, exact against encode_prompt at 0 steps and against a plain reference
-loop at T steps, the pipeline untouched, memory back to baseline."""
+"""Aesthetic gradients on SDXL: both towers, exact against encode_prompt at 0 steps and against the method
+(aesthetic/method.py) at T steps within the contract (docs/exactness.md), the pipeline untouched, memory back to
+baseline."""
 
 import copy
 
 import pytest
 import torch
 from ckpt_layout import family_pipeline
-from test_tuning import REFERENCE_ATOL, _live_tensor_bytes
+from test_tuning import _live_tensor_bytes
 from transformers import CLIPTextModelWithProjection
 
 from stylegrad import Style, StyleOptions
+from stylegrad.aesthetic.contract import REFERENCE_ATOL
+from stylegrad.aesthetic.method import tune_text_encoder
 from stylegrad.aesthetic.sdxl import TOWERS, SDXLAestheticEncoder
-from stylegrad.aesthetic.vectors import normalize
 
 PROMPT = "a red house by the sea"
 
@@ -33,29 +35,24 @@ def xl_style(pipe, clip_l, seed=5) -> Style:
                  g=torch.randn(pipe.text_encoder_2.config.projection_dim, generator=g))
 
 
-def reference(pipe, clip_l, style, steps, lr, towers, text=PROMPT, clip_skip=None):
-    """The paper's loop on each tuned tower: fresh copies, torch.optim.Adam over the text transformer, loss
-    -cos(projection(pooled EOS state), its style part); then what encode_prompt computes from the tuned towers."""
+def reference(pipe, clip_l, style, steps, lr, towers, text=PROMPT, clip_skip=None, embeddings=None):
+    """The method on each tuned tower (0 steps on the others), towards its style part: SDXL reads the penultimate
+    layer as it is from both (``clip_skip`` earlier), and bigG's text embedding as the pooled one. ``embeddings``:
+    {tower: {word: vectors}}, the towers' token tables extended with them and ``text`` read through them."""
+    from stylegrad.prompts.chunks import Vocabulary
+
     hidden, pooled = [], None
     for which, model, tok, target in (("l", clip_l, pipe.tokenizer, style.vector),
                                       ("g", pipe.text_encoder_2, pipe.tokenizer_2, style.g)):
-        ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        model = copy.deepcopy(model)
-        if which in towers:
-            model.requires_grad_(True)
-            opt = torch.optim.Adam(model.text_model.parameters(), lr=lr)
-            s = normalize(target)[None]
-            for _ in range(steps):
-                e = model.text_projection(model.text_model(input_ids=ids).pooler_output)
-                loss = -(normalize(e) @ s.T).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            out = model(input_ids=ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-(clip_skip + 2) if clip_skip is not None else -2])
-            if which == "g":
-                pooled = out.text_embeds
+        if embeddings:
+            ids = Vocabulary(tok, embeddings[which]).chunks(text).ids
+            model = _extended(model, torch.cat(list(embeddings[which].values())))
+        else:
+            ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        tuned = tune_text_encoder(model, ids, target, steps=steps if which in towers else 0, lr=lr,
+                                  layer=-2 - (clip_skip or 0), final_norm=False)
+        hidden.append(tuned.hidden)
+        pooled = tuned.text_embedding if which == "g" else pooled
     return torch.cat(hidden, dim=-1), pooled
 
 
@@ -171,22 +168,6 @@ def test_embeddings_and_emphasis_on_sdxl(xl):
     assert (e.pooled_prompt_embeds - pooled).abs().max() < REFERENCE_ATOL
     style = xl_style(pipe, clip_l)
     tuned = enc.encode("a zq house", style, StyleOptions(steps=4, lr=3e-3), embeddings=words)
-    hidden = []
-    for which, model, tok, target in (("l", clip_l, pipe.tokenizer, style.vector),
-                                      ("g", pipe.text_encoder_2, pipe.tokenizer_2, style.g)):
-        ids = Vocabulary(tok, words[which]).chunks("a zq house").ids
-        model = _extended(model, words[which]["zq"])
-        model.requires_grad_(True)
-        opt = torch.optim.Adam(model.text_model.parameters(), lr=3e-3)
-        for _ in range(4):
-            emb = model.text_projection(model.text_model(input_ids=ids).pooler_output)
-            loss = -(normalize(emb) @ normalize(target)[None].T).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            out = model(input_ids=ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out.text_embeds
-    assert (tuned.prompt_embeds - torch.cat(hidden, dim=-1)).abs().max() < REFERENCE_ATOL
+    hidden, pooled = reference(pipe, clip_l, style, 4, 3e-3, ("l", "g"), text="a zq house", embeddings=words)
+    assert (tuned.prompt_embeds - hidden).abs().max() < REFERENCE_ATOL
     assert (tuned.pooled_prompt_embeds - pooled).abs().max() < REFERENCE_ATOL

@@ -1,8 +1,7 @@
-"""The method: exact to a naive reference loop, leaves the pipeline untouched, frees its memory, caches."""
+"""The engine against the method: exact to the paper's loop (aesthetic/method.py) within the contract
+(docs/exactness.md), leaves the pipeline untouched, frees its memory, caches."""
 
-import copy
 import gc
-import os
 
 import pytest
 import torch
@@ -10,42 +9,20 @@ from conftest import needs_kernels, text_with_projection
 from tiny import PROJ, tiny_clip, tiny_pipeline
 
 from stylegrad import AestheticEncoder, Style, StylegradError, StyleOptions
+from stylegrad.aesthetic.contract import REFERENCE_ATOL
+from stylegrad.aesthetic.method import tune_text_encoder
 from stylegrad.aesthetic.targets import blend, style_target
 from stylegrad.aesthetic.vectors import normalize
 
-# Float32 runs of the same maths on different tensor shapes (E tokens vs 77) differ by rounding only.
-REFERENCE_ATOL = 1e-5
 PROMPT = "a red house by the sea"
 
 
 def reference_loop(clip_text, input_ids, style, steps, lr, clip_skip=None, layers=None, regularization=0.0):
-    """The paper's code, plainly: a fresh copy of the CLIP text model, Adam over the text transformer,
-    loss -cos(projection(pooled EOS state), style) on the full 77-token prompt; with ``regularization``, plus
-    lambda * the mean squared distance of the 77 conditioning states from the original model's."""
-    model = copy.deepcopy(clip_text)
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.text_model.parameters(), lr=lr)
-    s = normalize(style)[None]
-    layers = layers or model.config.num_hidden_layers
-
-    def condition(out):
-        if clip_skip is None and layers == model.config.num_hidden_layers:
-            return out.last_hidden_state
-        return model.text_model.final_layer_norm(out.hidden_states[layers - (clip_skip or 0)])
-
-    with torch.no_grad():
-        z0 = condition(model.text_model(input_ids=input_ids, output_hidden_states=True))
-    for _ in range(steps):
-        out = model.text_model(input_ids=input_ids, output_hidden_states=True)
-        e = model.text_projection(out.pooler_output)
-        loss = -(normalize(e) @ s.T).mean()
-        if regularization:
-            loss = loss + regularization * ((condition(out) - z0) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return condition(model.text_model(input_ids=input_ids, output_hidden_states=True))
+    """The method (``tune_text_encoder``) with SD1.x/SD2.x's conditioning layer: the last of the pipeline's
+    ``layers`` (default all of the CLIP's), ``clip_skip`` earlier, final-normed."""
+    layer = (layers or clip_text.config.num_hidden_layers) - (clip_skip or 0)
+    return tune_text_encoder(clip_text, input_ids, style, steps=steps, lr=lr, layer=layer,
+                             regularization=regularization).hidden
 
 
 def ids_of(pipe, text):
@@ -365,15 +342,35 @@ def test_family_detected_from_the_encoder_without_clip_model(width, expected, st
         assert detect_family(encoder).clip_model == expected
 
 
-def test_kernels_off_by_environment_gives_the_same_result(pipe, clip_text, style):
-    """STYLEGRAD_KERNELS=0 turns the compiled kernels off (read at import): torch's path, the same numbers."""
-    import subprocess
-    import sys
+def test_engine_settings_choose_the_path_and_keep_the_numbers(pipe, clip_text, style, monkeypatch):
+    """The engine is chosen by one object passed down (``engine=``), its default read from the environment:
+    kernels off gives torch's path itself (the same bits as a build without kernels), within the contract."""
+    import stylegrad.aesthetic.products as products
+    from stylegrad.aesthetic.engine import EngineSettings
 
-    code = ("import stylegrad.aesthetic.products as p; print(p._KERNELS is None)")
-    env = {**os.environ, "STYLEGRAD_KERNELS": "0"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "True"
     needs_kernels()
-    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert on == "False"
+    ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 4, 3e-3)
+    options = StyleOptions(steps=4, lr=3e-3)
+    off, _ = AestheticEncoder.from_pipeline(pipe, clip_text, engine=EngineSettings(kernels=False)).encode(
+        PROMPT, style, options)
+    on, _ = AestheticEncoder.from_pipeline(pipe, clip_text, engine=EngineSettings(kernels=True)).encode(
+        PROMPT, style, options)
+    monkeypatch.setenv("STYLEGRAD_KERNELS", "0")  # the default engine now says: off
+    assert EngineSettings.from_environment() == EngineSettings(kernels=False)
+    by_env, _ = AestheticEncoder.from_pipeline(pipe, clip_text).encode(PROMPT, style, options)
+    monkeypatch.delenv("STYLEGRAD_KERNELS")
+    monkeypatch.setattr(products, "_KERNELS", None)  # as an install without them
+    unbuilt, _ = AestheticEncoder.from_pipeline(pipe, clip_text).encode(PROMPT, style, options)
+    assert torch.equal(off, unbuilt) and torch.equal(by_env, unbuilt)
+    assert (on - ref).abs().max() < REFERENCE_ATOL and (off - ref).abs().max() < REFERENCE_ATOL
+
+
+def test_engine_settings_read_and_refuse():
+    from stylegrad.aesthetic.engine import EngineSettings
+
+    env = {"STYLEGRAD_TUNING_MEMORY": "6GB", "STYLEGRAD_REUSE_MEMORY": "0"}
+    assert EngineSettings.from_environment(env) == EngineSettings(memory=6 << 30, kernels=True, reuse_memory=False)
+    assert EngineSettings.from_environment({}) == EngineSettings("auto", True, True)
+    assert EngineSettings(memory="LOW").memory == "low"
+    with pytest.raises(StylegradError, match="must be auto, fast, low or a size"):
+        EngineSettings(memory="tiny")

@@ -1,19 +1,23 @@
-"""Tuning with rebuilt Adam moments (aesthetic/memory.py): the same numbers as kept moments, a third of the state,
-chosen by the memory there is or by STYLEGRAD_TUNING_MEMORY."""
+"""Tuning with rebuilt Adam moments (aesthetic/memory.py): the same numbers as kept moments (the bit-equal tier of
+docs/exactness.md), a third of the state, chosen by the memory there is, by ``EngineSettings.memory`` or by its
+default, STYLEGRAD_TUNING_MEMORY."""
 
 import warnings
 
 import pytest
 import torch
 from conftest import needs_kernels
+from test_products import isa  # noqa: F401 (each instruction set's kernels, where the CPU has it)
 from test_sdxl_tuning import reference as sdxl_reference
 from test_sdxl_tuning import xl, xl_style  # noqa: F401 (the SDXL fixture)
-from test_tuning import PROMPT, REFERENCE_ATOL, _live_tensor_bytes, ids_of, reference_loop
+from test_tuning import PROMPT, _live_tensor_bytes, ids_of, reference_loop
 from tiny import PROJ, tiny_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from stylegrad import AestheticEncoder, Style, StylegradError, StyleOptions
 from stylegrad.aesthetic import memory, products, workspace
+from stylegrad.aesthetic.contract import REFERENCE_ATOL
+from stylegrad.aesthetic.engine import EngineSettings
 from stylegrad.aesthetic.sdxl import SDXLAestheticEncoder
 from stylegrad.notes import StylegradNote
 
@@ -30,10 +34,10 @@ def _encode(enc, style, steps, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7])
-def test_rebuilt_moments_equal_kept_ones_bit_for_bit(pipe, clip_text, style, steps, monkeypatch):
-    """On the compiled kernels each rebuilt step runs the kept step's instructions on the same gradients, in
-    Adam's order: the tuned conditioning is the same to the bit, and within the reference loop's tolerance."""
-    needs_kernels()
+def test_rebuilt_moments_equal_kept_ones_bit_for_bit(pipe, clip_text, style, steps, isa, monkeypatch):  # noqa: F811
+    """On the compiled kernels (each instruction set where it runs) each rebuilt step runs the kept step's
+    instructions on the same gradients, in Adam's order: the tuned conditioning is the same to the bit, and
+    within the reference loop's tolerance."""
     enc = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
     kept, _ = _encode(enc, style, steps, "fast", monkeypatch)
     rebuilt, _ = _encode(enc, style, steps, "low", monkeypatch)
@@ -47,9 +51,9 @@ def test_rebuilt_moments_on_sdxl(xl, monkeypatch):  # noqa: F811
     needs_kernels()
     pipe, clip_l = xl
     style = xl_style(pipe, clip_l)
-    enc = SDXLAestheticEncoder(pipe, clip_l, cache_size=0)
-    kept = _encode(enc, style, 5, "fast", monkeypatch)
-    rebuilt = _encode(enc, style, 5, "low", monkeypatch)
+    options = StyleOptions(steps=5, lr=3e-3)
+    kept, rebuilt = (SDXLAestheticEncoder(pipe, clip_l, cache_size=0, engine=EngineSettings(memory=mode)).encode(
+        PROMPT, style, options) for mode in ("fast", "low"))  # the engine passed down, not the environment
     assert torch.equal(kept.prompt_embeds, rebuilt.prompt_embeds)
     assert torch.equal(kept.pooled_prompt_embeds, rebuilt.pooled_prompt_embeds)
     hidden, pooled = sdxl_reference(pipe, clip_l, style, 5, 3e-3, ("l", "g"))
@@ -81,15 +85,35 @@ def _wide_encoder() -> AestheticEncoder:
     return AestheticEncoder(encoder, tok, with_projection, cache_size=0)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
-def test_rebuilt_moments_hold_only_the_copy(style, kernels, monkeypatch):
-    """Live tensor bytes during tuning, over the baseline: kept moments hold each large weight's copy and two
-    moments (3 bytes a value on the kernels, 4 on torch's path), rebuilt ones the copy plus the gradients'
-    factors; both return to the baseline after."""
-    if kernels:
-        needs_kernels()
-    else:
+@pytest.fixture(params=["avx2", "avx512", "torch"])
+def path(request, monkeypatch):
+    """Each way the moments can be laid out: the kernels on each instruction set the CPU has, and torch's path."""
+    if request.param == "torch":
         monkeypatch.setattr(products, "_KERNELS", None)
+        yield request.param
+        return
+    kernels = needs_kernels()
+    before = kernels.isa()
+    try:
+        kernels.use(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kernels.use(before)
+
+
+# the bytes each kept moment takes per weight, by the path that runs: AVX-512 packs both in 6 (_fewrows.c)
+MOMENT_BYTES = {"avx512": 3, "avx2": 4, "torch": 4}
+
+
+def test_rebuilt_moments_hold_only_the_copy(style, path, monkeypatch):
+    """Live tensor bytes during tuning, over the baseline: kept moments hold each large weight's copy and two
+    moments (in the layout of the path that runs: 3 bytes a value on AVX-512's kernels, 4 on AVX2's and torch's),
+    rebuilt ones the copy plus the gradients' factors; both return to the baseline after."""
+    kernels = path != "torch"
+    assert products.kernels_isa() == (path if kernels else None)
+    assert products.moment_bytes(torch.device("cpu")) == MOMENT_BYTES[path]  # the layout this path keeps
+    workspace.WORKSPACE.clear()  # a kept block from another layout would be larger than this one needs
     enc = _wide_encoder()
     matrices = sum(t.numel() * 4 for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2)
     extra = {}
@@ -108,10 +132,10 @@ def test_rebuilt_moments_hold_only_the_copy(style, kernels, monkeypatch):
     # rebuilt moments (three in all); on a real tower (32 layers of 6 matrices, 3 shapes) they are a few percent
     shapes = {tuple(t.shape) for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2}
     scratch = 0 if kernels else sum(o * i * 4 for o, i in shapes)
-    kept = 2.5 * matrices if kernels else 3 * matrices  # copy and moments: 4 + 3 + 3 or 4 + 4 + 4 bytes a value
+    kept = (4 + 2 * MOMENT_BYTES[path]) / 4 * matrices  # copy and moments: 4 + 3 + 3 or 4 + 4 + 4 bytes a value
     # each block the copies and the moments are carved from (workspace.py) is allocated 2 MB longer, to start on
     # a huge page: address space only, never touched
-    pad = workspace._HUGE
+    pad = workspace.HUGE_PAGE
     assert kept < extra["fast"] - scratch - 2 * pad < kept + 0.3 * matrices
     assert matrices < extra["low"] - 3 * scratch - pad < 1.5 * matrices
 
@@ -160,6 +184,12 @@ def test_a_budget_splits_the_weights_and_keeps_the_numbers(pipe, clip_text, styl
     kept, _ = _encode(enc, style, 4, "fast", monkeypatch)
     with pytest.warns(StylegradNote):
         split, _ = _encode(enc, style, 4, f"{2 * matrices}B", monkeypatch)
+    enc.clear_cache()
+    enc.engine = EngineSettings(memory=2 * matrices)  # the same budget, passed down instead
+    monkeypatch.setattr(memory, "_noted", set())
+    with pytest.warns(StylegradNote):
+        passed, _ = enc.encode(PROMPT, style, StyleOptions(steps=4, lr=3e-3))
+    assert torch.equal(passed, split)
     modes = list(chosen[-1].values())
     assert modes.count("kept") and modes.count("rebuilt")
     assert torch.equal(kept, split)

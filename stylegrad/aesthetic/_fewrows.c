@@ -63,10 +63,11 @@ typedef struct {
 /* On AVX-512 the kept moments are packed: each moment rounded to its 24 high bits (float32 with 15 stored mantissa
    bits instead of 23; to nearest, ties away from zero), m's in a 32-bit word with v's bits 8-15 in its low byte,
    v's 16 high bits in a 16-bit word: 6 bytes a weight for both, where float32 takes 8. Why: kept, the moments were
-   two thirds of tuning's memory (5 GB of the 7.5 GB SDXL's bigG took). A step uses its moments at full precision;
-   only the values carried to the next step are rounded, within 2^-16 of themselves, which moves that step by at
-   most about 2^-16 of itself (bfloat16, at 2^-9, moved SD1.x's tuned output by 2.3e-4; truncating instead of
-   rounding, biased, moved the tests' tiny towers past their 1e-5; tests hold every path to torch's Adam). Rebuilt
+   two thirds of tuning's memory (5.0 of the 7.5 GB SDXL's bigG takes in float32; packed, 3.8 of 6.3 GB). A step
+   uses its moments at full precision; only the values carried to the next step are rounded, within 2^-16 of
+   themselves, which moves that step by at most about 2^-16 of itself (bfloat16, at 2^-9, moved SD1.x's tuned
+   output by 2.3e-4; truncating instead of rounding, biased, moved the tests' tiny towers past their 1e-5: the
+   contract's tiers are in docs/exactness.md). Rebuilt
    moments are rounded the same way, so both give the same bits. Packing costs a few integer instructions a vector:
    the kept step ran 4% slower for its 17% fewer bytes, the rebuilt one 11% slower (bigG's shapes, 2026-12-03).
    On AVX2 the moments stay float32: without AVX-512's three-input logic and with half the registers, the

@@ -8,18 +8,17 @@ waits for the matrix's next forward product and runs fused with it, one pass ove
 without them it runs at once, from a reused buffer, on torch's fused Adam. The last layer, where only the EOS
 row reaches the loss, runs q, out, fc1 and fc2 on that one row. Each large weight is copied at its first step,
 not before the loop, and the full 77-token pass after tuning runs on the same products (``TunedWeights.finish``),
-taking the last pending steps. The numbers are those of the plain loop (tested against a fresh-copy reference within
-1e-5): Adam still sees every weight's full gradient before it moves."""
+taking the last pending steps. The numbers are those of method.tune_text_encoder, the plain loop, within the
+float-rounding tier of docs/exactness.md: Adam still sees every weight's full gradient before it moves."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
+from stylegrad.aesthetic.engine import EngineSettings, resolve
 from stylegrad.aesthetic.memory import choose_moments
 from stylegrad.aesthetic.products import (
     can_fuse_adam,
@@ -51,20 +50,20 @@ class AdamMatrix:
     full gradient is never stored. Elsewhere the step is taken at once, on torch's fused Adam. The numbers are
     Adam's either way.
 
-    With ``adam.moments == "rebuilt"`` the moments are not stored: every step's factors are kept (a few hundred
+    With ``rebuilt`` the moments are not stored: every step's factors are kept (a few hundred
     floats a row) and each step forms every gradient so far again, running Adam's recursions in order. The
     weight's copy is then its whole state (4 bytes a weight, where kept moments take 10 or 12 in all), for about t
     times the gradient arithmetic at step t; on the compiled kernels the numbers are bit for bit those of kept
     moments (on AVX-512 both carry the moments rounded to 24 bits, _fewrows.c says why)."""
 
     def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings,
-                 blocks: tuple[HugeBlock | None, HugeBlock | None] = (None, None)):
+                 blocks: tuple[HugeBlock | None, HugeBlock | None] = (None, None), rebuilt: bool = False):
         """``blocks``: where the copy and the moments are carved from (``TunedWeights._lease_blocks``); None, tensors
-        of their own."""
+        of their own. ``rebuilt``: the moments are rebuilt each step, not stored (memory.py chooses)."""
         self.params, self.name, self.blocks = params, name, blocks
         self.weight = params[name]  # (out, in)
         self.exp_avg = self.exp_avg_sq = None  # made with the copy, unless rebuilt
-        self.rebuilt = adam.moments == "rebuilt"
+        self.rebuilt = rebuilt
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # rebuilt: every step's (grad_out, x)
         self.copied = False
         self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
@@ -235,20 +234,23 @@ class TunedWeights:
     and none taken twice."""
 
     def __init__(self, tower: TextTower, params: dict[str, torch.Tensor], adam: AdamSettings | None = None,
-                 keep_copies: bool = False):
+                 keep_copies: bool = False, engine: EngineSettings | None = None):
         """``adam``: given, the large weights are tuned here (``AdamMatrix``); None, they are ordinary tensors that
         an optimizer outside moves. ``keep_copies``: the tuned copies outlive ``release`` (for the caller), so
-        they are not carved from memory the next prompt reuses (workspace.py)."""
+        they are not carved from memory the next prompt reuses (workspace.py). ``engine``: memory mode and reuse
+        (None: the environment's defaults); its ``kernels`` apply where the caller applies them
+        (``EngineSettings.applied``, as ``personalize`` does)."""
         self.tower, self.params, self.shape = tower, params, _Layers(tower)
+        self.engine = resolve(engine)
         scratch: dict = {}
         self.moments: dict[str, str] = {}  # with ``adam``: "kept" or "rebuilt" for each large weight
         if adam is not None:
             weights = {name: t for name, t in params.items() if is_matrix(name)}
             device = next(iter(weights.values())).device if weights else torch.device("cpu")
-            self.moments = choose_moments(adam.moments, weights, device)
+            self.moments = choose_moments(self.engine.memory, weights, device)
         self.keep_copies = keep_copies
         self.blocks = self._lease_blocks()
-        self.matrices = {name: AdamMatrix(params, name, scratch, replace(adam, moments=mode), self.blocks)
+        self.matrices = {name: AdamMatrix(params, name, scratch, adam, self.blocks, rebuilt=mode == "rebuilt")
                          for name, mode in self.moments.items()}
         self.finished = False
 
@@ -262,8 +264,9 @@ class TunedWeights:
         copies = sum(block_bytes(w.numel(), torch.float32) for w in weights)
         kept = sum(block_bytes(self.params[n].numel(), d) for n, mode in self.moments.items() if mode == "kept"
                    for d in dtypes)
-        return (HugeBlock(copies, device) if self.keep_copies else WORKSPACE.lease("copies", copies, device),
-                WORKSPACE.lease("moments", kept, device) if kept else None)
+        reuse = self.engine.reuse_memory
+        return (HugeBlock(copies, device) if self.keep_copies else WORKSPACE.lease("copies", copies, device, reuse),
+                WORKSPACE.lease("moments", kept, device, reuse) if kept else None)
 
     def release(self) -> None:
         """Drop the large weights' tuned copies (unless ``keep_copies``) and moments, and hand their memory back

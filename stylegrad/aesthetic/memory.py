@@ -1,9 +1,10 @@
 """Which large weights keep their Adam moments while a prompt tunes, and which rebuild them, from the memory there is.
 
 Kept, a large weight costs 10 bytes a value while it tunes on the AVX-512 kernels (its float32 copy, and both
-moments packed in 6 bytes, _fewrows.c says how: 6.3 GB for SDXL's bigG) and 12 elsewhere (float32 moments);
-rebuilt from every step's gradient factors (eos_forward.AdamMatrix), 4 bytes, with the same numbers and more
-arithmetic per step (bench/personalize.py measures both). The setting (STYLEGRAD_TUNING_MEMORY, --tuning-memory):
+moments packed in 6 bytes, _fewrows.c says how) and 12 elsewhere (float32 moments); rebuilt from every step's
+gradient factors (eos_forward.AdamMatrix), 4 bytes, with the same numbers and more arithmetic per step
+(bench/personalize.py measures both). For SDXL's bigG (629 M matrix weights) that is 6.3 GB, 7.5 GB and 2.5 GB
+(docs/exactness.md). The setting (``EngineSettings.memory``; by default STYLEGRAD_TUNING_MEMORY, --tuning-memory):
 - ``fast``: every weight keeps its moments; ``low``: none does;
 - a size such as ``6GB`` or ``800MB``: the most the tuned weights and their moments may take; as many weights as
   fit keep their moments, the rest rebuild them, so a tighter budget costs time gradually, not all at once;
@@ -42,8 +43,10 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def parse_setting(setting: str) -> str | int:
-    """"fast", "low", "auto" or a budget in bytes."""
+def parse_setting(setting: str | int) -> str | int:
+    """"fast", "low", "auto" or a budget in bytes (an int is one already)."""
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+        return setting
     text = str(setting).strip().upper().replace(" ", "").replace("IB", "B")
     named = {"FAST": "fast", "KEPT": "fast", "LOW": "low", "REBUILT": "low", "AUTO": "auto"}
     if text in named:
@@ -56,7 +59,7 @@ def parse_setting(setting: str) -> str | int:
                          "(--tuning-memory, STYLEGRAD_TUNING_MEMORY)")
 
 
-def choose_moments(setting: str, weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, str]:
+def choose_moments(setting: str | int, weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, str]:
     """"kept" or "rebuilt" for each of the large weights about to be tuned (by name)."""
     mode = parse_setting(setting)
     if mode in ("fast", "low"):

@@ -1,31 +1,29 @@
 """Where tuning spends its time, for one large weight W and a few token rows: the products x W^T (+ b) and g W,
 and an Adam step of W fused with its next product. On stylegrad's compiled kernels where they were built and the
 CPU has AVX2 and FMA (_fewrows.c says why they are faster); else the products run on oneDNN, else on torch's
-default, and Adam on torch's (adam.py). Every path gives the same numbers to float32 rounding.
+default, and Adam on torch's (adam.py). Every path is within the float-rounding tier of docs/exactness.md.
 
-Set STYLEGRAD_KERNELS=0 to use torch's kernels only."""
+Whether the kernels are used is the engine's setting (``engine.EngineSettings.kernels``, by default
+STYLEGRAD_KERNELS != 0), applied for one tuning through ``kernels_enabled``; tests and benchmarks use the same
+switch. ``bench/products.py`` prints each kernel's gain over torch's path."""
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 from stylegrad.aesthetic.adam import AdamSettings
-
-if TYPE_CHECKING:
-    from stylegrad.aesthetic.workspace import HugeBlock
+from stylegrad.aesthetic.pages import advise_huge
+from stylegrad.aesthetic.workspace import HugeBlock
 
 
 def _compiled():
     """The compiled kernels, if this install built them and this CPU can run them."""
-    if os.environ.get("STYLEGRAD_KERNELS", "1") == "0":
-        return None
     try:
         from . import _fewrows
     except ImportError:  # an install without a compiler, or not x86-64
@@ -35,7 +33,8 @@ def _compiled():
 
 def _onednn_linear():
     """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on AMD CPUs MKL's sgemm takes a generic
-    code path for these few-row products, while oneDNN's JIT kernels use AVX2 (bench/products.py compares them)."""
+    code path for these few-row products, while oneDNN's JIT kernels use AVX2. bench/products.py prints the gain
+    ("torch path"); on an Intel CPU there is none (0.92x, 2026-12-07), and no AMD CPU was at hand to measure it."""
     try:
         if torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise
@@ -46,6 +45,32 @@ def _onednn_linear():
 
 _KERNELS = _compiled()
 _ONEDNN = _onednn_linear()
+_ENABLED: ContextVar[bool] = ContextVar("stylegrad_kernels", default=True)
+
+
+@contextmanager
+def kernels_enabled(on: bool) -> Iterator[None]:
+    """Within the block (this thread or task), the products and Adam steps use the compiled kernels only if ``on``
+    (and they are built and usable here); torch's path otherwise."""
+    token = _ENABLED.set(on)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def active_kernels():
+    """The compiled kernels' module where they are built, usable and enabled here (``kernels_enabled``); else None."""
+    return _KERNELS if _ENABLED.get() else None
+
+
+def kernels_isa() -> str | None:
+    """The instruction set the active kernels run ("avx512" or "avx2"), None on torch's path: it decides the kept
+    moments' layout (``moment_dtypes``)."""
+    kernels = active_kernels()
+    return None if kernels is None else kernels.isa()
+
+
 _FEW_ROWS = 32  # on oneDNN, up to this many rows a contiguous weight goes first in the product
 _KERNEL_ROWS = 96  # compiled kernels up to here: they cover SD's 77-token prompts with room to spare
 # the forward product on the kernels up to here; beyond, oneDNN's blocked GEMM reuses each row of x across more
@@ -54,7 +79,7 @@ _KERNEL_PRODUCT_ROWS = 32
 
 
 def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_KERNELS is not None and a.device.type == weight.device.type == "cpu"
+    return (active_kernels() is not None and a.device.type == weight.device.type == "cpu"
             and a.dtype == weight.dtype == torch.float32 and a.dim() == 2 and 0 < a.shape[0] <= _KERNEL_ROWS
             and weight.is_contiguous() and not (torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)))
 
@@ -68,8 +93,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                   and bias.shape == weight.shape[:1]))):  # else torch's path, and its errors
         x = x.contiguous()
         y = x.new_empty(x.shape[0], weight.shape[0])
-        _KERNELS.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                        *x.shape, weight.shape[0])
+        active_kernels().linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                y.data_ptr(), *x.shape, weight.shape[0])
         return y
     if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         try:
@@ -88,45 +113,24 @@ def input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _fits_kernels(grad_out, weight) and grad_out.shape[1] == weight.shape[0]:
         grad_out = grad_out.contiguous()
         gx = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
-        _KERNELS.input_grad(grad_out.data_ptr(), weight.data_ptr(), gx.data_ptr(), grad_out.shape[0],
-                            weight.shape[1], weight.shape[0])
+        active_kernels().input_grad(grad_out.data_ptr(), weight.data_ptr(), gx.data_ptr(), grad_out.shape[0],
+                                    weight.shape[1], weight.shape[0])
         return gx
     return linear(grad_out, weight.T)
 
 
-def _madvise():
-    """libc's madvise, on Linux; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_MADVISE = _madvise()
-_HUGE = 2 << 20  # a transparent huge page
-_MADV_HUGEPAGE = 14
-
-
 def empty_huge(like: torch.Tensor, block: HugeBlock | None = None) -> torch.Tensor:
-    """``torch.empty_like`` (contiguous), backed by 2 MB pages where Linux allows it; from ``block`` if given.
-    Why: a tuned weight and its moments (7.5 GB for SDXL's bigG) are fresh memory every prompt; in 4 KB pages
-    that is two million page faults, and every pass over them walks a page table that misses the TLB at each new
-    page. Asked on the allocation, before any page is touched, the kernel maps them 2 MB at a time (its "madvise"
-    mode, the default of most distributions). Elsewhere, or if refused, the tensor is an ordinary one."""
+    """``torch.empty_like`` (contiguous), backed by 2 MB pages where Linux allows it (pages.py says why); from
+    ``block`` if given."""
     if block is not None:
         return block.empty(like.shape, like.dtype)
-    return _advised(torch.empty_like(like, memory_format=torch.contiguous_format))
+    return advise_huge(torch.empty_like(like, memory_format=torch.contiguous_format))
 
 
 def packed_moments() -> bool:
     """Whether the kernels in use keep Adam's moments packed (AVX-512: 6 bytes a weight for both, _fewrows.c says
     how and why) rather than as two float32 tensors."""
-    return _KERNELS is not None and _KERNELS.isa() == "avx512"
+    return kernels_isa() == "avx512"
 
 
 def moment_dtypes(device: torch.device | str) -> tuple[torch.dtype, torch.dtype]:
@@ -143,7 +147,7 @@ def empty_moments(weight: torch.Tensor, block: HugeBlock | None = None) -> tuple
     dtypes = moment_dtypes(weight.device)
     if dtypes[0] != torch.float32:
         return tuple(block.empty((weight.numel(),), dtype) if block is not None else
-                     _advised(torch.empty(weight.numel(), dtype=dtype, device=weight.device)) for dtype in dtypes)
+                     advise_huge(torch.empty(weight.numel(), dtype=dtype, device=weight.device)) for dtype in dtypes)
     return empty_huge(weight, block), empty_huge(weight, block)
 
 
@@ -170,22 +174,12 @@ def carried(t: torch.Tensor) -> torch.Tensor:
     return ((t.to(torch.float32).contiguous().view(torch.int32) + 0x80) & ~0xFF).view(torch.float32)
 
 
-def _advised(t: torch.Tensor) -> torch.Tensor:
-    nbytes = t.numel() * t.element_size()
-    if _MADVISE is not None and t.device.type == "cpu" and nbytes >= 2 * _HUGE:
-        start = -(-t.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside the tensor
-        end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
-        if end > start:
-            _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal changes nothing but speed
-    return t
-
-
 def can_fuse_adam(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
     """Whether an Adam step of this weight (followed by a product with ``x``) can be taken by
     ``fused_adam_linear``."""
     if x is not None:
         return _fits_kernels(x, weight)
-    return (_KERNELS is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (active_kernels() is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
             and weight.is_contiguous())
 
 
@@ -235,7 +229,7 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
     if history is not None:
         pointers = torch.tensor([[g.data_ptr(), xp.data_ptr()] for g, xp in history], dtype=torch.int64).T.contiguous()
         rebuilt = (len(history), pointers[0].data_ptr(), pointers[1].data_ptr())
-    _KERNELS.adam_linear(
+    active_kernels().adam_linear(
         source.data_ptr(), weight.data_ptr(), 0 if exp_avg is None else exp_avg.data_ptr(),
         0 if exp_avg_sq is None else exp_avg_sq.data_ptr(), grad_out.data_ptr(), x_prev.data_ptr(),
         x.data_ptr() if fused else 0, 0 if bias is None else bias.data_ptr(), y.data_ptr() if fused else 0,

@@ -1,7 +1,8 @@
 """Aesthetic gradients (Gallego 2022, arXiv 2209.12330, Sec. 3): tune the CLIP text encoder for one prompt.
 
-The reference loop deep-copies the whole CLIP model and runs Adam over every text-transformer parameter on the
-full 77-token prompt. This function computes the same optimization with less work, using two exact facts:
+The method is ``method.tune_text_encoder`` (read it first): a float32 copy of the text encoder, Adam over its
+text transformer on the full 77-token prompt. ``personalize`` is the engine: the same optimization, to the
+contract of docs/exactness.md, with less work, using two exact facts:
 - CLIP's text attention is causal, so the state at the first EOS (all the loss looks at) depends only on the
   tokens up to it: the loss runs on those E tokens, not 77.
 - Token-table rows the prompt does not use get a zero gradient, and Adam moves a parameter with an all-zero
@@ -9,7 +10,7 @@ full 77-token prompt. This function computes the same optimization with less wor
   the 49,408-row table. The same holds for position rows after the EOS, which are tuned but never move.
 Without the regularizer (which reads every token's hidden state) the loop runs on ``TunedWeights.eos_state``,
 which computes only the EOS state and takes the large weights' Adam steps itself, from their gradients' factors
-(eos_forward.py says why).
+(eos_forward.py says why). How it runs (memory mode, kernels, memory reuse) is one ``EngineSettings``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from stylegrad.aesthetic.adam import AdamSettings
+from stylegrad.aesthetic.engine import EngineSettings, resolve
 from stylegrad.aesthetic.eos_forward import TunedWeights, is_matrix
 from stylegrad.aesthetic.tower import TextTower
 from stylegrad.prompts.chunks import gather_rows
@@ -57,6 +59,7 @@ def personalize(
     extra_rows: torch.Tensor | None = None,
     base: dict[str, torch.Tensor] | None = None,
     keep_weights: bool = False,
+    engine: EngineSettings | None = None,
 ) -> Personalized:
     """Adam on the text transformer (embeddings, layers, final norm; not the projection) to maximize
     cos(proj(h_EOS), target), then the tuned encoder's hidden states for the full prompt.
@@ -69,7 +72,9 @@ def personalize(
     chunk is then encoded by the tuned encoder. Ids past the token table read ``extra_rows`` (textual-inversion
     vectors), tuned like any other row the prompt uses. ``base``: the tensors to start from (default the tower's;
     e.g. with a LoRA merged into some of them). ``keep_weights``: also return the tuned tensors, for hosts that
-    apply weight differences themselves (ComfyUI's patches)."""
+    apply weight differences themselves (ComfyUI's patches). ``engine``: how the engine runs (engine.py); None,
+    the environment's defaults. Whatever it says, the result is ``method.tune_text_encoder``'s within the
+    contract (docs/exactness.md)."""
     chunks = input_ids.reshape(-1, input_ids.shape[-1])  # (C, S), each padded to the tokenizer's max length
     ids = chunks[0]
     eos = first_eos(ids, tower.eos_token_id)
@@ -80,13 +85,14 @@ def personalize(
     # float32 copies to tune; on the EOS path each large matrix is copied at its first step (AdamMatrix)
     params = {name: t if eos_path and is_matrix(name) else t.to(torch.float32, copy=True) for name, t in params.items()}
     target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
-    tuned = TunedWeights(tower, params, adam if eos_path else None, keep_copies=keep_weights)
-    try:
-        return _tune(tower, tuned, chunks, local_all, eos, target, steps=steps, adam=adam,
-                     regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
-                     callback=callback, rows=rows, keep_weights=keep_weights)
-    finally:
-        tuned.release()  # its memory goes to the next prompt (workspace.py)
+    with resolve(engine).applied() as engine:
+        tuned = TunedWeights(tower, params, adam if eos_path else None, keep_copies=keep_weights, engine=engine)
+        try:
+            return _tune(tower, tuned, chunks, local_all, eos, target, steps=steps, adam=adam,
+                         regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
+                         callback=callback, rows=rows, keep_weights=keep_weights)
+        finally:
+            tuned.release()  # its memory goes to the next prompt (workspace.py)
 
 
 def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all: torch.Tensor, eos: int,

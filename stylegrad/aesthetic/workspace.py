@@ -1,14 +1,15 @@
 """The memory tuning carves its large tensors from, kept from one prompt for the next.
 
-Why: a prompt's tuned copies and Adam moments (6.3 GB for SDXL's bigG) used to be fresh memory every prompt, and
-the kernel zeroes each fresh page before handing it over. On the 2-core test machine that was 3-5 s of system time
-a prompt, and a whole prompt ran 7% slower than one that found its memory already mapped (2026-12-03). So the
-two blocks a prompt carves them from (``HugeBlock``: copies, moments) are not unmapped when it ends but marked
-MADV_FREE: the kernel may take their pages back at any moment, without writing them anywhere, and counts them as
-available memory; the next prompt reuses the pages it did not take. Process memory figures (RSS) still show them
-until the kernel needs them. ``STYLEGRAD_REUSE_MEMORY=0`` turns this off (every prompt maps fresh memory and
-unmaps it at its end); it is also off where Linux's MADV_FREE is missing, and on GPUs, whose allocator keeps its
-memory anyway.
+Why: a prompt's tuned copies and Adam moments (SDXL's bigG: 6.3 GB on AVX-512, 7.5 GB elsewhere, docs/exactness.md)
+used to be fresh memory every prompt, and the kernel zeroes each fresh page before handing it over. On the 2-core
+test machine that was 3-5 s of system time a prompt, and a whole prompt ran 7% slower than one that found its
+memory already mapped (2026-12-03). So the two blocks a prompt carves them from (``HugeBlock``: copies, moments)
+are not unmapped when it ends but marked MADV_FREE: the kernel may take their pages back at any moment, without
+writing them anywhere, and counts them as available memory; the next prompt reuses the pages it did not take.
+Process memory figures (RSS) still show them until the kernel needs them. ``EngineSettings(reuse_memory=False)``
+(engine.py; by default ``STYLEGRAD_REUSE_MEMORY=0``) turns this off: every prompt maps fresh memory and unmaps it
+at its end. It is also off where Linux's MADV_FREE is missing, and on GPUs, whose allocator keeps its memory
+anyway. bench/personalize.py prints its gain (its "stylegrad-fresh" row).
 
 A block goes back only when nothing can still read it: every tensor carved from it holds a reference to its
 mapping, and the block is reused only once the workspace's is the last. Tensors handed to the caller
@@ -18,13 +19,12 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import sys
 import threading
 
 import torch
 
-from stylegrad.aesthetic.products import _HUGE, _advised
+from stylegrad.aesthetic.pages import HUGE_PAGE, advise_huge
 
 
 def block_bytes(numel: int, dtype: torch.dtype) -> int:
@@ -34,7 +34,7 @@ def block_bytes(numel: int, dtype: torch.dtype) -> int:
 
 def _padded(nbytes: int) -> int:
     """Bytes to allocate for a block of ``nbytes``: 2 MB more to align it, where it can hold a huge page."""
-    return nbytes + _HUGE if nbytes >= 2 * _HUGE else nbytes
+    return nbytes + HUGE_PAGE if nbytes >= 2 * HUGE_PAGE else nbytes
 
 
 class HugeBlock:
@@ -58,8 +58,8 @@ class HugeBlock:
         if self._block is None:
             self._base = (self.region.tensor() if self.region is not None else
                           torch.empty(_padded(self.nbytes), dtype=torch.uint8, device=self.device))
-            skip = -self._base.data_ptr() % _HUGE if _padded(self.nbytes) > self.nbytes else 0
-            self._block = _advised(self._base[skip:skip + self.nbytes])
+            skip = -self._base.data_ptr() % HUGE_PAGE if _padded(self.nbytes) > self.nbytes else 0
+            self._block = advise_huge(self._base[skip:skip + self.nbytes])
         start, self.used = self.used, self.used + size
         return self._block[start:start + numel * dtype.itemsize].view(dtype).view(shape)
 
@@ -98,12 +98,13 @@ class Workspace:
 
     @staticmethod
     def enabled(device: torch.device) -> bool:
-        return (device.type == "cpu" and sys.platform.startswith("linux") and hasattr(mmap, "MADV_FREE")
-                and os.environ.get("STYLEGRAD_REUSE_MEMORY", "1") != "0")
+        """Whether memory can be kept between prompts on ``device`` (Linux's MADV_FREE, the CPU)."""
+        return device.type == "cpu" and sys.platform.startswith("linux") and hasattr(mmap, "MADV_FREE")
 
-    def lease(self, kind: str, nbytes: int, device: torch.device) -> HugeBlock:
-        """A block of at least ``nbytes`` for one prompt's tensors of ``kind``; ``give_back`` when it is done."""
-        if not self.enabled(device):
+    def lease(self, kind: str, nbytes: int, device: torch.device, reuse: bool = True) -> HugeBlock:
+        """A block of at least ``nbytes`` for one prompt's tensors of ``kind``; ``give_back`` when it is done.
+        ``reuse`` False: fresh memory, unmapped when given back (``EngineSettings.reuse_memory``)."""
+        if not (reuse and self.enabled(device)):
             return HugeBlock(nbytes, device)
         with self._lock:
             region = self._free.pop(kind, None)
