@@ -22,7 +22,8 @@ from stylegrad.jobs.work import Summary, WorkerSpec, WorkItem, one_line, render
 
 KILL_HOOK = "STYLEGRAD_TEST_KILL_WORKER_AFTER"  # tests: worker 0 exits after this many images, once
 # the driver's settings that workers read from their environment
-FORWARDED = (KILL_HOOK, "HF_HUB_OFFLINE", "STYLEGRAD_CACHE", "STYLEGRAD_TUNING_MEMORY", "STYLEGRAD_KERNELS")
+FORWARDED = (KILL_HOOK, "HF_HUB_OFFLINE", "STYLEGRAD_CACHE", "STYLEGRAD_TUNING_MEMORY", "STYLEGRAD_KERNELS",
+             "STYLEGRAD_KERNELS_ISA", "STYLEGRAD_REUSE_MEMORY")  # the engine's defaults (aesthetic/engine.py)
 
 
 class BatchWorker:
