@@ -45,6 +45,11 @@ class Family(StrEnum):
         return _FACTS[self][3]
 
     @property
+    def clip_model(self) -> str:
+        """The first tower's CLIP: the style space of SD1.x and SD2.x, and of SDXL's CLIP-L part."""
+        return self.clip_models[0]
+
+    @property
     def generates(self) -> bool:
         """Whether stylegrad generates with this family (a refiner is recognized, then refused)."""
         return self is not Family.SDXL_REFINER
@@ -57,6 +62,12 @@ class Family(StrEnum):
     def of_context_width(cls, width: int | None) -> Family | None:
         """The family whose UNet reads conditioning of this width (768, 1024, 2048, 1280), or None."""
         return next((f for f in cls if f.context_width == width), None)
+
+    @classmethod
+    def of_text_width(cls, width: int | None) -> Family | None:
+        """The family a text tower of this width belongs to: 768 SD1.x (also SDXL's CLIP-L), 1024 SD2.x, 1280
+        SDXL's bigG (also the refiner's only tower); None for another width."""
+        return next((f for f in (cls.SD1, cls.SD2, cls.SDXL) if width in f.text_widths), None)
 
     @classmethod
     def named(cls, name: str) -> Family:

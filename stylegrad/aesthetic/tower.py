@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,41 +25,17 @@ from torch.func import functional_call
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from stylegrad.errors import StylegradError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    hidden_size: int
-    clip_model: str  # the CLIP whose text tower, projection and image tower define the style space
-
-
-SD1 = Family("sd1", 768, "openai/clip-vit-large-patch14")
-SD2 = Family("sd2", 1024, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-FAMILIES = {f.name: f for f in (SD1, SD2)}
-
-
-def _dispatch_sd1(encoder: CLIPTextModel) -> Family | None:
-    return SD1 if encoder.config.hidden_size == SD1.hidden_size else None
-
-
-def _dispatch_sd2(encoder: CLIPTextModel) -> Family | None:
-    return SD2 if encoder.config.hidden_size == SD2.hidden_size else None
-
-
-DISPATCHERS: list[Callable[[CLIPTextModel], Family | None]] = [_dispatch_sd1, _dispatch_sd2]
+from stylegrad.families import Family
 
 
 def detect_family(encoder: CLIPTextModel) -> Family:
-    """The model family of a pipeline's text encoder (SD1.x or SD2.x)."""
-    for dispatch in DISPATCHERS:
-        family = dispatch(encoder)
-        if family is not None:
-            return family
-    supported = ", ".join(f"{f.name} (width {f.hidden_size})" for f in FAMILIES.values())
-    raise StylegradError(
-        f"unsupported text encoder of width {encoder.config.hidden_size}; supported: {supported}"
-    )
+    """The family of a pipeline's one text encoder (SD1.x or SD2.x), from its width."""
+    width = encoder.config.hidden_size
+    family = Family.of_text_width(width)
+    if family not in (Family.SD1, Family.SD2):
+        supported = ", ".join(f"{f} (width {f.text_widths[0]})" for f in (Family.SD1, Family.SD2))
+        raise StylegradError(f"unsupported text encoder of width {width}; supported: {supported}")
+    return family
 
 
 @dataclass

@@ -14,9 +14,10 @@ from contextlib import nullcontext
 import torch
 from torch.func import functional_call
 
-from stylegrad.aesthetic.tower import SD1, TextTower, conditioning_layer, meta_skeleton, text_parameters, tower_for
+from stylegrad.aesthetic.tower import TextTower, conditioning_layer, meta_skeleton, text_parameters, tower_for
 from stylegrad.aesthetic.tuning import TOKEN, first_eos
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 from stylegrad.notes import note
 from stylegrad.prompts.chunks import Chunks, Vocabulary, gather_rows
 
@@ -157,7 +158,7 @@ def pipeline_towers(pipe, clip_model=None) -> list[PromptTower]:
         raise StylegradError("the pipeline has no CLIP text encoder and tokenizer to personalize")
     if getattr(pipe, "text_encoder_2", None) is None:
         return [PromptTower("", pipe.text_encoder, pipe.tokenizer, clip_model)]
-    return [PromptTower("l", pipe.text_encoder, pipe.tokenizer, clip_model or SD1.clip_model, sdxl=True),
+    return [PromptTower("l", pipe.text_encoder, pipe.tokenizer, clip_model or Family.SDXL.clip_models[0], sdxl=True),
             PromptTower("g", pipe.text_encoder_2, pipe.tokenizer_2, None, sdxl=True, pooled=True, component="te2")]
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from stylegrad.families import Family
+
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 FIRST_CONV = UNET + "input_blocks.0.0.weight"
 
-NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
-WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+# each family's text encoder(s) in the original layout, in tower order
 TEXT_PREFIXES = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-    "sdxl-refiner": ("conditioner.embedders.0.model.",),
+    Family.SD1: ("cond_stage_model.transformer.",),
+    Family.SD2: ("cond_stage_model.model.",),
+    Family.SDXL: ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+    Family.SDXL_REFINER: ("conditioner.embedders.0.model.",),
 }
 # other architectures people keep in the same folders, by a key only they have
 OTHER_MODELS = [
@@ -32,7 +33,7 @@ OTHER_MODELS = [
     (re.compile(r"(^|\.)adm_in\.|(^|\.)pixart|(^|\.)t_block\."), "a PixArt model"),
     (re.compile(r"^model\.diffusion_model\.(layers|blocks)\.0\."), "a transformer diffusion model (not a SD UNet)"),
 ]
-SUPPORTED = ("sd1", "sd2", "sdxl")
+SUPPORTED = tuple(f for f in Family if f.generates)
 # what a single-file checkpoint is called: the models folder lists these; NAME.vae.* beside one is its VAE
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
@@ -53,7 +54,7 @@ class CheckpointKind:
 
     @property
     def label(self) -> str:
-        name = NAMES.get(self.family or "", "Stable Diffusion")
+        name = Family(self.family).label if self.family else "Stable Diffusion"
         return name if self.variant == "base" else f"{name} {self.variant}"
 
 
@@ -88,13 +89,13 @@ def classify(shapes: dict[str, tuple]) -> CheckpointKind:
             refusal = "not a Stable Diffusion checkpoint (no UNet weights under model.diffusion_model.)"
         return CheckpointKind(None, "base", None, False, False, False, None, refusal)
     family = None
-    for name in ("sdxl", "sdxl-refiner", "sd2", "sd1"):
+    for name in (Family.SDXL, Family.SDXL_REFINER, Family.SD2, Family.SD1):
         if any(k.startswith(TEXT_PREFIXES[name][-1]) for k in keys):  # SDXL: its OpenCLIP bigG at index 1
             family = name
             break
     has_text = family is not None and all(any(k.startswith(p) for k in keys) for p in TEXT_PREFIXES[family])
     if family is None:
-        family = WIDTH_FAMILY.get(_cross_attention_width(shapes) or 0)
+        family = Family.of_context_width(_cross_attention_width(shapes))
     in_channels = shapes[FIRST_CONV][1]
     variant = {9: "inpainting", 8: "instruct-pix2pix"}.get(in_channels, "base")
     has_vae = any(k.startswith(VAE + "decoder.") for k in keys)
@@ -104,7 +105,7 @@ def classify(shapes: dict[str, tuple]) -> CheckpointKind:
     refusal = None
     if family is None:
         refusal = "a UNet stylegrad does not recognise (no SD1/SD2/SDXL text encoder keys, unknown attention width)"
-    elif family == "sdxl-refiner":
+    elif family == Family.SDXL_REFINER:
         refusal = ("an SDXL refiner, which only refines another model's latents; pick an SDXL base model "
                    "(or a checkpoint made from one)")
     elif variant == "inpainting":
@@ -114,5 +115,5 @@ def classify(shapes: dict[str, tuple]) -> CheckpointKind:
     elif in_channels != 4:
         refusal = f"a UNet with {in_channels} input channels; stylegrad generates with 4-channel text-to-image models"
     elif not has_text:
-        refusal = f"{a(NAMES[family])} UNet without its text encoder(s); use a full checkpoint"
+        refusal = f"{a(family.label)} UNet without its text encoder(s); use a full checkpoint"
     return CheckpointKind(family, variant, in_channels, has_vae, has_text, ema, prediction, refusal)

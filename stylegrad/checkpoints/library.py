@@ -10,13 +10,13 @@ from pathlib import Path
 
 from stylegrad.checkpoints.families import (
     CHECKPOINT_SUFFIXES,
-    NAMES,
     VAE_SUFFIXES,
     CheckpointKind,
     classify,
     strip_wrapper,
 )
 from stylegrad.errors import RequestError, StylegradError
+from stylegrad.families import Family
 from stylegrad.files.safetensors_header import DTYPES, read_header
 
 MODELS_DIR_ENV = "STYLEGRAD_MODELS_DIR"
@@ -130,4 +130,4 @@ def checkpoint_kind(path: Path) -> CheckpointKind:
 
 
 def family_name(family: str | None) -> str:
-    return NAMES.get(family or "", "-")
+    return Family(family).label if family else "-"

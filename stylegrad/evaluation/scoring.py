@@ -3,11 +3,11 @@ CLIP image embedding)."""
 
 from __future__ import annotations
 
-from stylegrad.aesthetic.tower import SD1
 from stylegrad.devices import resolve_device
 from stylegrad.errors import StylegradError
 from stylegrad.evaluation.metrics import ClipEmbedder, aesthetic_score
 from stylegrad.evaluation.predictors import DEFAULT, load_predictor
+from stylegrad.families import Family
 from stylegrad.files.recognize import inspect_file
 from stylegrad.files.styles import load_style
 
@@ -28,7 +28,7 @@ def score_files(files: list[str], predictor: str = DEFAULT, clip_model: str | No
     if images:
         from stylegrad.pipelines.images import load_image
 
-        embedder = ClipEmbedder(clip_model or pred.clip_model or SD1.clip_model, device)
+        embedder = ClipEmbedder(clip_model or pred.clip_model or Family.SD1.clip_model, device)
         pred.check_width(embedder.width)
         pics = [load_image(f) for f in images]
         for f, v in zip(images, aesthetic_score(pred, embedder.images(pics))):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 from stylegrad.files.safetensors_header import Header, float32_norm, float_values, read_header
 
 if TYPE_CHECKING:  # torch is imported only for torch pickles and by the loaders: a safetensors file is read without it
@@ -35,7 +36,6 @@ WIDTHS = {
     512: "CLIP ViT-B, not used by Stable Diffusion",
     1280: "OpenCLIP ViT-bigG/14, SDXL's second text encoder",
 }
-FAMILY_OF_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
 
 def describe_width(width: int) -> str:
@@ -170,7 +170,7 @@ def _sniff(path: Path) -> str:
 
 
 def _family_from_width(width: int | None) -> str | None:
-    return FAMILY_OF_WIDTH.get(width) if width else None
+    return Family.of_text_width(width)
 
 
 def _first(content: _Content, pattern: str) -> str | None:
@@ -181,10 +181,11 @@ def _first(content: _Content, pattern: str) -> str | None:
 def _lora_family(c: _Content) -> str | None:
     """From the widths a LoRA touches: cross-attention keys (768 SD1, 1024 SD2, 2048 SDXL), else text layers."""
     if any(k.startswith(("lora_te2_", "lora_te1_")) or "text_encoder_2" in k for k in c.shapes):
-        return "sdxl"
+        return Family.SDXL
     k = _first(c, r"attn2.*to_k.*(lora_down|lora_A|lora\.down|_lora\.down|hada_w1_b|lokr_w2)")
     if k is not None and len(c.shapes[k]) == 2:
-        return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(c.shapes[k][-1])
+        family = Family.of_context_width(c.shapes[k][-1])
+        return family if family is not None and family.generates else None
     k = _first(c, r"q_proj.*(lora_down|lora_A|_lora\.down|hada_w1_b)|^text_encoder:\d+:down$")
     if k is not None and len(c.shapes[k]) == 2:
         return _family_from_width(c.shapes[k][-1])
@@ -220,7 +221,7 @@ def _ti_sdxl(c: _Content) -> dict:
     vectors = c.shapes["clip_g"][0] if len(c.shapes["clip_g"]) == 2 else 1
     widths = [c.shapes["clip_l"][-1], c.shapes["clip_g"][-1]]
     return dict(kind="textual-inversion", format="sdxl", shape=list(c.shapes["clip_g"]), dtype=c.dtypes["clip_g"],
-                width=widths[0], widths=widths, vectors=vectors, family="sdxl",
+                width=widths[0], widths=widths, vectors=vectors, family=Family.SDXL,
                 detail=f"an SDXL textual-inversion embedding with {vectors} vector(s) for each text encoder "
                 f"(clip_l {widths[0]}, clip_g {widths[1]}): it adds a word to the prompt, not a style")
 
@@ -230,7 +231,7 @@ def _checkpoint(c: _Content) -> dict:
 
     prefix = strip_wrapper(c.shapes)
     kind = classify({k[len(prefix):]: s for k, s in c.shapes.items() if k.startswith(prefix)})
-    width = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "sdxl-refiner": 1280}.get(kind.family or "")
+    width = Family(kind.family).context_width if kind.family else None
     first = next((k for k in c.shapes if k.startswith(prefix + "model.diffusion_model.")), None)
     dtype = c.dtypes.get(first) if first else next(iter(c.dtypes.values()), None)
     usable = " (--model loads it)" if kind.refusal is None else f" ({kind.refusal})" if kind.family else ""
@@ -255,7 +256,7 @@ def _style(fmt: str, key: str, what: str) -> Callable[[_Content], dict]:
 def _sdxl_style(c: _Content) -> dict:
     widths = [c.shapes["clip_l"][-1], c.shapes["clip_g"][-1]]
     return dict(kind="style", format="stylegrad-sdxl", usable=True, shape=list(c.shapes["clip_l"]),
-                dtype=c.dtypes["clip_l"], width=widths[0], widths=widths, family="sdxl",
+                dtype=c.dtypes["clip_l"], width=widths[0], widths=widths, family=Family.SDXL,
                 detail=f"stylegrad SDXL style (CLIP-L {widths[0]} + bigG {widths[1]})", _vector="clip_l")
 
 

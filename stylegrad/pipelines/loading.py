@@ -111,20 +111,6 @@ def with_sampler(pipe, sampler: str | None):
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def is_sdxl(pipe) -> bool:
-    return type(pipe).__name__.startswith("StableDiffusionXL")
-
-
-def pipeline_family(pipe) -> str | None:
-    """sd1 | sd2 | sdxl, or None for a model of another width (the tiny test models)."""
-    if is_sdxl(pipe):
-        return "sdxl"
-    kind = getattr(pipe, "stylegrad_checkpoint", None)
-    if kind is not None:
-        return kind.family
-    return {768: "sd1", 1024: "sd2"}.get(pipe.unet.config.cross_attention_dim)
-
-
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None, vae: str | None = None,
                   models_dir: str | None = None):
     """An SD1.x/SD2.x/SDXL text-to-image pipeline from what users have: a hub id, a diffusers folder, a single

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from stylegrad.aesthetic.encoder import AestheticEncoder, EncodedPrompt
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family, pipeline_family
 from stylegrad.files.styles import Style, load_style
 from stylegrad.pipelines.addons import Addons, RequestAddons
 from stylegrad.pipelines.images import fit_init_image, load_image, load_init_image
-from stylegrad.pipelines.loading import derived_pipeline, is_sdxl, pipeline_family, with_sampler
+from stylegrad.pipelines.loading import derived_pipeline, with_sampler
 from stylegrad.pipelines.request import GenerationRequest
 
 # progress(stage, done, total): 'style' Adam steps and 'denoising' steps as they happen; raising stops the work
@@ -100,7 +101,8 @@ def img2img_pipeline(pipe):
     """The img2img pipeline of ``pipe``'s family, sharing its components."""
     import diffusers
 
-    cls = diffusers.StableDiffusionXLImg2ImgPipeline if is_sdxl(pipe) else diffusers.StableDiffusionImg2ImgPipeline
+    sdxl = pipeline_family(pipe) is Family.SDXL
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
     return cls.from_pipe(pipe)
 
 
@@ -155,7 +157,7 @@ class Runner:
 
     def request_addons(self, request: GenerationRequest) -> RequestAddons:
         """The request's LoRAs bound to the pipeline, and the embeddings its text encoders can take."""
-        if is_sdxl(self.pipe):
+        if pipeline_family(self.pipe) is Family.SDXL:
             encoders = {"l": (self.pipe.text_encoder.config.hidden_size, "clip_l"),
                         "g": (self.pipe.text_encoder_2.config.hidden_size, "clip_g")}
         else:

@@ -47,7 +47,7 @@ def load_models(model: str, device=None, vae: str | None = None, models_dir: str
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     for m in (pipe.unet, pipe.vae, *encoders):
         m.requires_grad_(False).eval()
-    family = Family.SDXL if len(encoders) == 2 else (Family.SD2 if encoders[0].config.hidden_size == 1024 else Family.SD1)
+    family = Family.SDXL if len(encoders) == 2 else Family.of_text_width(encoders[0].config.hidden_size) or Family.SD1
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of the model
     return Models(pipe.unet, pipe.vae, scheduler, encoders, tokenizers, pipe, family)
 

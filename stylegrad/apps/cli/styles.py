@@ -14,10 +14,10 @@ LONG = 200  # metadata values longer than this are shortened in text mode (kohya
 
 def cmd_embed(a) -> None:
     from stylegrad.aesthetic.embedding import BIGG, embed_to_file
-    from stylegrad.aesthetic.tower import FAMILIES
+    from stylegrad.families import Family
 
-    sdxl = a.family == "sdxl"
-    clip = a.clip_model or FAMILIES["sd1" if sdxl else a.family].clip_model
+    sdxl = a.family == Family.SDXL
+    clip = a.clip_model or Family(a.family).clip_model  # SDXL: CLIP-L's, the first of its two
     extra = {"clip_model_g": a.clip_model_g or BIGG} if sdxl else {}
     if a.clip_model_g and not sdxl:
         a.parser.error("--clip-model-g is for --family sdxl")

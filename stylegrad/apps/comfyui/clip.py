@@ -22,11 +22,12 @@ from stylegrad.aesthetic.deltas import weight_deltas
 from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.aesthetic.targets import blend
-from stylegrad.aesthetic.tower import SD1, ClipParts, TextTower, clip_parts
+from stylegrad.aesthetic.tower import ClipParts, TextTower, clip_parts
 from stylegrad.aesthetic.towers import PromptTower
 from stylegrad.aesthetic.tuning import TOKEN
 from stylegrad.aesthetic.vectors import slerp
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family
 from stylegrad.files.styles import Style
 from stylegrad.prompts.chunks import Chunks
 
@@ -103,7 +104,7 @@ def comfy_towers(clip, clip_model=None, device: torch.device | None = None) -> d
         if source is None and _identity(projection):
             if name != "l":
                 raise StylegradError(f"this CLIP's tower '{name}' has no text projection to define its style space")
-            source = SD1.clip_model
+            source = Family.SD1.clip_model
         if source is not None:
             parts = clip_parts(source, cfg.num_hidden_layers, encoder.device)
             if parts.hidden_size != cfg.hidden_size:

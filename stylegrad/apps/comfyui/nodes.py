@@ -115,7 +115,7 @@ class StyleFromImages:
 
     def embed(self, images, family: str, name: str, save: bool, clip_model: str = "", clip_model_g: str = ""):
         from stylegrad.aesthetic.embedding import BIGG, embed_pictures, load_image_encoder
-        from stylegrad.aesthetic.tower import SD1
+        from stylegrad.families import Family
 
         pictures = _pictures(images)
 
@@ -126,7 +126,7 @@ class StyleFromImages:
             return embed_pictures(pictures, model, encoder=_ENCODERS[model], name=name or "style")
 
         with torch.inference_mode(False):
-            style = mean(clip_model or SD1.clip_model)
+            style = mean(clip_model or Family.SD1.clip_model)
             if family == "sdxl":
                 g = mean(clip_model_g or BIGG)
                 style = Style(style.vector, {**style.metadata, "encoder_g": g.metadata["encoder"], "family": "sdxl"},

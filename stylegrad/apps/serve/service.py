@@ -14,10 +14,11 @@ from PIL import Image
 
 from stylegrad.aesthetic.embedding import embed_images
 from stylegrad.errors import StylegradError
+from stylegrad.families import Family, pipeline_family
 from stylegrad.files.pnginfo import read_generation_info
 from stylegrad.files.styles import Style, save_style
 from stylegrad.pipelines.generation import Generator
-from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name, pipeline_family
+from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name
 from stylegrad.pipelines.request import GenerationRequest, build, check
 
 from . import folders
@@ -204,12 +205,12 @@ class Service:
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _style_clip(self) -> str:
-        from stylegrad.aesthetic.tower import SD1, detect_family
+        from stylegrad.aesthetic.tower import detect_family
 
         if self.clip_model:
             return self.clip_model
-        if self.family == "sdxl":
-            return SD1.clip_model
+        if self.family == Family.SDXL:
+            return Family.SDXL.clip_models[0]  # CLIP-L's mean; bigG's is made beside it
         return detect_family(self.generator.pipe.text_encoder).clip_model
 
     def _encoder(self):
