@@ -2,16 +2,15 @@
 
 Per tuning step, at 17 token rows (a 15-word prompt): the forward products, the input-gradient products, and an
 Adam step followed by the next forward product (fused on the kernels, with their moments: packed on AVX-512; on
-torch: gradient product into a reused buffer, torch's fused Adam on float32 moments, oneDNN product); then the
+torch: gradient product into a reused buffer, torch's fused Adam on float32 moments, torch's product); then the
 same step at step 10 with rebuilt moments (every step's gradient formed again from its factors; on torch into
 reused buffers, as tuning does there). Random weights: the speed does not depend on the values. Timings are
 medians over rounds in which the two sides take turns; each prints GFLOP/s and the ratio to torch's. Where the
 CPU has AVX-512 the kernels run on both instruction sets (AVX-512 packs the kept moments in 6 bytes a weight,
 AVX2 keeps them as float32): the gain of each, and the time the packing costs.
 
-Then torch's path alone (other CPUs, GPUs, STYLEGRAD_KERNELS=0), each of its two shortcuts against the public call
-it replaces: products.linear (oneDNN, the weight first for few rows) vs F.linear, and adam.adam_step (torch's
-fused Adam kernel called directly) vs torch.optim.adam.adam. Then the huge pages tuning asks for
+(torch's path used two shortcuts into private ops until 2026-12-07, oneDNN's linear and the fused Adam kernel
+called directly; measured here at 0.92x and 1.01x, they were dropped.) Then the huge pages tuning asks for
 (aesthetic/pages.py): fresh memory the size of four bigG weights written and read twice, with and without.
 
     python bench/products.py            # a table, then one JSON line
@@ -65,7 +64,6 @@ def main() -> None:
     if len(summary) == 2:  # the price of AVX-512's packed moments, and what the wider vectors give back
         print(f"one kept step on AVX-512 (moments packed in 6 bytes) vs AVX2 (float32, 8 bytes): "
               f"{summary['avx2']['kept_step_ms'] / summary['avx512']['kept_step_ms']:.2f}x")
-    summary["torch_path"] = torch_path_shortcuts()
     summary["huge_pages_speedup"] = huge_pages()
     print(json.dumps(summary))
 
@@ -140,51 +138,6 @@ def kernel_gains(isa: str) -> dict:
     summary["step_speedup"] = round(total, 2)
     summary["kept_step_ms"] = round(1e3 * sum(statistics.median(times[n, True]) for n in step), 1)
     return summary
-
-
-def torch_path_shortcuts() -> dict:
-    """Per step over the 72 weights, on torch's path: each shortcut against the public call (the ratio)."""
-    import torch.nn.functional as F
-    from torch.optim.adam import adam
-
-    mats = matrices()
-    for d in mats:
-        d["grad"] = 1e-3 * torch.randn_like(d["w"])
-
-    def ours_linear():
-        for d in mats:
-            products.linear(d["x"], d["w"], d["b"])
-
-    def public_linear():
-        for d in mats:
-            F.linear(d["x"], d["w"], d["b"])
-
-    def ours_adam():
-        for d in mats:
-            adam_step(d["w"], d["grad"], d["m"], d["v"], d["step"], ADAM)
-
-    def public_adam():
-        for d in mats:
-            adam([d["w"]], [d["grad"]], [d["m"]], [d["v"]], [], [d["step"]], amsgrad=False, maximize=False,
-                 weight_decay=0.0, lr=ADAM.lr, beta1=ADAM.beta1, beta2=ADAM.beta2, eps=ADAM.eps, fused=True)
-
-    pairs = {"few-row linear (oneDNN)": (ours_linear, public_linear),
-             "Adam step (fused kernel)": (ours_adam, public_adam)}
-    times = {(name, side): [] for name in pairs for side in (0, 1)}
-    with products.kernels_enabled(False):
-        for i in range(ROUNDS):
-            for name, fns in pairs.items():
-                for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    t0 = time.perf_counter()
-                    fns[side]()
-                    times[name, side].append(time.perf_counter() - t0)
-    out = {}
-    print(f"{'torch path, per step':26}{'ours ms':>12}{'public ms':>11}{'ratio':>8}")
-    for name in pairs:
-        ours, public = (statistics.median(times[name, side]) for side in (0, 1))
-        print(f"{name:26}{ours * 1e3:>12.1f}{public * 1e3:>11.1f}{public / ours:>7.2f}x")
-        out[name.split(" (")[0].replace(" ", "_").replace("-", "_") + "_speedup"] = round(public / ours, 2)
-    return out
 
 
 def huge_pages() -> float:

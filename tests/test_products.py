@@ -144,7 +144,7 @@ def test_other_tensors_take_torchs_path():
 def test_fused_adam_steps_match_torch_adam(out_features, in_features, isa):
     """Three Adam steps on the fused kernel (first: moments not read, original not written; last: moments not
     kept) against torch.optim.Adam on the full gradient: the same weights, moments and products. The 77-row
-    step takes the step alone and oneDNN's product."""
+    step takes the step alone and torch's product."""
     g = torch.Generator().manual_seed(out_features * 11 + in_features)
     original = 0.02 * torch.randn(out_features, in_features, generator=g)  # the scale of CLIP's weights
     pristine, bias, lr = original.clone(), torch.randn(out_features, generator=g), 1e-3

@@ -46,23 +46,15 @@ def test_matches_reference_loop_sd1(pipe, clip_text, style, clip_skip, steps):
 
 
 def test_public_torch_paths_match_too(pipe, clip_text, style, monkeypatch):
-    """Where stylegrad's compiled kernels were not built, and torch's private oneDNN linear or fused Adam kernel
-    is missing or differs (other builds, other versions), the fast path falls back to F.linear and
-    torch.optim's adam: the same method, to the reference's precision."""
-    import stylegrad.aesthetic.adam as adam_module
+    """Where stylegrad's compiled kernels were not built (other CPUs, GPUs), the engine runs on torch's public
+    calls only (F.linear, torch.optim's adam): the same method, to the reference's precision."""
     import stylegrad.aesthetic.products as products
 
-    def broken(*args, **kwargs):  # a torch whose private op has another signature
-        raise TypeError("incompatible function arguments")
-
     monkeypatch.setattr(products, "_KERNELS", None)
-    monkeypatch.setattr(products, "_ONEDNN", broken)
-    monkeypatch.setattr(adam_module, "_FUSED", broken)
     enc = AestheticEncoder.from_pipeline(pipe, clip_text)
     pe, _ = enc.encode(PROMPT, style, StyleOptions(steps=8, lr=3e-3))
     ref = reference_loop(clip_text, ids_of(pipe, PROMPT), style.vector, 8, 3e-3)
     assert (pe - ref).abs().max() < REFERENCE_ATOL
-    assert products._ONEDNN is None and adam_module._FUSED is None  # tried once, then the public path
 
 
 def test_pending_steps_fall_back_where_the_kernels_stop(pipe, clip_text, style, monkeypatch):

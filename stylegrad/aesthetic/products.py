@@ -1,7 +1,9 @@
 """Where tuning spends its time, for one large weight W and a few token rows: the products x W^T (+ b) and g W,
 and an Adam step of W fused with its next product. On stylegrad's compiled kernels where they were built and the
-CPU has AVX2 and FMA (_fewrows.c says why they are faster); else the products run on oneDNN, else on torch's
-default, and Adam on torch's (adam.py). Every path is within the float-rounding tier of docs/exactness.md.
+CPU has AVX2 and FMA (_fewrows.c says why they are faster); else the products and Adam run on torch's public
+calls (F.linear, torch.optim's fused Adam: adam.py). Two shortcuts into torch's private ops (oneDNN's linear, the
+fused Adam kernel called directly) were measured and dropped (docs/performance.md): they did not earn their place.
+Every path is within the float-rounding tier of docs/exactness.md.
 
 Whether the kernels are used is the engine's setting (``engine.EngineSettings.kernels``, by default
 STYLEGRAD_KERNELS != 0), applied for one tuning through ``kernels_enabled``; tests and benchmarks use the same
@@ -31,20 +33,7 @@ def _compiled():
     return _fewrows if _fewrows.supported() else None
 
 
-def _onednn_linear():
-    """oneDNN's fp32 linear (x W^T + b), where this torch build has it. Why: on AMD CPUs MKL's sgemm takes a generic
-    code path for these few-row products, while oneDNN's JIT kernels use AVX2. bench/products.py prints the gain
-    ("torch path"); on an Intel CPU there is none (0.92x, 2026-12-07), and no AMD CPU was at hand to measure it."""
-    try:
-        if torch.backends.mkldnn.is_available():
-            return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        pass
-    return None
-
-
 _KERNELS = _compiled()
-_ONEDNN = _onednn_linear()
 _ENABLED: ContextVar[bool] = ContextVar("stylegrad_kernels", default=True)
 
 
@@ -71,10 +60,9 @@ def kernels_isa() -> str | None:
     return None if kernels is None else kernels.isa()
 
 
-_FEW_ROWS = 32  # on oneDNN, up to this many rows a contiguous weight goes first in the product
 _KERNEL_ROWS = 96  # compiled kernels up to here: they cover SD's 77-token prompts with room to spare
-# the forward product on the kernels up to here; beyond, oneDNN's blocked GEMM reuses each row of x across more
-# rows of W and ran 1.7x faster at 77 rows (a fused Adam step then runs alone, and oneDNN takes the product)
+# the forward product on the kernels up to here; beyond, torch's blocked GEMM reuses each row of x across more
+# rows of W and is faster (the 77-token final pass: a fused Adam step then runs alone, and torch takes the product)
 _KERNEL_PRODUCT_ROWS = 32
 
 
@@ -86,9 +74,8 @@ def _fits_kernels(a: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for (T, K) x and (O, K) weight, without autograd."""
-    global _ONEDNN
     if (_fits_kernels(x, weight) and x.shape[1] == weight.shape[1]
-            and (x.shape[0] <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None)
+            and x.shape[0] <= _KERNEL_PRODUCT_ROWS
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
                                   and bias.shape == weight.shape[:1]))):  # else torch's path, and its errors
         x = x.contiguous()
@@ -96,15 +83,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         active_kernels().linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                 y.data_ptr(), *x.shape, weight.shape[0])
         return y
-    if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        try:
-            if 1 < x.shape[0] <= _FEW_ROWS and x.dim() == 2 and weight.is_contiguous():
-                # (W x^T)^T: oneDNN then streams the large matrix as its many-row operand, which suits few rows
-                y = _ONEDNN(weight, x, None, "none", [], "").T.contiguous()
-                return y if bias is None else y.add_(bias)
-            return _ONEDNN(x, weight, bias, "none", [], "")
-        except (RuntimeError, TypeError):  # a private op: if this torch's differs, use the public path from now on
-            _ONEDNN = None
     return F.linear(x, weight, bias)
 
 
@@ -223,7 +201,7 @@ def fused_adam_linear(source: torch.Tensor, weight: torch.Tensor, exp_avg: torch
             and (bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32
                                   and bias.is_contiguous()))):
         raise ValueError("fused_adam_linear: shapes, dtypes or layouts the kernel does not take (see can_fuse_adam)")
-    fused = x is not None and (rows <= _KERNEL_PRODUCT_ROWS or _ONEDNN is None)
+    fused = x is not None and rows <= _KERNEL_PRODUCT_ROWS
     y = x.new_empty(rows, out_features) if fused else None
     rebuilt = ()
     if history is not None:
