@@ -30,6 +30,10 @@ A1111_PROMPTS = [
     ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
     ("time: 5 (o'clock:0.8)", [("time: 5 ", 1.0), ("o'clock", 0.8)]),
     ("", [("", 1.0)]),
+    # not a number after the colon: text inside a plain (x) bracket, never an error (A1111's float() raises)
+    ("(a:.)", [("a:.", 1.1)]),
+    ("(a:1.2.3) b", [("a:1.2.3", 1.1), (" b", 1.0)]),
+    ("(a:.5)", [("a", 0.5)]),
 ]
 
 

@@ -56,7 +56,7 @@ def parse_setting(setting: str | int) -> str | int:
         unit = m.group(2) if m.group(2) in _UNITS else m.group(2) + "B"
         return int(float(m.group(1)) * _UNITS[unit])
     raise StylegradError(f"tuning memory {setting!r} must be auto, fast, low or a size such as 6GB "
-                         "(--tuning-memory, STYLEGRAD_TUNING_MEMORY)")
+                         "(EngineSettings.memory, or STYLEGRAD_TUNING_MEMORY)")
 
 
 def choose_moments(setting: str | int, weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, str]:
@@ -86,5 +86,5 @@ def choose_moments(setting: str | int, weights: dict[str, torch.Tensor], device:
         _noted.add(key)
         note(f"tuning keeps Adam moments for {kept / copies:.0%} of the weights: all of them would take "
              f"{need / 2**30:.1f} GB and {budget / 2**30:.1f} GB may be used; the others rebuild theirs each step "
-             "(the same result, more arithmetic; --tuning-memory or STYLEGRAD_TUNING_MEMORY sets the budget)")
+             "(the same result, more arithmetic; the engine's memory setting, or STYLEGRAD_TUNING_MEMORY, sets the budget)")
     return choice

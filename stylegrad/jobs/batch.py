@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.jobs.batchfile import BadLine, read_jobs
 from stylegrad.jobs.manifest import MANIFEST
 from stylegrad.jobs.storage import Storage
@@ -26,13 +26,13 @@ def check_batch_manifest(storage: Storage, spec: WorkerSpec, items: list[WorkIte
         except ValueError as e:
             raise StylegradError(f"cannot read {storage}/{MANIFEST}: {e}") from None
         if old.get("kind") != "batch" or old.get("model") != spec.model:
-            raise StylegradError(f"{storage} holds a run of another kind or model ({old.get('model')}); use another "
-                                 "--out")
+            raise RequestError("out", f"{storage} holds a run of another kind or model ({old.get('model')}); use "
+                               "another {field}")
     files = dict(old.get("files", {}))
     for item in items:
         if item.file in files and files[item.file] != item.digest and storage.exists(item.file):
-            raise StylegradError(f"{item.label} asks for other settings than {item.file} was made with; use another "
-                                 "--out, or delete that file")
+            raise RequestError("out", f"{item.label} asks for other settings than {item.file} was made with; use "
+                               "another {field}, or delete that file")
         files[item.file] = item.digest
     storage.write(MANIFEST, json.dumps({"kind": "batch", "model": spec.model, "files": files}, indent=1).encode())
 

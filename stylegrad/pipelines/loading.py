@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from stylegrad.devices import default_dtype, resolve_device
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.files.hub import from_pretrained
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -127,7 +127,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     if path.is_file():
         return load_checkpoint(path, device, vae=vae)
     if vae:
-        raise StylegradError("--vae applies to single-file checkpoints; a diffusers model has its own vae/ folder")
+        raise RequestError("vae", "{field} applies to single-file checkpoints; a diffusers model has its own vae/ folder")
     pipe = from_pretrained(diffusers.DiffusionPipeline, model, what="model", dtype=default_dtype(device))
     if type(pipe).__name__ not in PIPELINES:
         raise StylegradError(f"{model} is a {type(pipe).__name__}; stylegrad generates with Stable Diffusion 1.x, "

@@ -22,7 +22,7 @@ MAX_MULTIPLIER = 10.0  # a LoRA's multiplier, in a tag or in 'FILE:TE:UNET': bey
 _TOKEN = re.compile(r"""
     \\\( | \\\) | \\\[ | \\\] | \\\\ | \\     # escapes, and a lone backslash kept as text
     | \( | \[                                # openers
-    | :\s*([+-]?[.\d]+)\s*\)                 # ':1.3)' closes a round bracket with a weight
+    | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)   # ':1.3)' closes a round bracket with a weight ('.' is text)
     | \) | \]                                # closers
     | [^\\()\[\]:]+                          # text
     | :                                      # a colon that is not a weight

@@ -54,7 +54,7 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer, gen
     saved = load_file(str(path / "trained.safetensors"))
     if set(saved) != set(tensors):
         raise StylegradError(f"{path} was saved by another training setup (different trained tensors); use another "
-                             "--work folder or --restart")
+                             "work folder or restart")
     with torch.no_grad():
         for k, t in tensors.items():
             t.copy_(saved[k])

@@ -140,8 +140,9 @@ def add_style_options(p, exclude: tuple[str, ...] = (), style_file: bool = True)
                        metavar=f.name.split("_")[-1].upper(),
                        help=help_text + ("" if default is None else f" (default: {shown})"))
     g.add_argument("--tuning-memory", type=_tuning_memory, default=None, metavar="auto|fast|low|SIZE",
-                   help="Adam's moments while a prompt tunes: fast keeps them (12 bytes a weight: 7.5 GB for SDXL's "
-                   "bigG), low rebuilds them each step (a third of that, the same result, slower), a size such as "
+                   help="Adam's moments while a prompt tunes: fast keeps them (10 bytes a weight with AVX-512, 12 "
+                   "elsewhere: 6.3 or 7.5 GB for SDXL's bigG), low rebuilds them each step (4 bytes a weight, the "
+                   "same result, slower), a size such as "
                    "6GB keeps as many as fit in it; auto: a size of 3/4 of the free memory (default: "
                    "$STYLEGRAD_TUNING_MEMORY, else auto)")
     return g
