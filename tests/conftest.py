@@ -40,6 +40,19 @@ def needs_kernels():
     return products._KERNELS
 
 
+def kernels_on(isa: str):
+    """Generator for a fixture: the compiled kernels switched to instruction set ``isa`` for one test, then back;
+    a skip where this CPU lacks it."""
+    kernels = needs_kernels()
+    before = kernels.isa()
+    try:
+        kernels.use(isa)
+    except ValueError:
+        pytest.skip(f"this CPU has no {isa}")
+    yield isa
+    kernels.use(before)
+
+
 @pytest.fixture()
 def tiny_predictor(tmp_path):
     """An aesthetic predictor (a linear probe) on the tiny CLIP's space."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_kernels
+from conftest import kernels_on, needs_kernels
 
 from stylegrad.aesthetic import products
 from stylegrad.aesthetic.adam import AdamSettings
@@ -19,15 +19,7 @@ SHAPES = [(768, 768), (300, 1100), (37, 32), (32, 37), (5, 3), (4, 2100), (40, 4
 @pytest.fixture(params=["avx2", "avx512"])
 def isa(request):
     """Each test that takes this runs on both instruction sets' kernels (AVX-512 where the CPU has it)."""
-    needs_kernels()
-    kernels = products._KERNELS
-    before = kernels.isa()
-    try:
-        kernels.use(request.param)
-    except ValueError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    kernels.use(before)
+    yield from kernels_on(request.param)
 
 
 @pytest.mark.parametrize("out_features,in_features", SHAPES)

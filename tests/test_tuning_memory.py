@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import needs_kernels
+from conftest import kernels_on, needs_kernels
 from test_products import isa  # noqa: F401 (each instruction set's kernels, where the CPU has it)
 from test_sdxl_tuning import reference as sdxl_reference
 from test_sdxl_tuning import xl, xl_style  # noqa: F401 (the SDXL fixture)
@@ -92,14 +92,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(products, "_KERNELS", None)
         yield request.param
         return
-    kernels = needs_kernels()
-    before = kernels.isa()
-    try:
-        kernels.use(request.param)
-    except ValueError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    kernels.use(before)
+    yield from kernels_on(request.param)
 
 
 # the bytes each kept moment takes per weight, by the path that runs: AVX-512 packs both in 6 (_fewrows.c)
