@@ -31,12 +31,12 @@ def _bad_lines(tmp: Path, shared: Path) -> list[list[str]]:
         (["generate", "x", "--width", "30"], "width must be a positive multiple of 8"),
         (["generate", "x", "--sampler", "nope"], "unknown sampler 'nope'"),
         (["generate", "--from", image], "model 'realistic_realisticVisionV20_v20' is not a file"),  # A1111's Model: stem
-        (["generate", "x", "--device", "foo"], "unknown device 'foo'"),
+        (["generate", "x", "--device", "foo"], "unknown --device 'foo'"),
         (["demo", "--style-steps", "x"], "--style-steps"),
-        (["embed", image, "-o", str(tmp / "e.safetensors"), "--device", "foo"], "unknown device 'foo'"),
-        (["score", style, image, "--device", "foo"], "unknown device 'foo'"),
-        (["code", "encode", image, "--device", "foo"], "unknown device 'foo'"),
-        (["train", "stylecodes", str(tmp / "data"), "--out", str(tmp / "t"), "--device", "foo"], "unknown device"),
+        (["embed", image, "-o", str(tmp / "e.safetensors"), "--device", "foo"], "unknown --device 'foo'"),
+        (["score", style, image, "--device", "foo"], "unknown --device 'foo'"),
+        (["code", "encode", image, "--device", "foo"], "unknown --device 'foo'"),
+        (["train", "stylecodes", str(tmp / "data"), "--out", str(tmp / "t"), "--device", "foo"], "unknown --device"),
         (["evaluate", "--style", style, "--prompts", str(latin1), "--out", str(tmp / "e")], "not UTF-8 text"),
         (["mix", style, "-o", str(Path(style) / "sub" / "m.safetensors")], "m.safetensors"),  # unwritable, even as root
         (["code", "decode", "not-a-code"], "stylecode 'not-a-code'"),

@@ -42,13 +42,14 @@ class WorkerSpec:
     models_dir: str | None = None
     embeddings_dirs: tuple[str, ...] | None = None
     loras_dirs: tuple[str, ...] | None = None
+    dtype: str | None = None  # auto | fp32 | fp16 | bf16 (stylegrad.devices)
 
     def load(self):
         from stylegrad.pipelines.generation import Generator
 
         return Generator.load(self.model, self.device, self.clip_model, vae=self.vae, models_dir=self.models_dir,
                               embeddings_dirs=list(self.embeddings_dirs) if self.embeddings_dirs else None,
-                              loras_dirs=list(self.loras_dirs) if self.loras_dirs else None)
+                              loras_dirs=list(self.loras_dirs) if self.loras_dirs else None, dtype=self.dtype)
 
 
 def render(generator, item: WorkItem) -> bytes:

@@ -55,13 +55,15 @@ class Generator:
     @classmethod
     def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
              siglip_model: str | None = None, vae: str | None = None, models_dir: str | None = None,
-             embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None) -> Generator:
+             embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None,
+             dtype: str | torch.dtype | None = None) -> Generator:
         """``model``: a hub id, a diffusers folder, a .safetensors/.ckpt file, or a file's name in the models
-        folder (``models_dir`` or $STYLEGRAD_MODELS_DIR)."""
+        folder (``models_dir`` or $STYLEGRAD_MODELS_DIR). ``device``, ``dtype``: stylegrad.devices' policy."""
         from stylegrad.checkpoints.library import resolve_model
 
         path = resolve_model(model, models_dir)
-        return cls(load_pipeline(path, device, vae=vae), path, clip_model, siglip_model, embeddings_dirs, loras_dirs)
+        return cls(load_pipeline(path, device, vae=vae, dtype=dtype), path, clip_model, siglip_model, embeddings_dirs,
+                   loras_dirs)
 
     def encoder(self, clip_model=None) -> AestheticEncoder:
         """The aesthetic encoder for this pipeline (SD1.x/SD2.x: one tower; SDXL: both), one per CLIP model."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from stylegrad.devices import default_dtype, resolve_device
+from stylegrad.devices import resolve_device, resolve_dtype
 from stylegrad.errors import RequestError, StylegradError
 from stylegrad.files.hub import from_pretrained
 
@@ -111,25 +111,37 @@ def with_sampler(pipe, sampler: str | None):
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` where this diffusers reads it; older ones (the package allows >= 0.30) read only ``torch_dtype``
+    and would load a hub model in float32: twice the memory on a GPU, silently."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 (present where dtype= is read)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None, vae: str | None = None,
-                  models_dir: str | None = None):
+                  models_dir: str | None = None, dtype: str | torch.dtype | None = None):
     """An SD1.x/SD2.x/SDXL text-to-image pipeline from what users have: a hub id, a diffusers folder, a single
-    ``.safetensors``/``.ckpt`` checkpoint, or a checkpoint's name in the models folder. fp16 on CUDA, fp32
-    elsewhere. ``vae``: a VAE file for a single-file checkpoint."""
+    ``.safetensors``/``.ckpt`` checkpoint, or a checkpoint's name in the models folder. ``device`` and ``dtype``
+    follow stylegrad.devices' policy (auto: CUDA, MPS, CPU; fp16 on CUDA and MPS, fp32 on the CPU), checked before
+    anything loads. ``vae``: a VAE file for a single-file checkpoint."""
     import diffusers
 
     from stylegrad.checkpoints.library import resolve_model
     from stylegrad.checkpoints.loading import load_checkpoint
 
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     model = resolve_model(model, models_dir)
     path = Path(model).expanduser()
     if path.is_file():
-        return load_checkpoint(path, device, vae=vae)
+        return load_checkpoint(path, device, vae=vae, dtype=dtype)
     if vae:
         raise RequestError("vae", "{field} applies to single-file checkpoints; a diffusers model has its own vae/ folder")
-    pipe = from_pretrained(diffusers.DiffusionPipeline, model, what="model", dtype=default_dtype(device))
+    pipe = from_pretrained(diffusers.DiffusionPipeline, model, what="model", **{_dtype_keyword(): dtype})
     if type(pipe).__name__ not in PIPELINES:
         raise StylegradError(f"{model} is a {type(pipe).__name__}; stylegrad generates with Stable Diffusion 1.x, "
                              "2.x and SDXL text-to-image models")
-    return pipe.to(device)
+    return pipe.to(device, dtype)  # also where this diffusers version ignored torch_dtype

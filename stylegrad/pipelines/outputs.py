@@ -32,9 +32,15 @@ def model_hash(model: str) -> str | None:
 def image_infotext(request: GenerationRequest, image: Image.Image, pipe, *, model: str | None, style=None,
                    code: str | None = None, addons: dict | None = None, extra: dict | None = None) -> str:
     """The PNG's ``parameters`` for one image of ``request`` made by ``pipe`` (its sampler's A1111 name).
-    ``model``: the file or id the generator loaded (default the request's); ``addons``: the LoRA and TI hashes."""
+    ``model``: the file or id the generator loaded (default the request's); ``addons``: the LoRA and TI hashes.
+    The device type and the UNet's precision are recorded too: fp16 and fp32 images differ, so ``--from`` uses
+    them again (replay.recorded_precision)."""
+    from stylegrad.devices import dtype_name
+
+    where = {"Device": pipe.unet.device.type, "Dtype": dtype_name(pipe.unet.dtype)}
     return infotext(request, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
-                    stylecode=code, model_hash=model_hash(model or request.model), extra=extra, addons=addons)
+                    stylecode=code, model_hash=model_hash(model or request.model), extra={**where, **(extra or {})},
+                    addons=addons)
 
 
 def save_images(images: list[tuple[Image.Image, str]], request: GenerationRequest, out: str | Path) -> list[Path]:

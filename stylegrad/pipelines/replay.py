@@ -64,3 +64,12 @@ def _addon_notes(text: str, embeddings_dirs, loras_dirs) -> list[str]:
                          f"image records {digest})")
     return notes
 
+
+def recorded_precision(path: str | Path) -> tuple[str | None, str | None]:
+    """(device type, dtype name) a stylegrad PNG was made with, None for what it does not record (A1111's, older
+    ones): ``generate --from`` uses them unless told otherwise, since fp16 and fp32 give different pixels."""
+    info = read_generation_info(path)
+    if info is None:
+        return None, None
+    _, _, f = parse_infotext(info.raw)
+    return f.get("Device") or None, f.get("Dtype") or None

@@ -62,8 +62,13 @@ def number_list(kind=int, minimum: float | None = None, length: int | None = Non
     return parse
 
 
-def add_device(p, default_help: str = "cuda if available, else cpu") -> None:
+def add_device(p, default_help: str = "auto: cuda if available, else mps, else cpu", dtype: bool = False) -> None:
+    """``--device`` (and, for commands that load a generation model, ``--dtype``): stylegrad.devices' policy."""
     p.add_argument("--device", metavar="DEVICE", help=f"cpu, cuda, cuda:1, mps or auto (default: {default_help})")
+    if dtype:
+        p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default=None,
+                       help="the model's precision (default auto: fp16 on cuda and mps, fp32 on cpu; fp32 is "
+                       "A1111's --no-half). Style tuning always runs in fp32")
 
 
 MODEL_HELP = ("a hub id, a diffusers folder, a .safetensors/.ckpt checkpoint (SD1.x, SD2.x, SDXL), or a "

@@ -40,7 +40,7 @@ def cmd_batch(a) -> int:
     if a.cpus_per_worker <= 0:
         a.parser.error("--cpus-per-worker must be > 0")
     spec = WorkerSpec(a.model or DEFAULT_MODEL, a.device, a.clip_model, a.vae, a.models_dir,
-                      tuple(a.embeddings) or None, tuple(a.loras) or None)
+                      tuple(a.embeddings) or None, tuple(a.loras) or None, a.dtype)
     summary, _ = run_batch(a.jobs, a.out, spec, ray=a.ray is not None, address=a.ray or None,
                            **(ray_options(a) if a.ray is not None else {"threads": a.threads}))
     for line in summary.lines():
@@ -69,6 +69,6 @@ def _arguments(p) -> None:
     p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP for the style space (default: the family's)")
     p.add_argument("--embeddings", action="append", default=[], metavar="DIR", help="textual-inversion folder")
     p.add_argument("--loras", action="append", default=[], metavar="DIR", help="LoRA folder for <lora:NAME> tags")
-    add_device(p)
+    add_device(p, dtype=True)
     add_ray_options(p)
     p.set_defaults(func=cmd_batch, parser=p)

@@ -4,6 +4,7 @@ stylegrad PNG (``--from``)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stylegrad.apps.cli.args import (
@@ -53,6 +54,29 @@ def _check_addon_files(request: GenerationRequest, a) -> None:
         load_embedding(*parse_embedding_arg(arg))
 
 
+def _device_and_dtype(a):
+    """--device and --dtype, checked before any model loads; with --from, what the image was made with unless
+    given (a device this machine lacks is one note, then auto)."""
+    from stylegrad.devices import resolve_device, resolve_dtype
+    from stylegrad.errors import StylegradError
+    from stylegrad.notes import note
+
+    device, dtype = a.device, a.dtype
+    if a.from_png:
+        from stylegrad.pipelines.replay import recorded_precision
+
+        made_on, made_in = recorded_precision(a.from_png)
+        if device is None and made_on:
+            try:
+                device = str(resolve_device(made_on))
+            except StylegradError:
+                note(f"{Path(a.from_png).name} was made on {made_on}, which this machine lacks: the pixels will "
+                     "differ slightly (--device picks another)")
+        dtype = dtype or made_in
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
+
+
 def cmd_generate(a) -> None:
     from stylegrad.files.styles import load_style
     from stylegrad.pipelines.generation import Generator
@@ -69,8 +93,9 @@ def cmd_generate(a) -> None:
         from stylegrad.checkpoints.library import models_dir
 
         models_dir(a.models_dir)
-    generator = Generator.load(request.model, a.device, request.clip_model, a.siglip_model, vae=a.vae,
-                               models_dir=a.models_dir, embeddings_dirs=a.embeddings, loras_dirs=a.loras)
+    device, dtype = _device_and_dtype(a)
+    generator = Generator.load(request.model, device, request.clip_model, a.siglip_model, vae=a.vae,
+                               models_dir=a.models_dir, embeddings_dirs=a.embeddings, loras_dirs=a.loras, dtype=dtype)
     if a.compare:
         print(generator.compare(request, a.compare_steps, a.out, a.n))
         return
@@ -94,8 +119,8 @@ def _arguments(p) -> None:
     p.add_argument("prompt", nargs="?", metavar="PROMPT")
     p.add_argument("--from", dest="from_png", metavar="IMAGE.png",
                    help="make a stylegrad PNG again from its metadata, the same pixels (--model, --vae, --style, "
-                   "--init-image, --clip-model, --stylecodes-model, --out, --device override; other settings come from "
-                   "the image). An A1111 PNG gives its prompt and settings, its LoRAs and embeddings by name from "
+                   "--init-image, --clip-model, --stylecodes-model, --out, --device, --dtype override; other settings "
+                   "come from the image). An A1111 PNG gives its prompt and settings, its LoRAs and embeddings by name from "
                    "--loras/--embeddings; what cannot be reproduced is listed")
     add_style_options(p)
     add_addon_options(p)
@@ -130,7 +155,7 @@ def _arguments(p) -> None:
                    "last (diffusers' clip_skip; A1111's 'Clip skip' is K + 1)")
     g.add_argument("--init-image", metavar="IMG", help="start from this image (img2img)")
     g.add_argument("--strength", type=float, default=0.75, help="img2img strength (default 0.75)")
-    add_device(g)
+    add_device(g, dtype=True)
     g.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: outputs)")
     g.add_argument("--compare", action="store_true",
                    help="write one labelled grid: no style, then the style at each of --compare-steps")

@@ -39,7 +39,7 @@ def cmd_serve(a) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     generator = Generator.load(a.model or DEFAULT_MODEL, a.device, a.clip_model, a.siglip_model, vae=a.vae,
                                models_dir=a.models_dir, embeddings_dirs=list(settings.embeddings_dirs),
-                               loras_dirs=list(settings.loras_dirs))
+                               loras_dirs=list(settings.loras_dirs), dtype=a.dtype)
     service = Service(generator, settings, a.clip_model, a.stylecodes_model)
     app = create_app(service)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
@@ -71,7 +71,7 @@ def _arguments(p) -> None:
     g.add_argument("--siglip-model", metavar="ID_OR_PATH", help="SigLIP image encoder for stylecodes")
     g.add_argument("--predictor", metavar="NAME_OR_FILE", help="aesthetic predictor that scores new styles "
                    "(default: none)")
-    add_device(p)
+    add_device(p, dtype=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
                    "any other needs --api-key)")

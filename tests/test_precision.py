@@ -1,0 +1,69 @@
+"""The device and precision policy (stylegrad.devices, issue 35): auto picks CUDA, then MPS, then the CPU; fp16 is
+auto on CUDA and MPS, fp32 on the CPU; what a machine cannot run is one line before any model loads; the model
+is loaded in the dtype asked for, and the PNG records device and dtype so ``--from`` makes the same pixels."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stylegrad.apps.cli import main
+from stylegrad.devices import resolve_device, resolve_dtype
+from stylegrad.errors import RequestError
+from stylegrad.pipelines.loading import load_pipeline
+
+SIZE = ["--width", "32", "--height", "32", "--steps", "2"]
+
+
+def test_auto_takes_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")  # a Mac: not the CPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+
+
+def test_auto_dtype_is_what_each_device_runs_best():
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.float16
+    assert resolve_dtype(None, torch.device("mps")) is torch.float16
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(RequestError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_unsupported_devices_are_one_line_before_any_model_loads(capsys, world):
+    with pytest.raises(RequestError, match="unsupported device 'xpu'"):
+        resolve_device("xpu")
+    _, sd_dir = world
+    assert main(["generate", "x", "--model", str(sd_dir), "--device", "xpu"]) == 1
+    assert capsys.readouterr().err.strip() == ("Error: unsupported --device 'xpu': stylegrad runs on cpu, cuda, "
+                                               "cuda:1, mps or auto")
+    assert main(["generate", "x", "--model", str(sd_dir), "--dtype", "fp64"]) == 2  # argparse's choices
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_folder_loads_in_the_dtype_asked_for(world, dtype):
+    _, sd_dir = world
+    pipe = load_pipeline(str(sd_dir), "cpu", dtype=dtype)
+    assert {p.dtype for c in (pipe.unet, pipe.vae, pipe.text_encoder) for p in c.parameters()} == {dtype}
+
+
+def test_the_png_records_device_and_dtype_and_from_uses_them(world, tmp_path, capsys):
+    """bf16 and fp32 give different pixels here, so --from must load the model in the dtype the image records."""
+    _, sd_dir = world
+    paths = {}
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert main(["generate", "a red house", "--seed", "3", "--model", str(sd_dir), "--dtype", dtype,
+                     "--out", str(tmp_path / dtype), *SIZE]) == 0
+        (paths[dtype],) = capsys.readouterr().out.split()
+    text = Image.open(paths["bf16"]).info["parameters"]
+    assert "Device: cpu" in text and "Dtype: bf16" in text
+    bf16, fp16, fp32 = (np.asarray(Image.open(paths[d]), dtype=np.int16) for d in ("bf16", "fp16", "fp32"))
+    assert not np.array_equal(bf16, fp32)
+    # the same image within rounding: measured on this tiny model (2 steps, 32 px), mean |difference| to fp32
+    # 0.98 levels of 255 for bf16 (max 8), 0.12 for fp16 (max 1)
+    assert np.abs(bf16 - fp32).mean() < 3 and np.abs(fp16 - fp32).mean() < 1
+    assert main(["generate", "--from", paths["bf16"], "--out", str(tmp_path / "again")]) == 0
+    (again,) = capsys.readouterr().out.split()
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(paths["bf16"])))
