@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from stylegrad.training.data import TrainingSet
 from stylegrad.training.models import Models, condition
@@ -79,6 +79,9 @@ def train(method: Method, models: Models, data: TrainingSet, settings: TrainSett
           progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``settings.steps`` optimizer steps (resuming from the last checkpoint in ``settings.work``); returns
     {'step', 'losses'}. ``stop_after``: stop at that step (as an interrupted run would), checkpoint written."""
+    if settings.mixed_precision != "no" and models.device.type != "cuda":
+        raise RequestError("mixed_precision", f"{{field}} {settings.mixed_precision} needs a CUDA device; on "
+                           f"{models.device.type} training runs in fp32 (leave it at no)")
     work = Path(settings.work)
     work.mkdir(parents=True, exist_ok=True)
     if settings.gradient_checkpointing:
