@@ -294,7 +294,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
         config = family_config(kind.family, hinted or "epsilon")
         if prefix + "ztsnr" in tf:  # ComfyUI's mark of a zero-terminal-SNR model (with v_pred, e.g. NoobAI-XL v-pred)
             config["scheduler"]["rescale_betas_zero_snr"] = True
-        unet = _unet(tf, prefix, config["unet"], dtype, path)
+        unet = _unet(tf, prefix, config["unet"], dtype, path).to(device)  # probed where it will run, not on the CPU
         if hinted is None and kind.family == "sd2" and predicts_v(unet):
             config = family_config(kind.family, "v_prediction")
             _as_configured(unet, config["unet"])
