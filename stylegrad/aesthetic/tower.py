@@ -79,7 +79,9 @@ class TextTower:
         self.eos_token_id = eos_token_id
         self.sdxl = sdxl
         self.device = encoder.device
-        self.projection = clip.projection.detach().to(self.device)  # (P, H)
+        # (P, H), float32 whatever the encoder's dtype: tuning runs in float32, and SDXL's pooled embedding comes
+        # from it (a bf16 projection moved the pooled delta by 1.2%)
+        self.projection = clip.projection.detach().to(device=self.device, dtype=torch.float32)
 
         base = text_parameters(encoder)
         for name, tensor in clip.layers.items():
