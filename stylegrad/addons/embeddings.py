@@ -50,7 +50,9 @@ class Embedding:
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().reshape(-1, t.shape[-1])
+    """(N, D) rows on the CPU in float32, whatever device and dtype saved them: they follow the text encoder's
+    device and dtype only where they are gathered into its token table (``prompts.chunks.gather_rows``)."""
+    return t.detach().to(device="cpu", dtype=torch.float32).reshape(-1, t.shape[-1])
 
 
 def load_embedding(path: str | os.PathLike, name: str | None = None) -> Embedding:

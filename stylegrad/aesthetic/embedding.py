@@ -105,7 +105,7 @@ def embed_images(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
-    total: torch.Tensor | None = None  # running sum (P,) in float64
+    total: torch.Tensor | None = None  # running sum (P,): float64 on the CPU, float32 on a device (see _batch_sum)
     count = 0
     skipped: list[tuple[Path, str]] = []
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -121,8 +121,8 @@ def embed_images(
             skipped += bad
             if pixels is not None:
                 with torch.no_grad():
-                    feats = model(pixel_values=pixels.to(device, dtype)).image_embeds.double()  # (B, P)
-                total = feats.sum(0) if total is None else total + feats.sum(0)
+                    feats = _batch_sum(model(pixel_values=pixels.to(device, dtype)).image_embeds)  # (P,)
+                total = feats if total is None else total + feats
                 count += len(ok)
             bar.update(len(ok) + len(bad))
     bar.close()
@@ -136,8 +136,14 @@ def embed_images(
     return _mean_style(total, count, mean, clip_model, name)
 
 
+def _batch_sum(embeds: torch.Tensor) -> torch.Tensor:
+    """A batch's embeddings (B, P) summed where they are: in float64 on the CPU (the sum of many images loses
+    nothing), in float32 on a device (MPS has no float64, and a GPU's is slow); never a copy to the CPU per batch."""
+    return (embeds.double() if embeds.device.type == "cpu" else embeds.float()).sum(0)
+
+
 def _mean_style(total: torch.Tensor, count: int, mean: str, clip_model, name: str) -> Style:
-    vector = (total / count).float()
+    vector = (total.to(device="cpu", dtype=torch.float64) / count).float()  # one move off the device, at the end
     if mean == "normalized":
         vector = Style(vector).direction  # the raw mean's own direction, to the bit
     metadata = {
@@ -165,7 +171,7 @@ def embed_pictures(pictures: list[Image.Image], clip_model: str = OPENAI_CLIP_L,
         pixels = processor(images=[im.convert("RGB") for im in pictures[i:i + batch_size]],
                            return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            feats = model(pixel_values=pixels.to(p.device, p.dtype)).image_embeds.double().sum(0)
+            feats = _batch_sum(model(pixel_values=pixels.to(p.device, p.dtype)).image_embeds)
         total = feats if total is None else total + feats
     return _mean_style(total, len(pictures), mean, clip_model, name)
 

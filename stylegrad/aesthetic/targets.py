@@ -9,13 +9,17 @@ from stylegrad.aesthetic.vectors import normalize, slerp
 
 
 def style_target(style: torch.Tensor, text: torch.Tensor | None = None, angle: float = 0.1,
-                 negative: bool = False) -> torch.Tensor:
-    """Unit target direction (P,): the style, optionally rotated by ``angle`` towards a text embedding
-    (or towards style minus text, with ``negative``). Both are normalized first."""
-    s = normalize(style.float())
+                 negative: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
+    """Unit target direction (P,) in float32 (tuning's precision) on ``device``: the model's, where the style
+    meets it (default: the text embedding's, else the style's own). The style (a CPU float32 vector) is moved
+    there now, so it follows the model wherever the model went. Optionally rotated by ``angle`` towards a text
+    embedding (or towards style minus text, with ``negative``). Both are normalized first."""
+    if device is None:
+        device = text.device if text is not None else style.device
+    s = normalize(style.to(device=device, dtype=torch.float32))
     if text is None:
         return s
-    t = normalize(text.float().reshape(-1))
+    t = normalize(text.to(device=device, dtype=torch.float32).reshape(-1))
     if negative:
         t = normalize(s - t)
     return normalize(slerp(s, t, angle))

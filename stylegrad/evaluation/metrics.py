@@ -28,8 +28,10 @@ def clip_score(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.T
 
 
 def style_similarity(image_embeds: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    """(B, D), (D,) -> (B,): cosine of each image embedding to the style direction."""
-    return F.cosine_similarity(image_embeds.float(), style.float().reshape(1, -1), dim=-1)
+    """(B, D), (D,) -> (B,): cosine of each image embedding to the style direction, in float32 where the image
+    embeddings are (the style, a CPU vector, follows them)."""
+    embeds = image_embeds.float()
+    return F.cosine_similarity(embeds, style.to(embeds).reshape(1, -1), dim=-1)
 
 
 class ClipEmbedder:

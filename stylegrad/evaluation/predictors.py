@@ -69,17 +69,34 @@ class AestheticPredictor:
                 + (f" ({self.clip_model})" if self.clip_model else "")
             )
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.state.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.state.values())).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AestheticPredictor:
+        """Move the weights (in place; returns self). Loaded on the CPU in float32; what it scores follows it."""
+        self.state = {k: v.to(device=device, dtype=dtype) for k, v in self.state.items()}
+        return self
+
     @torch.no_grad()
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) or (D,) CLIP image embeddings -> (B,) or () scores."""
-        x = F.normalize(embeds.float(), dim=-1)
+        """(B, D) or (D,) CLIP image embeddings (any device, any dtype: a style's CPU vector, a GPU's image
+        embeddings) -> (B,) or () float32 scores on the predictor's device. The inputs are moved to the weights'
+        device when scored and normalized in float32 there, then cast to the weights' dtype."""
+        x = F.normalize(embeds.to(device=self.device, dtype=torch.float32), dim=-1)
         self.check_width(x.shape[-1])
         s = self.state
         if self.kind == "simulacra-linear":
-            return F.linear(x * math.sqrt(self.width), s["linear.weight"], s["linear.bias"]).squeeze(-1)
+            x = x * math.sqrt(self.width)
+            return F.linear(x.to(self.dtype), s["linear.weight"], s["linear.bias"]).squeeze(-1).float()
+        x = x.to(self.dtype)
         for layer in MLP_LAYERS:
             x = F.linear(x, s[f"{layer}.weight"], s[f"{layer}.bias"])
-        return x.squeeze(-1)
+        return x.squeeze(-1).float()
 
 
 def cache_dir() -> Path:

@@ -23,14 +23,29 @@ from stylegrad.files.atomic import atomic_path
 from stylegrad.files.recognize import STYLE_FORMAT, STYLE_KEY, describe_width, open_file
 
 
+def on_cpu(vector: torch.Tensor, what: str = "style vector") -> torch.Tensor:
+    """``vector`` as a CPU float32 tensor (itself when it already is one): where a style's numbers live, whatever
+    device or precision made them, so files, digests and float64 maths never depend on the machine."""
+    if vector.device.type == "meta":
+        raise StylegradError(f"the {what} is on the meta device: it has a shape but no values")
+    return vector.detach().to(device="cpu", dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class Style:
-    """One aesthetic embedding. ``vector`` is stored as read; every use site takes ``direction``."""
+    """One aesthetic embedding. ``vector`` (and ``g``) are kept on the CPU in float32 whatever device or dtype
+    they came from; a model that uses the style moves its direction to its own device and dtype when it acts.
+    ``vector`` keeps its scale as read; every use site takes ``direction``."""
 
-    vector: torch.Tensor  # (D,) float32; for an SDXL style, its CLIP-L part
+    vector: torch.Tensor  # (D,) float32 on the CPU; for an SDXL style, its CLIP-L part
     metadata: dict[str, str] = field(default_factory=dict)
     name: str = "style"
-    g: torch.Tensor | None = None  # (1280,) float32: an SDXL style's OpenCLIP ViT-bigG/14 part
+    g: torch.Tensor | None = None  # (1280,) float32 on the CPU: an SDXL style's OpenCLIP ViT-bigG/14 part
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", on_cpu(self.vector))
+        if self.g is not None:
+            object.__setattr__(self, "g", on_cpu(self.g, "style's clip_g vector"))
 
     @property
     def is_sdxl(self) -> bool:
@@ -84,10 +99,9 @@ def load_style(path: str | os.PathLike) -> Style:
     info, content, key = open_file(path)
     if not info.usable:
         raise StylegradError(f"{path} is not an aesthetic embedding: {info.detail}")
-    vector = content.read(key).detach().reshape(-1).to(torch.float32).clone()
+    vector = on_cpu(content.read(key)).reshape(-1).clone()
     meta = dict(info.metadata)
-    g = content.read("clip_g").detach().reshape(-1).to(torch.float32).clone() if info.format == "stylegrad-sdxl" \
-        else None
+    g = on_cpu(content.read("clip_g")).reshape(-1).clone() if info.format == "stylegrad-sdxl" else None
     return Style(vector, meta, meta.get("name") or Path(path).stem, g)
 
 
@@ -99,7 +113,7 @@ def save_style(style: Style, path: str | os.PathLike, format: str | None = None)
         format = "pt" if p.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors"
     if format not in ("safetensors", "pt"):
         raise StylegradError(f"unknown style format '{format}' (use safetensors or pt)")
-    tensor = style.vector.detach().to(torch.float32).reshape(1, -1).contiguous().clone()
+    tensor = on_cpu(style.vector).reshape(1, -1).contiguous().clone()  # a CPU tensor in the file, always
     if style.is_sdxl and format == "pt":
         raise StylegradError("an SDXL style has two parts (clip_l, clip_g): save it as .safetensors")
     with atomic_path(p) as tmp:
@@ -112,7 +126,7 @@ def save_style(style: Style, path: str | os.PathLike, format: str | None = None)
             meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
             if style.is_sdxl:  # the keys SDXL embeddings use, one image mean per text tower
                 meta["widths"] = f"{style.width},{style.g.shape[0]}"
-                g = style.g.detach().to(torch.float32).reshape(1, -1).contiguous().clone()
+                g = on_cpu(style.g).reshape(1, -1).contiguous().clone()
                 save_file({"clip_l": tensor, "clip_g": g}, str(tmp), metadata=meta)
             else:
                 save_file({STYLE_KEY: tensor}, str(tmp), metadata=meta)

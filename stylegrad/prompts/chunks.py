@@ -125,14 +125,15 @@ class Vocabulary:
 
 def gather_rows(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """The token-table rows ``rows`` (U,), reading ids past the table from ``extra``: the same rows as a table with
-    the embeddings appended, without copying the table. (U, H)"""
+    the embeddings appended, without copying the table. (U, H) in the table's device and dtype: the embedding rows
+    (kept on the CPU in float32 as read) follow the text encoder now, before ``rows`` (on its device) index them."""
     if extra is None:
         return table[rows]
     v = table.shape[0]
     inside = rows < v
-    out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype, device=table.device)
+    out = table.new_empty(rows.shape[0], table.shape[1])
     out[inside] = table[rows[inside]]
-    out[~inside] = extra[rows[~inside] - v].to(device=table.device, dtype=table.dtype)
+    out[~inside] = extra.to(table)[rows[~inside] - v]  # to the table's device and dtype
     return out
 
 

@@ -14,7 +14,6 @@ scale = alpha / rank where the file has an alpha (else 1), times the user's mult
 from __future__ import annotations
 
 import abc
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,8 @@ def _flat2(t: torch.Tensor) -> torch.Tensor:
 
 
 class Adapter(abc.ABC):
-    """One module's change. ``tensors`` keep the file's dtype; maths run in float32 (or the input's dtype)."""
+    """One module's change. ``tensors`` keep the file's dtype and place (the CPU, as read); the maths run where
+    the module they act on is, in float32 (or the input's dtype), on copies made by ``on``."""
 
     kind = "?"
     low_rank = False  # a side branch without forming dW
@@ -48,28 +48,58 @@ class Adapter(abc.ABC):
         if "scale" in tensors:
             self.scale = float(tensors["scale"])
         self.bias = tensors.get("diff_b")
+        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+
+    def on(self, device: torch.device | str, dtype: torch.dtype, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The file's tensors on ``device``, floating ones in ``dtype`` (flags keep theirs). ``keep``: the copies
+        are kept for the next call at the same place (a generation's every step), until ``forget``; a tensor
+        already there in that dtype is the file's own, not a copy."""
+        key = (torch.device(device), dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = {k: v.to(device=key[0], dtype=dtype if v.is_floating_point() else v.dtype)
+                      for k, v in self.t.items()}
+            if keep:
+                self._placed[key] = placed
+        return placed
+
+    def forget(self) -> None:
+        """Drop the copies ``on`` kept (when the hooks that used them are removed)."""
+        self._placed.clear()
+
+    def bias_on(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias change (``diff_b``) on ``device`` in ``dtype``, or None (a new tensor where it moves; its
+        callers keep what they make of it)."""
+        return None if self.bias is None else self.bias.to(device=device, dtype=dtype)
 
     @abc.abstractmethod
-    def delta(self, weight: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-        """dW (before the scale and the user's multiplier), in the shape the file implies."""
+    def delta(self, t: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+        """dW (before the scale and the user's multiplier), in the shape the file implies, from the tensors ``t``
+        (``on``'s, in the dtype and on the device the maths run in) and, where needed, the module's ``weight``
+        (already there)."""
 
     def check(self, shape: torch.Size) -> None:
         """Raise if the change cannot be read as a change of a weight of ``shape`` (worked out on meta tensors, so
         it needs no weights)."""
-        meta = copy.copy(self)
-        meta.t = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.t.items()}
-        got = meta.delta(torch.empty(shape, device="meta")).shape
+        t = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self.t.items()}
+        got = self.delta(t, torch.empty(shape, device="meta")).shape
         if got.numel() != shape.numel() or got[0] != shape[0]:
             raise StylegradError(f"a {self.kind} change of shape {tuple(got)} does not fit a weight of shape "
                                  f"{tuple(shape)}")
 
     needs_weight = False
 
-    def full_delta(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """The change to ``weight`` at this multiplier, in its shape and float32."""
-        d = self.delta(weight.float() if self.needs_weight else None).reshape(weight.shape) * self.scale
-        if "dora_scale" in self.t:
-            d = _dora(d, weight.float(), self.t["dora_scale"].float())
+    def full_delta(self, weight: torch.Tensor, multiplier: float, device: torch.device | str | None = None,
+                   keep: bool = False) -> torch.Tensor:
+        """The change to ``weight`` at this multiplier, in its shape and float32, on ``device`` (default the
+        weight's: the module's). ``keep``: keep the float32 copies of the file's tensors there (see ``on``); the
+        callers that form dW once for many uses keep dW instead."""
+        device = weight.device if device is None else device
+        t = self.on(device, torch.float32, keep)
+        w = weight.detach().to(device=device, dtype=torch.float32) if self.needs_weight else None
+        d = self.delta(t, w).reshape(weight.shape) * self.scale
+        if "dora_scale" in t:
+            d = _dora(d, w, t["dora_scale"])
         return d * multiplier
 
 
@@ -94,20 +124,22 @@ class LoRA(Adapter):
         super().__init__(tensors, alpha, tensors["down"].shape[0])
         self.low_rank = "dora_scale" not in tensors
 
-    def delta(self, weight=None, dtype=torch.float32):
-        up, down = self.t["up"].to(dtype), self.t["down"].to(dtype)
-        if "mid" in self.t:
-            return _cp(self.t["mid"].to(dtype), up, down)
+    def delta(self, t, weight=None):
+        up, down = t["up"], t["down"]
+        if "mid" in t:
+            return _cp(t["mid"], up, down)
         d = _flat2(up) @ _flat2(down)  # (out, in * k * k)
         return d.reshape(up.shape[0], *down.shape[1:]) if down.dim() == 4 else d
 
     def side(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """up(mid(down(x))) * scale on ``module``'s input, without forming dW."""
-        up, down = self.t["up"].to(x.dtype), self.t["down"].to(x.dtype)
+        """up(mid(down(x))) * scale on ``module``'s input, without forming dW: the factors on ``x``'s device in its
+        dtype (copied once per place, see ``on``)."""
+        t = self.on(x.device, x.dtype)
+        up, down = t["up"], t["down"]
         if isinstance(module, torch.nn.Conv2d):
-            if "mid" in self.t:
+            if "mid" in t:
                 h = F.conv2d(x, down.reshape(*down.shape[:2], 1, 1) if down.dim() == 2 else down)
-                h = F.conv2d(h, self.t["mid"].to(x.dtype), None, module.stride, module.padding, module.dilation)
+                h = F.conv2d(h, t["mid"], None, module.stride, module.padding, module.dilation)
             else:
                 d4 = down if down.dim() == 4 else down.reshape(*down.shape, 1, 1)
                 h = F.conv2d(x, d4, None, module.stride, module.padding, module.dilation, module.groups)
@@ -121,8 +153,7 @@ class LoHa(Adapter):
     def __init__(self, tensors, alpha, rank=None):
         super().__init__(tensors, alpha, tensors["hada_w1_b"].shape[0])
 
-    def delta(self, weight=None, dtype=torch.float32):
-        t = {k: v.to(dtype) for k, v in self.t.items() if k.startswith("hada_")}
+    def delta(self, t, weight=None):
         if "hada_t1" in t:
             return _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _tucker(t["hada_t2"], t["hada_w2_a"],
                                                                                    t["hada_w2_b"])
@@ -138,17 +169,17 @@ class LoKr(Adapter):
         if dim is None:  # both sides full: alpha does not apply
             self.scale = float(tensors["scale"]) if "scale" in tensors else 1.0
 
-    def _side(self, n: int, dtype) -> torch.Tensor:
-        t = self.t
+    @staticmethod
+    def _side(t: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         if f"lokr_w{n}" in t:
-            return t[f"lokr_w{n}"].to(dtype)
-        a, b = t[f"lokr_w{n}_a"].to(dtype), t[f"lokr_w{n}_b"].to(dtype)
+            return t[f"lokr_w{n}"]
+        a, b = t[f"lokr_w{n}_a"], t[f"lokr_w{n}_b"]
         if f"lokr_t{n}" in t:
-            return _tucker(t[f"lokr_t{n}"].to(dtype), a, b)
+            return _tucker(t[f"lokr_t{n}"], a, b)
         return a @ _flat2(b)
 
-    def delta(self, weight=None, dtype=torch.float32):
-        w1, w2 = self._side(1, dtype), self._side(2, dtype)
+    def delta(self, t, weight=None):
+        w1, w2 = self._side(t, 1), self._side(t, 2)
         a, b = w1.shape
         c, d = w2.shape[:2]
         kron = torch.einsum("ab,cd...->acbd...", w1, w2)  # (a, c, b, d, k, k): torch.kron without its views
@@ -158,8 +189,8 @@ class LoKr(Adapter):
 class Full(Adapter):
     kind = "full"
 
-    def delta(self, weight=None, dtype=torch.float32):
-        return self.t["diff"].to(dtype)
+    def delta(self, t, weight=None):
+        return t["diff"]
 
 
 class IA3(Adapter):
@@ -170,14 +201,14 @@ class IA3(Adapter):
         super().__init__(tensors, alpha, rank)
         self.on_input = "on_input" in tensors and bool(tensors["on_input"].reshape(-1)[0])
 
-    def delta(self, weight=None, dtype=torch.float32):
-        w = self.t["weight"].to(dtype)
+    def delta(self, t, weight=None):
+        w = t["weight"]
         on_input = self.on_input
         if weight is None:
             raise StylegradError("an IA3 change needs the weight it scales")
         shape = [1] * weight.dim()
         shape[1 if on_input else 0] = -1
-        return weight.to(dtype) * w.reshape(shape)
+        return weight.to(w.dtype) * w.reshape(shape)
 
 
 # which tensors name which kind: the first whose marker key the module has

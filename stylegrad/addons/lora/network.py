@@ -32,22 +32,25 @@ class Patch:
     multiplier: float
 
     def side(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """This patch's share of the module's output for input ``x``."""
+        """This patch's share of the module's output for input ``x``, computed where ``x`` is and in its dtype (the
+        module's place at the moment it runs, offloading included). ``cache`` keeps, per place, what is made once
+        for every step: dW formed in float32 and cast, the scaled bias."""
         a, m = self.adapter, self.module
+        conv = isinstance(m, torch.nn.Conv2d)
         if isinstance(a, LoRA) and a.low_rank:
             out = a.side(m, x) * self.multiplier
         else:
-            key = id(self)
+            key = (id(self), "delta", x.device, x.dtype)
             if key not in cache:
-                cache[key] = a.full_delta(m.weight, self.multiplier)
-            d = cache[key].to(x.dtype)
-            if isinstance(m, torch.nn.Conv2d):
-                out = F.conv2d(x, d, None, m.stride, m.padding, m.dilation, m.groups)
-            else:
-                out = F.linear(x, d)
+                cache[key] = a.full_delta(m.weight, self.multiplier, device=x.device).to(x.dtype)
+            d = cache[key]
+            out = F.conv2d(x, d, None, m.stride, m.padding, m.dilation, m.groups) if conv else F.linear(x, d)
         if a.bias is not None:
-            b = a.bias.to(x.dtype) * self.multiplier
-            out = out + (b.reshape(1, -1, 1, 1) if isinstance(m, torch.nn.Conv2d) else b)
+            key = (id(self), "bias", x.device, x.dtype)
+            if key not in cache:
+                b = a.bias_on(x.device, torch.float32) * self.multiplier
+                cache[key] = (b.reshape(1, -1, 1, 1) if conv else b).to(x.dtype)
+            out = out + cache[key]
         return out
 
 
@@ -150,22 +153,25 @@ class LoraNetwork:
             for h in handles:
                 h.remove()
             cache.clear()
+            for _, patches in by_module.values():
+                for p in patches:
+                    p.adapter.forget()
 
     def text_params(self, component: str = "te") -> dict[str, torch.Tensor]:
-        """Merged tensors of the text-encoder weights the LoRAs change: parameter name -> W + dW (new tensors in
-        W's dtype; the encoder's own are untouched). Empty where no LoRA changes this encoder."""
+        """Merged tensors of the text-encoder weights the LoRAs change: parameter name -> W + dW, new float32
+        tensors on W's device (tuning runs in float32; the encoder's own are untouched). Empty where no LoRA changes
+        this encoder."""
         merged: dict[str, torch.Tensor] = {}
         for p in self.of(component):
-            w = p.module.weight
+            w = p.module.weight.detach()
             key = p.path + ".weight"
-            base = merged.get(key, w.detach().float())
-            merged[key] = base + p.adapter.full_delta(w.detach(), p.multiplier).to(w.device)
+            base = merged.get(key, w.float())
+            merged[key] = base + p.adapter.full_delta(w, p.multiplier)
             if p.adapter.bias is not None and p.module.bias is not None:
                 bkey = p.path + ".bias"
-                merged[bkey] = merged.get(bkey, p.module.bias.detach().float()) + \
-                    p.adapter.bias.float().to(w.device) * p.multiplier
-        dtypes = dict(self.components[component].named_parameters()) if merged else {}
-        return {k: v.to(dtypes[k].dtype) for k, v in merged.items()}
+                b = p.module.bias.detach()
+                merged[bkey] = merged.get(bkey, b.float()) + p.adapter.bias_on(b.device, torch.float32) * p.multiplier
+        return merged
 
     def key(self) -> tuple:
         """What these LoRAs change, for caches keyed on it."""
@@ -178,4 +184,5 @@ class LoraNetwork:
             w = p.module.weight
             w.copy_((w.float() + p.adapter.full_delta(w, p.multiplier)).to(w.dtype))
             if p.adapter.bias is not None and p.module.bias is not None:
-                p.module.bias.add_(p.adapter.bias.to(p.module.bias.dtype) * p.multiplier)
+                b = p.module.bias
+                b.copy_((b.float() + p.adapter.bias_on(b.device, torch.float32) * p.multiplier).to(b.dtype))
