@@ -348,7 +348,8 @@ def test_batching_runs_waiting_requests_together(generator, dirs, world):
         gate.set()
         for t in threads:
             t.join(60)
-    assert service.queue.batch_sizes[len(sizes_before):] == [3, 1]  # three together, the LoRA one alone
+    # three together, the LoRA one alone; in either order, since the four client threads reach the queue in any
+    assert sorted(service.queue.batch_sizes[len(sizes_before):]) == [1, 3]
     for i in range(len(bodies)):
         got, want = results[i].json(), alone[i]
         assert got["infotexts"] == want["infotexts"]
