@@ -118,3 +118,19 @@ def test_sdxl_tuning_keeps_bigg_projection_in_float32(dtype):
     # here a half projection measured about the same (0.58%, 0.09%): the dtype check above is what guards it
     error = ((delta_half - delta32).norm() / delta32.norm()).item()
     assert error < (0.05 if dtype is torch.bfloat16 else 0.01)
+
+
+def test_the_text_tower_follows_the_pipeline_after_it_was_cast(pipe, clip_text):
+    """After ``pipe.to(torch.bfloat16)`` an encoder made before tunes from the bf16 weights the pipeline now runs
+    (not from stale float32 tensors, nor from its cache of the same prompt in fp32): the same result as an encoder
+    made after the cast."""
+    from stylegrad import AestheticEncoder, Style, StyleOptions
+
+    style = Style(torch.randn(clip_text.config.projection_dim, generator=torch.Generator().manual_seed(2)))
+    early = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0)
+    early.encode("a red house", style, StyleOptions(steps=2, lr=3e-3))  # builds its tower on the fp32 weights
+    pipe.to(torch.bfloat16)
+    got = early.encode("a red house", style, StyleOptions(steps=2, lr=3e-3))
+    want = AestheticEncoder.from_pipeline(pipe, clip_text, cache_size=0).encode("a red house", style,
+                                                                                StyleOptions(steps=2, lr=3e-3))
+    assert got.prompt_embeds.dtype is torch.bfloat16 and torch.equal(got.prompt_embeds, want.prompt_embeds)

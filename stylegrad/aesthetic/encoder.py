@@ -188,11 +188,14 @@ class AestheticEncoder:
         words = self._words(embeddings)
         addons = (tuple((t, n, v.data_ptr(), tuple(v.shape)) for t in sorted(words) for n, v in sorted(words[t].items())),
                   loras.key() if loras else (), weighting)
+        # where and in what precision the towers run: a pipeline moved or cast since gives other results
+        placement = tuple((str(t.device), str(t.dtype)) for t in self.towers.values())
         self.similarities = {}
         self.last_embeddings = []
         entries = []
         for p, n in zip(prompts, negatives):
-            key = (p, n, style.digest if tuned else None, options.key() if tuned else None, clip_skip, addons)
+            key = (p, n, style.digest if tuned else None, options.key() if tuned else None, clip_skip, addons,
+                   placement)
             if key not in self._cache:
                 self._store(key, self._encode_pair(p, n, style, options, tuned, clip_skip, callback, words, loras,
                                                    weighting))

@@ -94,6 +94,21 @@ class TextTower:
         self.total_layers = clip.num_layers
         self.layer_norm_eps = cfg_enc.layer_norm_eps
 
+    def follow(self, encoder) -> None:
+        """Read ``encoder``'s tensors again if they are no longer the ones this tower holds: after ``pipe.to()``
+        moved or cast it (the module's tensors are then new ones), tuning must start from what the pipeline runs,
+        on its device and in its dtype. The layers the encoder lacks (SD2's 24th) follow the same device and dtype;
+        the projection stays float32."""
+        current = {k: v.detach() for k, v in text_parameters(encoder).items()}
+        if all(k in self.base and self.base[k].data_ptr() == v.data_ptr() and self.base[k].device == v.device
+               and self.base[k].dtype == v.dtype for k, v in current.items()):
+            return
+        device, dtype = encoder.device, encoder.dtype
+        beyond = {k: t.to(device=device, dtype=dtype) for k, t in self.base.items() if k not in current}
+        self.base = {**current, **beyond}
+        self.device = device
+        self.projection = self.projection.to(device)
+
     @property
     def width(self) -> int:
         """Width of CLIP's joint embedding space: the width a style must have."""

@@ -55,13 +55,17 @@ class PromptTower:
         self.component = component
         self.part = "clip_g" if name == "g" else "clip_l"  # the style's vector this tower is tuned towards
         self._text_tower = text_tower
+        self._follows_encoder = text_tower is None  # a tower built here re-reads the encoder when it changed
         self._skeleton = None
 
     @property
     def text_tower(self) -> TextTower:
-        """The tower tuning runs on (reads the CLIP projection the first time)."""
+        """The tower tuning runs on (reads the CLIP projection the first time; later, follows the encoder if the
+        pipeline was moved or cast since)."""
         if self._text_tower is None:
             self._text_tower = tower_for(self.encoder, self.tokenizer, self.clip_model, sdxl=self.sdxl)
+        elif self._follows_encoder:
+            self._text_tower.follow(self.encoder)
         return self._text_tower
 
     @property
