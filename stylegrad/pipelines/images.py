@@ -23,5 +23,6 @@ def load_init_image(path: str | None, width: int | None, height: int | None) -> 
 
 
 def fit_init_image(image: Image.Image, width: int | None, height: int | None) -> Image.Image:
-    w, h = width or image.width, height or image.height
-    return image.convert("RGB").resize((w - w % 8, h - h % 8), Image.LANCZOS)
+    from stylegrad.pipelines.request import img2img_size
+
+    return image.convert("RGB").resize(img2img_size(width, height, image.size), Image.LANCZOS)

@@ -224,7 +224,13 @@ def _validate(r: GenerationRequest) -> None:
 def implied_size(request: GenerationRequest, image_size: tuple[int, int]) -> tuple[int, int]:
     """The picture img2img makes from an init image of ``image_size``: the request's width and height where given,
     else the image's, rounded down to a multiple of 8 (as the init image is resized)."""
-    w, h = request.width or image_size[0], request.height or image_size[1]
+    return img2img_size(request.width, request.height, image_size)
+
+
+def img2img_size(width: int | None, height: int | None, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The one rule for the size img2img works at: ``width``/``height`` where given, else the image's, rounded down
+    to a multiple of 8. The check above and the resize (images.fit_init_image) both use it."""
+    w, h = width or image_size[0], height or image_size[1]
     return w - w % 8, h - h % 8
 
 
