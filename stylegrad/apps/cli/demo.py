@@ -13,9 +13,9 @@ def cmd_demo(a) -> None:
     run_demo(a.out, a.style_steps, a.seeds, log=print)
     print("\nOn your pictures: stylegrad embed DIR -o mine.safetensors (SD1.x: CLIP ViT-L/14, 1.7 GB download), "
           "then stylegrad generate PROMPT --style mine.safetensors. For SDXL: embed --family sdxl also reads "
-          "OpenCLIP ViT-bigG/14's image tower (about 10 GB), and tuning bigG's text tower holds about 7.4 GB "
-          "while a prompt is personalized, or 2.5 GB with --tuning-memory low (slower, the same result; auto "
-          "chooses by free memory; see the README's SDXL section).")
+          "OpenCLIP ViT-bigG/14's image tower (about 10 GB), and tuning bigG's text tower holds 6.3 GB "
+          "(7.5 GB without AVX-512) while a prompt is personalized, or 2.5 GB with --tuning-memory low (slower, "
+          "the same result; auto chooses by free memory; docs/performance.md has the figures).")
 
 
 def register(sub) -> None:
