@@ -7,7 +7,12 @@
    (meta-device build, tensors cast one at a time) vs the published code's way (build the model with random
    initialization, read the whole file, load_state_dict). Load time and peak extra memory, each in its own process.
 
+3. With ``--precision N``, only this: how many of N random images get a different code when the Stylecodes model
+   is loaded beside a UNet in fp16 or bf16 than beside a float32 one (the tests' tiny model, CPU half precision):
+   a code must not depend on the machine that made it.
+
     python bench/stylecodes.py                # prints a table, then one JSON line
+    python bench/stylecodes.py --precision 200
 """
 
 from __future__ import annotations
@@ -128,16 +133,53 @@ def run_child(*extra: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def code_precision(n: int) -> dict:
+    """Codes of n random 32x32 images from files saved as a user's would be, loaded beside a UNet in each dtype."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import tiny_clip, tiny_pipeline, tiny_siglip, tiny_stylecodes
+
+    from stylegrad.stylecodes.facade import Stylecodes
+    from stylegrad.stylecodes.model import save_stylecodes
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    unet = tiny_pipeline(tiny_clip(0)).unet
+    codes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_stylecodes(tiny_stylecodes(unet), Path(tmp) / "sc.safetensors")
+        siglip, processor = tiny_siglip()
+        siglip.save_pretrained(Path(tmp) / "siglip")
+        processor.save_pretrained(Path(tmp) / "siglip")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            sc = Stylecodes.load(copy.deepcopy(unet).to(dtype), str(ckpt), str(Path(tmp) / "siglip"))
+            codes[str(dtype).removeprefix("torch.")] = [sc.code_for(im) for im in images]
+    return {f"codes_differing_{name}": sum(a != b for a, b in zip(got, codes["float32"]))
+            for name, got in codes.items() if name != "float32"} | {"images": n}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", type=int, default=64, help="latent size (64 = 512 px)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", type=int, metavar="N", help="only count codes differing in fp16/bf16 over N images")
     p.add_argument("--child", choices=["step", "stylegrad", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.precision:
+        torch.set_num_threads(args.threads)
+        result = code_precision(args.precision)
+        print(f"codes differing from float32's over {args.precision} images: fp16 {result['codes_differing_float16']}, "
+              f"bf16 {result['codes_differing_bfloat16']}", file=sys.stderr)
+        print(json.dumps(result))
+        return
     if not MANIFEST.is_file():
         sys.exit(f"needs {MANIFEST} (the shared fixtures beside the repo)")
     common = ["--threads", str(args.threads), "--runs", str(args.runs), "--size", str(args.size)]

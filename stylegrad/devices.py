@@ -77,3 +77,43 @@ def dtype_name(dtype: torch.dtype) -> str:
         return DTYPE_NAMES[dtype]
     except KeyError:
         raise StylegradError(f"unsupported dtype {dtype}") from None
+
+
+def offload_hook(module: torch.nn.Module):
+    """accelerate's hook that runs ``module`` somewhere else than its weights wait (model CPU offload, which
+    diffusers' ``enable_model_cpu_offload`` installs on every component), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+        if getattr(h, "execution_device", None) is not None:
+            return h
+    return None
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: under model CPU offload its weights sit on the CPU between calls and its hook moves
+    it to the hook's execution device for each forward, so that device (diffusers' ``pipe._execution_device``);
+    otherwise where its weights are."""
+    hook = offload_hook(module)
+    if hook is not None:
+        return torch.device(hook.execution_device)  # an int is a CUDA index, as accelerate reads it
+    return next(module.parameters()).device
+
+
+def onload(module: torch.nn.Module) -> None:
+    """Under model CPU offload, ``module`` onto its execution device as its hook puts it there before a forward (the
+    model before it in the pipeline's chain goes back to the CPU): read where it computes, in one copy. Nothing
+    otherwise."""
+    hook = offload_hook(module)
+    if hasattr(hook, "prev_module_hook"):  # accelerate's CpuOffload
+        hook.pre_forward(module)
+
+
+def offload_models(pipe) -> None:
+    """Put back on the CPU the components model CPU offload moved to its execution device for a call of a pipeline
+    object of stylegrad's own (diffusers re-installs the user's hooks for that on the user's object only): each
+    with its own hook's offload, so the user's pipeline keeps the very hooks it had."""
+    for component in getattr(pipe, "components", {}).values():
+        hook = offload_hook(component) if isinstance(component, torch.nn.Module) else None
+        # accelerate's CpuOffload (it has a previous model to offload; sequential offload's hooks do not)
+        if hasattr(hook, "prev_module_hook") and next(component.parameters()).device.type != "cpu":
+            hook.init_hook(component)  # the module back to the CPU, as its hook does it

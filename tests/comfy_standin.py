@@ -5,7 +5,11 @@
 - the CLIP text model (comfy/clip_model.py): ``clip_X.transformer.text_model.{embeddings,encoder.layers.N,
   final_layer_norm}`` and ``clip_X.transformer.text_projection`` (identity where the file has none), residuals added
   IN PLACE (so autograd through it fails), the embeddings adding every position row, pooled = the state at the
-  largest token id (the EOS);
+  largest token id (the EOS); it runs in float32 whatever its weights' dtype (``dtype=torch.float32`` in
+  sd1_clip.py's forward), each weight cast to the input's dtype when used (comfy/ops.py ``manual_cast``,
+  ``cast_bias_weight``), then its ``weight_function``s applied; the token table keeps a half dtype through its
+  functions and its rows are cast to float32 after the lookup (ops ``Embedding``); the position table is cast
+  directly (``comfy.ops.cast_to``), with no functions;
 - ``SDClipModel`` (comfy/sd1_clip.py): ``layer`` 'last'/'hidden', ``layer_idx``, ``layer_norm_hidden_state``,
   ``special_tokens``, ``options_default``, ``set_clip_options``/``reset_clip_options``, embedding vectors in the
   token lists, ``encode_token_weights`` weighting each token as (z - z_empty) * w + z_empty;
@@ -15,10 +19,18 @@
   not in the model's state dict are skipped; returns the keys taken), ``clip_layer``, ``encode_from_tokens_scheduled``
   returning [[cond, {"pooled_output": pooled}]];
 - ``ModelPatcher`` (comfy/model_patcher.py): patches are (strength_patch, value, strength_model, offset, function);
-  a (diff,) value adds strength * diff in float32, cast back to the weight's dtype (comfy/lora.py calculate_weight);
-  weights are patched into the shared model while it runs (Parameters replaced, backups restored after); object
-  patches replace attributes of the model while it runs; ``get_model_object`` sees them;
+  ``patch_weight_to_device`` copies the weight to float32, ``comfy.lora.calculate_weight`` adds strength * diff (a
+  (diff,) value, cast to float32) and ``comfy.float.stochastic_rounding`` casts the sum back to the weight's dtype
+  (a plain ``.to`` for fp32/fp16/bf16); weights are patched into the shared model while it runs (Parameters
+  replaced, backups restored after); ``add_weight_wrapper(key, fn)`` (since Feb 2025) adds ``fn`` to the module's
+  ``weight_function``/``bias_function`` while it runs, with no rounding to the stored dtype; object patches replace
+  attributes of the model while it runs; ``get_model_object`` sees them;
 - nodes run inside ``torch.inference_mode()`` (execution.py), and models are created there too.
+
+Checked against Comfy-Org/ComfyUI at commit a125cd84b054 (2025-10-12): comfy/model_patcher.py
+(``patch_weight_to_device``, ``add_weight_wrapper``, ``load``), comfy/lora.py (``calculate_weight``, "diff"),
+comfy/float.py (``stochastic_rounding``), comfy/ops.py (``cast_bias_weight``, ``manual_cast``, ``Embedding``),
+comfy/clip_model.py and comfy/sd1_clip.py (float32 activations).
 """
 
 from __future__ import annotations
@@ -85,11 +97,47 @@ def install_folder_paths(base: str) -> types.ModuleType:
 ACTIVATIONS = {"quick_gelu": lambda a: a * torch.sigmoid(1.702 * a), "gelu": F.gelu}
 
 
+def _cast(module, dtype, device):
+    """comfy/ops.py cast_bias_weight: the weight (and bias) cast to the compute dtype, then its functions applied."""
+    weight = module.weight.to(device=device, dtype=dtype)
+    for f in module.weight_function:
+        weight = f(weight)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias = bias.to(device=device, dtype=dtype)
+        for f in module.bias_function:
+            bias = f(bias)
+    return weight, bias
+
+
+class CastLinear(nn.Linear):
+    weight_function, bias_function = [], []
+
+    def forward(self, x):
+        return F.linear(x, *_cast(self, x.dtype, x.device))
+
+
+class CastLayerNorm(nn.LayerNorm):
+    weight_function, bias_function = [], []
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, *_cast(self, x.dtype, x.device), self.eps)
+
+
+class CastEmbedding(nn.Embedding):
+    weight_function, bias_function = [], []
+
+    def forward(self, ids, out_dtype=None):
+        keep = self.weight.dtype in (torch.float16, torch.bfloat16)  # a half table is looked up in its own dtype
+        weight, _ = _cast(self, self.weight.dtype if keep else (out_dtype or self.weight.dtype), ids.device)
+        return F.embedding(ids, weight).to(out_dtype or weight.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (CastLinear(width, width) for _ in range(4))
 
     def forward(self, x, mask):
         b, s, w = x.shape
@@ -101,7 +149,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width, inner, act):
         super().__init__()
-        self.fc1, self.fc2, self.activation = nn.Linear(width, inner), nn.Linear(inner, width), ACTIVATIONS[act]
+        self.fc1, self.fc2, self.activation = CastLinear(width, inner), CastLinear(inner, width), ACTIVATIONS[act]
 
     def forward(self, x):
         return self.fc2(self.activation(self.fc1(x)))
@@ -110,8 +158,8 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, width, heads, inner, act):
         super().__init__()
-        self.layer_norm1, self.self_attn = nn.LayerNorm(width), Attention(width, heads)
-        self.layer_norm2, self.mlp = nn.LayerNorm(width), MLP(width, inner, act)
+        self.layer_norm1, self.self_attn = CastLayerNorm(width), Attention(width, heads)
+        self.layer_norm2, self.mlp = CastLayerNorm(width), MLP(width, inner, act)
 
     def forward(self, x, mask):
         x += self.self_attn(self.layer_norm1(x), mask)  # in place, as ComfyUI's CLIPLayer
@@ -138,11 +186,17 @@ class Encoder(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, vocab, width, positions):
         super().__init__()
-        self.token_embedding, self.position_embedding = nn.Embedding(vocab, width), nn.Embedding(positions, width)
+        self.token_embedding = CastEmbedding(vocab, width)
+        self.position_embedding = CastEmbedding(positions, width)
 
-    def forward(self, tokens, table=None):
-        return F.embedding(tokens, self.token_embedding.weight if table is None else table) + \
-            self.position_embedding.weight
+    def forward(self, tokens, extra=None):
+        """float32 states; ids past the table read ``extra`` (embedding vectors, float32 as sd1_clip.py has them)."""
+        vocab = self.token_embedding.weight.shape[0]
+        x = self.token_embedding(tokens.clamp(max=vocab - 1), out_dtype=torch.float32)
+        if extra is not None:
+            past = tokens >= vocab
+            x = torch.where(past[..., None], extra[(tokens - vocab).clamp(min=0)], x)
+        return x + self.position_embedding.weight.to(torch.float32)  # comfy.ops.cast_to: no weight functions
 
 
 class TextModel_(nn.Module):
@@ -152,10 +206,10 @@ class TextModel_(nn.Module):
         self.embeddings = Embeddings(cfg["vocab_size"], w, cfg["max_position_embeddings"])
         self.encoder = Encoder(cfg["num_hidden_layers"], w, cfg["num_attention_heads"], cfg["intermediate_size"],
                                cfg["hidden_act"])
-        self.final_layer_norm = nn.LayerNorm(w)
+        self.final_layer_norm = CastLayerNorm(w)
 
-    def forward(self, tokens, eos_at, table=None, intermediate_output=None, final_layer_norm_intermediate=True):
-        x = self.embeddings(tokens, table)
+    def forward(self, tokens, eos_at, extra=None, intermediate_output=None, final_layer_norm_intermediate=True):
+        x = self.embeddings(tokens, extra)
         mask = torch.empty(x.shape[1], x.shape[1], dtype=x.dtype).fill_(float("-inf")).triu_(1)
         x, i = self.encoder(x, mask, intermediate_output)
         x = self.final_layer_norm(x)
@@ -170,7 +224,7 @@ class TextModel(nn.Module):
         self.num_layers = cfg["num_hidden_layers"]
         self.text_model = TextModel_(cfg)
         width = cfg["hidden_size"]  # real CLIPs' projections are square (bigG: 1280); the tiny bigG's is not
-        self.text_projection = nn.Linear(width, cfg.get("projection_dim", width), bias=False)
+        self.text_projection = CastLinear(width, cfg.get("projection_dim", width), bias=False)
         self.text_projection.weight.copy_(torch.eye(cfg.get("projection_dim", width), width))
 
 
@@ -196,8 +250,8 @@ class SDClipModel(nn.Module):
         self.layer, self.layer_idx = self.options_default[:2]
 
     def forward(self, tokens):
-        table = self.transformer.text_model.embeddings.token_embedding.weight
-        vocab, extra, ids, eos_at = table.shape[0], [], [], []
+        vocab = self.transformer.text_model.embeddings.token_embedding.weight.shape[0]
+        extra, ids, eos_at = [], [], []
         for row in tokens:
             out = []
             for t in row:
@@ -205,12 +259,11 @@ class SDClipModel(nn.Module):
                     out.append(t)
                 else:
                     out.append(vocab + len(extra))
-                    extra.append(t.to(table.dtype))
+                    extra.append(t.to(torch.float32))
             ids.append(out)
             eos_at.append(out.index(self.special_tokens["end"]))
-        table = torch.cat([table, torch.stack(extra)]) if extra else None
         x, i, pooled = self.transformer.text_model(
-            torch.tensor(ids), torch.tensor(eos_at), table,
+            torch.tensor(ids), torch.tensor(eos_at), torch.stack(extra) if extra else None,
             intermediate_output=self.layer_idx if self.layer == "hidden" else None,
             final_layer_norm_intermediate=self.layer_norm_hidden_state)
         z = x if self.layer == "last" else i
@@ -324,13 +377,17 @@ def _set(root, key, value):
 
 class ModelPatcher:
     def __init__(self, model):
-        self.model, self.patches, self.object_patches = model, {}, {}
+        self.model, self.patches, self.object_patches, self.weight_wrapper_patches = model, {}, {}, {}
 
     def clone(self):
         n = ModelPatcher(self.model)
         n.patches = {k: list(v) for k, v in self.patches.items()}
         n.object_patches = dict(self.object_patches)
+        n.weight_wrapper_patches = dict(self.weight_wrapper_patches)
         return n
+
+    def add_weight_wrapper(self, name, function):
+        self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         keys = set(self.model.state_dict())
@@ -362,6 +419,9 @@ class ModelPatcher:
                     weight *= strength_model
                 weight += strength * value[0].to(torch.float32)
             backups[key] = _set(self.model, key, nn.Parameter(weight.to(state[key].dtype), requires_grad=False))
+        for key, functions in self.weight_wrapper_patches.items():  # load(): m.weight_function.extend(...)
+            module, name = key.rsplit(".", 1)
+            backups[f"{module}.{name}_function"] = _set(self.model, f"{module}.{name}_function", list(functions))
         objects = {k: _set(self.model, k, v) for k, v in self.object_patches.items()}
         try:
             yield self.model
@@ -421,16 +481,18 @@ def _special(tokenizer, pad: int) -> dict:
     return {"start": tokenizer.bos_token_id, "end": tokenizer.eos_token_id, "pad": pad}
 
 
-def sd1_clip(text_encoder, tokenizer, embeddings=None) -> CLIP:
-    """ComfyUI's CLIP of an SD1.x checkpoint (no projection in the file), made inside inference mode."""
+def sd1_clip(text_encoder, tokenizer, embeddings=None, dtype=None) -> CLIP:
+    """ComfyUI's CLIP of an SD1.x checkpoint (no projection in the file), made inside inference mode; ``dtype``: its
+    weights' (ComfyUI's default on CUDA is fp16; activations are float32 whatever it is)."""
     with torch.inference_mode():
         model = SD1Model(_cfg(text_encoder.config)).eval()
         _load(model.clip_l, text_encoder, None)
+        model.to(dtype)
         model.clip_l.special_tokens = _special(tokenizer, tokenizer.eos_token_id)
         return CLIP(model, Tokenizer(tokenizer, ("l",), embeddings))
 
 
-def sdxl_clip(text_encoder, text_encoder_2, tokenizer, pad_g: int = 0) -> CLIP:
+def sdxl_clip(text_encoder, text_encoder_2, tokenizer, pad_g: int = 0, dtype=None) -> CLIP:
     """``pad_g``: bigG's pad id, 0 in CLIP's vocabulary ('!'); the tiny tokenizer's own id for '!' in tests."""
     with torch.inference_mode():
         cfg_g = {**_cfg(text_encoder_2.config), "projection_dim": text_encoder_2.config.projection_dim}
@@ -438,6 +500,7 @@ def sdxl_clip(text_encoder, text_encoder_2, tokenizer, pad_g: int = 0) -> CLIP:
         _load(model.clip_l, text_encoder, None)
         _load(model.clip_g, getattr(text_encoder_2, "text_model", text_encoder_2),
               text_encoder_2.text_projection.weight)
+        model.to(dtype)
         model.clip_l.special_tokens = _special(tokenizer, tokenizer.eos_token_id)
         model.clip_g.special_tokens = _special(tokenizer, pad_g)
         return CLIP(model, Tokenizer(tokenizer, ("l", "g"), pad_g=pad_g))

@@ -325,7 +325,7 @@ def test_any_image_size_gets_its_own_style_map(pipe):
     a = styled("a red circle", generator=torch.Generator("cpu").manual_seed(0), **args).images
     b = pipe("a red circle", generator=torch.Generator("cpu").manual_seed(0), **args).images
     assert a.shape == b.shape == (1, 48, 32, 3) and not np.array_equal(a, b)
-    assert set(styled.unet._maps) == {(12, 8)}
+    assert {key[:2] for key in styled.unet.maps.maps} == {(12, 8)}
 
 
 def test_the_wrapper_forwards_only_what_pipelines_read(pipe):

@@ -182,14 +182,3 @@ def test_samples_every_n_steps_show_the_trained_word(pictures, tmp_path):
     assert [p.name for p in samples] == ["step-000001.png", "step-000002.png"]
     assert "zq" in read_generation_info(samples[0]).prompt
 
-
-def test_mixed_precision_is_refused_where_it_cannot_apply(world, pictures, tmp_path, capsys):
-    """--mixed-precision is CUDA's autocast: on the CPU (or MPS) it would be silently ignored, so it is one line
-    naming the option, before any step."""
-    from stylegrad.apps.cli import main
-
-    args = ["train", "lora", str(pictures), "--word", "zq", "--model", str(world[1]), "--device", "cpu",
-            "--steps", "1", "--out", str(tmp_path / "x.safetensors"), "--mixed-precision", "bf16"]
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "Error: --mixed-precision bf16 needs a CUDA device" in err and not (tmp_path / "x.safetensors").exists()

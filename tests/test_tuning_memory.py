@@ -121,10 +121,11 @@ def test_rebuilt_moments_hold_only_the_copy(style, path, monkeypatch):
         enc.encode(PROMPT, style, StyleOptions(steps=6), callback=sample)
         assert _live_tensor_bytes() == baseline  # every copy, moment and factor freed
         extra[mode] = max(peaks) - baseline
-    # torch's path also holds scratch tensors, one of each matrix shape per role: the gradient (both), and the
-    # rebuilt moments (three in all); on a real tower (32 layers of 6 matrices, 3 shapes) they are a few percent
+    # torch's path also holds scratch tiles of rows, one per role shared by every matrix: the gradient (both), and
+    # the rebuilt moments (three in all); each the largest tile of rows (memory.TILE values at most), here a whole
+    # matrix: on a real tower 4 MB each, whatever its shapes
     shapes = {tuple(t.shape) for name, t in enc.tower.base.items() if ".layers." in name and t.dim() == 2}
-    scratch = 0 if kernels else sum(o * i * 4 for o, i in shapes)
+    scratch = 0 if kernels else max(min(o, memory.TILE // i) * i * 4 for o, i in shapes)
     kept = (4 + 2 * MOMENT_BYTES[path]) / 4 * matrices  # copy and moments: 4 + 3 + 3 or 4 + 4 + 4 bytes a value
     # each block the copies and the moments are carved from (workspace.py) is allocated 2 MB longer, to start on
     # a huge page: address space only, never touched

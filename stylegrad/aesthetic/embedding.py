@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stylegrad import __version__
-from stylegrad.devices import default_dtype, resolve_device
+from stylegrad.devices import resolve_device, resolve_dtype
 from stylegrad.errors import StylegradError
 from stylegrad.families import OPENAI_CLIP_L
 from stylegrad.files.styles import Style, save_style
@@ -45,8 +45,10 @@ def find_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) ->
     return list(dict.fromkeys(found))
 
 
-def load_image_encoder(clip_model: str, device: torch.device | str | None = None):
-    """(CLIPVisionModelWithProjection, its image processor) from a hub id or folder."""
+def load_image_encoder(clip_model: str, device: torch.device | str | None = None,
+                       dtype: torch.dtype | str | None = None):
+    """(CLIPVisionModelWithProjection, its image processor) from a hub id or folder, on ``device`` in ``dtype``
+    (stylegrad.devices' policy: auto is fp16 on CUDA and MPS, fp32 on the CPU; checked before anything loads)."""
     from transformers import CLIPVisionModelWithProjection
 
     from stylegrad.files.hub import from_pretrained
@@ -56,10 +58,10 @@ def load_image_encoder(clip_model: str, device: torch.device | str | None = None
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Processor
     device = resolve_device(device)
-    model = from_pretrained(CLIPVisionModelWithProjection, clip_model, what="CLIP model",
-                            dtype=default_dtype(device))
+    dtype = resolve_dtype(dtype, device)
+    model = from_pretrained(CLIPVisionModelWithProjection, clip_model, what="CLIP model", dtype=dtype)
     processor = from_pretrained(Processor, clip_model, what="CLIP image processor")
-    return model.to(device).eval(), processor
+    return model.to(device, dtype).eval(), processor
 
 
 def _decode(paths: list[Path], processor) -> tuple[list[Path], torch.Tensor | None, list[tuple[Path, str]]]:
@@ -83,6 +85,7 @@ def embed_images(
     recursive: bool = False,
     mean: str = "normalized",
     device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
     encoder=None,
     progress: bool = True,
     name: str = "style",
@@ -91,17 +94,21 @@ def embed_images(
 
     ``mean="normalized"`` stores the unit-length mean (the paper), ``"raw"`` the plain mean (the reference
     script, A1111). Both point the same way and every use site normalizes, so they generate the same images;
-    the unit file is scale-free, so mixing weights mean what they say. ``encoder`` is an optional
-    (model, processor) pair to reuse.
+    the unit file is scale-free, so mixing weights mean what they say. ``device`` and ``dtype``: where and in
+    what precision the CLIP image tower runs (stylegrad.devices' policy); the style is a CPU float32 vector
+    whatever they are. ``encoder`` is an optional (model, processor) pair to reuse (it keeps its own).
     """
     if mean not in MEANS:
         raise StylegradError(f"unknown mean '{mean}' (choose from {', '.join(MEANS)})")
     if batch_size < 1:
         raise StylegradError(f"batch_size must be >= 1, got {batch_size}")
+    if encoder is None:  # an unsupported device or dtype is one line before the images are even listed
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
     paths = find_images(inputs, recursive)
     if not paths:
         raise StylegradError("no image files found in the given paths")
-    model, processor = encoder or load_image_encoder(clip_model, device)
+    model, processor = encoder or load_image_encoder(clip_model, device, dtype)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
@@ -156,15 +163,15 @@ def _mean_style(total: torch.Tensor, count: int, mean: str, clip_model, name: st
 
 
 def embed_pictures(pictures: list[Image.Image], clip_model: str = OPENAI_CLIP_L, *, batch_size: int = 16,
-                   mean: str = "normalized", device: torch.device | str | None = None, encoder=None,
-                   name: str = "style") -> Style:
+                   mean: str = "normalized", device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = None, encoder=None, name: str = "style") -> Style:
     """``embed_images`` for pictures already in memory (a ComfyUI IMAGE batch, a web upload): the same
     preprocessing, model and mean, so the same pictures give the same style as their files."""
     if mean not in MEANS:
         raise StylegradError(f"unknown mean '{mean}' (choose from {', '.join(MEANS)})")
     if not pictures:
         raise StylegradError("no pictures to make a style from")
-    model, processor = encoder or load_image_encoder(clip_model, device)
+    model, processor = encoder or load_image_encoder(clip_model, device, dtype)
     p = next(model.parameters())
     total = None
     for i in range(0, len(pictures), batch_size):

@@ -193,19 +193,23 @@ class AestheticEncoder:
         self.similarities = {}
         self.last_embeddings = []
         entries = []
-        for p, n in zip(prompts, negatives):
-            key = (p, n, style.digest if tuned else None, options.key() if tuned else None, clip_skip, addons,
-                   placement)
-            if key not in self._cache:
-                self._store(key, self._encode_pair(p, n, style, options, tuned, clip_skip, callback, words, loras,
-                                                   weighting))
-            self._cache.move_to_end(key)
-            entries.append(self._cache[key])
-            self.last_embeddings += [u for u in entries[-1][4] if u not in self.last_embeddings]
-        width = max(t.shape[1] for e in entries for t in e[:2] if t is not None)
-        pe = torch.cat([self._pad(e[0], width, clip_skip, loras) for e in entries])
-        ne = torch.cat([torch.zeros_like(pe[:1]) if e[1] is None else self._pad(e[1], width, clip_skip, loras)
-                        for e in entries])
+        try:
+            for p, n in zip(prompts, negatives):
+                key = (p, n, style.digest if tuned else None, options.key() if tuned else None, clip_skip, addons,
+                       placement)
+                if key not in self._cache:
+                    self._store(key, self._encode_pair(p, n, style, options, tuned, clip_skip, callback, words, loras,
+                                                       weighting))
+                self._cache.move_to_end(key)
+                entries.append(self._cache[key])
+                self.last_embeddings += [u for u in entries[-1][4] if u not in self.last_embeddings]
+            width = max(t.shape[1] for e in entries for t in e[:2] if t is not None)
+            pe = torch.cat([self._pad(e[0], width, clip_skip, loras) for e in entries])
+            ne = torch.cat([torch.zeros_like(pe[:1]) if e[1] is None else self._pad(e[1], width, clip_skip, loras)
+                            for e in entries])
+        finally:  # under model CPU offload nothing read from the encoders stays on the card
+            for t in self.towers.values():
+                t.release()
         dtype = list(self.towers.values())[-1].dtype
         pooled = negative_pooled = None
         if entries[0][2] is not None:
@@ -297,7 +301,8 @@ class AestheticEncoder:
                               options.text_negative)
         base = None
         if loras:
-            merged = {k.removeprefix("text_model."): v for k, v in loras.text_params(tower.component).items()}
+            merged = {k.removeprefix("text_model."): v.to(tower.device)  # W's device: the CPU under offload
+                      for k, v in loras.text_params(tower.component).items()}
             base = {**tower.text_tower.base, **merged} if merged else None
         result = personalize(tower.text_tower, chunks.ids.to(tower.device), target, steps=options.steps,
                              adam=options.adam(tower.device), regularization=options.regularization,

@@ -19,7 +19,8 @@ from transformers.activations import ACT2FN
 
 from stylegrad.aesthetic.adam import AdamSettings, adam_step
 from stylegrad.aesthetic.engine import EngineSettings, resolve
-from stylegrad.aesthetic.memory import choose_moments
+from stylegrad.aesthetic.memory import TILE, choose_moments
+from stylegrad.aesthetic.pages import advise_huge
 from stylegrad.aesthetic.products import (
     can_fuse_adam,
     empty_huge,
@@ -54,7 +55,13 @@ class AdamMatrix:
     floats a row) and each step forms every gradient so far again, running Adam's recursions in order. The
     weight's copy is then its whole state (4 bytes a weight, where kept moments take 10 or 12 in all), for about t
     times the gradient arithmetic at step t; on the compiled kernels the numbers are bit for bit those of kept
-    moments (on AVX-512 both carry the moments rounded to 24 bits, _fewrows.c says why)."""
+    moments (on AVX-512 both carry the moments rounded to 24 bits, _fewrows.c says why).
+
+    Off the CPU (torch's path) a step runs a tile of rows at a time (``memory.TILE`` values), so the scratch is
+    three tiles shared by every weight, not three tensors of each shape; and the rebuilt moments' history is kept
+    in host memory and moved to the device for each step: it grows with the steps and the prompt's tokens (bigG,
+    77 tokens: 0.2 GB a step), and the device's memory is the scarce one. Moving it back takes about as long as the
+    rebuilding arithmetic on a PCIe card: the price of the low-memory mode, paid only where it is chosen."""
 
     def __init__(self, params: dict, name: str, scratch: dict, adam: AdamSettings,
                  blocks: tuple[HugeBlock | None, HugeBlock | None] = (None, None), rebuilt: bool = False):
@@ -66,7 +73,9 @@ class AdamMatrix:
         self.rebuilt = rebuilt
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # rebuilt: every step's (grad_out, x)
         self.copied = False
-        self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device)  # where fused Adam wants it
+        # where torch's Adam wants the step: on the weight's device for its fused kernel, else on the CPU (as
+        # torch.optim keeps it: its other kernels read the number on the host)
+        self.step = torch.zeros((), dtype=torch.float32, device=self.weight.device if adam.fused else "cpu")
         self.scratch, self.adam = scratch, adam
         self.pending = None  # (grad_out, x) of a step not yet taken
         if self.weight.dtype != torch.float32:
@@ -74,8 +83,9 @@ class AdamMatrix:
         self.deferred = can_fuse_adam(self.weight)
 
     def _take_copy(self) -> None:
-        copy = empty_huge(self.weight.to(torch.float32) if self.weight.dtype != torch.float32 else self.weight,
-                          self.blocks[0])
+        shape, block = self.weight.shape, self.blocks[0]
+        copy = (block.empty(shape, torch.float32) if block is not None else  # no float32 copy just for its shape
+                advise_huge(torch.empty(shape, dtype=torch.float32, device=self.weight.device)))
         self.weight = self.params[self.name] = copy.copy_(self.weight)
         self.copied = True
         if not self.rebuilt:  # zeroed here, the moments are still in cache when Adam reads them
@@ -88,41 +98,49 @@ class AdamMatrix:
             return empty_moments(self.weight, self.blocks[1])
         return empty_huge(self.weight, self.blocks[1]), empty_huge(self.weight, self.blocks[1])
 
-    def _buffer(self, role: str) -> torch.Tensor:
-        """A scratch tensor of this weight's shape, shared by the weights of that shape (one steps at a time)."""
-        key = (role, self.weight.shape)
-        buf = self.scratch.get(key)
-        if buf is None:
-            buf = self.scratch[key] = torch.empty_like(self.weight)
-        return buf
+    def _tile(self, role: str, rows: int) -> torch.Tensor:
+        """A scratch tensor of ``rows`` of this weight's rows, for ``role``: one per role, shared by every weight (one
+        steps at a time), grown to the largest tile asked."""
+        numel = rows * self.weight.shape[1]
+        buf = self.scratch.get(role)
+        if buf is None or buf.numel() < numel:
+            buf = self.scratch[role] = self.weight.new_empty(numel)
+        return buf[:numel].view(rows, -1)
 
     def update(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """One Adam step with grad W = grad_out^T @ x (rows are tokens): now, or kept for the next ``forward``."""
         factors = (grad_out.to(torch.float32).contiguous(), x.to(torch.float32).contiguous())
         if self.rebuilt:
-            self.history.append(factors)
+            self.history.append(factors if self.weight.device.type == "cpu" else tuple(map(_to_host, factors)))
         if self.deferred:
             self.pending = factors
         else:
             self._step(*factors)
 
-    def _rebuilt_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The moments before this step, from the earlier steps' factors (torch's path)."""
-        m, v, g = self._buffer("exp_avg").zero_(), self._buffer("exp_avg_sq").zero_(), self._buffer("grad")
-        b1, b2 = self.adam.beta1, self.adam.beta2
-        for grad_out, x in self.history[:-1]:
-            torch.mm(grad_out.T, x, out=g)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        return m, v
-
     def _step(self, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """torch's path: the step a tile of rows at a time, the moments rebuilt tile by tile from the history's
+        factors (moved to the weight's device once for the whole step) or read from the kept ones."""
         if not self.copied:
             self._take_copy()
-        moments = self._rebuilt_moments() if self.rebuilt else (self.exp_avg, self.exp_avg_sq)  # before: same buffer
-        buf = self._buffer("grad")
-        torch.mm(grad_out.T, x, out=buf)
-        adam_step(self.weight, buf, *moments, self.step, self.adam)
+        device, b1, b2 = self.weight.device, self.adam.beta1, self.adam.beta2
+        earlier = [tuple(t.to(device, non_blocking=True) for t in f) for f in self.history[:-1]] if self.rebuilt else []
+        out_features, in_features = self.weight.shape
+        rows = max(1, min(out_features, TILE // in_features))
+        for start in range(0, out_features, rows):
+            tile = slice(start, min(start + rows, out_features))
+            n = tile.stop - tile.start
+            g = self._tile("grad", n)
+            if self.rebuilt:  # the moments before this step, from the earlier steps' gradients
+                m, v = self._tile("exp_avg", n).zero_(), self._tile("exp_avg_sq", n).zero_()
+                for go, xp in earlier:
+                    torch.mm(go[:, tile].T, xp, out=g)
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            else:
+                m, v = self.exp_avg[tile], self.exp_avg_sq[tile]
+            torch.mm(grad_out[:, tile].T, x, out=g)
+            adam_step(self.weight[tile], g, m, v, self.step.clone(), self.adam)  # each tile at this step's number
+        self.step += 1
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, last: bool = False) -> torch.Tensor:
         """x W^T (+ bias) after any pending step. ``last``: no step follows, so the moments are not kept."""
@@ -161,6 +179,17 @@ class AdamMatrix:
 
 
 _MATRIX_WEIGHTS = tuple(m + ".weight" for m in MATRICES)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, for a history the device reads back later: in pinned memory on CUDA, so the
+    copy does not wait and the way back is asynchronous too (both on the same stream, in order). A meta tensor
+    (the accelerator's stand-in in tests and bench/tuning_memory.py) has no values to copy: an empty CPU tensor."""
+    if t.is_meta:
+        return torch.empty(t.shape, dtype=t.dtype)
+    if t.is_cuda:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return t.to("cpu")
 
 
 def is_matrix(name: str) -> bool:

@@ -24,8 +24,11 @@ import torch
 from torch.func import functional_call
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from stylegrad.devices import execution_device, offload_hook, onload
 from stylegrad.errors import StylegradError
 from stylegrad.families import Family
+
+TOKEN = "embeddings.token_embedding.weight"
 
 
 def detect_family(encoder: CLIPTextModel) -> Family:
@@ -78,49 +81,53 @@ class TextTower:
         self.cond_layers = cfg_enc.num_hidden_layers
         self.eos_token_id = eos_token_id
         self.sdxl = sdxl
-        self.device = encoder.device
+        weights = text_parameters(encoder)
+        table = weights[TOKEN]
+        # the layers past the pipeline's (SD2's 24th), kept where the encoder's weights wait, in their dtype
+        self._beyond = {name: t.detach().to(device=table.device, dtype=table.dtype) for name, t in clip.layers.items()
+                        if (i := _layer_index(name)) is not None and i >= self.cond_layers}
         # (P, H), float32 whatever the encoder's dtype: tuning runs in float32, and SDXL's pooled embedding comes
         # from it (a bf16 projection moved the pooled delta by 1.2%)
-        self.projection = clip.projection.detach().to(device=self.device, dtype=torch.float32)
-
-        base = text_parameters(encoder)
-        for name, tensor in clip.layers.items():
-            layer = _layer_index(name)
-            if layer is not None and layer >= self.cond_layers:  # layers beyond the pipeline's
-                base[name] = tensor.detach().to(device=self.device, dtype=encoder.dtype)
-        self.base: dict[str, torch.Tensor] = {k: v.detach() for k, v in base.items()}
+        self.projection = clip.projection.detach().to(torch.float32)
+        self.base: dict[str, torch.Tensor] = {}
+        self._seen: tuple | None = None
+        self.follow(encoder)
 
         self.skeleton = meta_skeleton(encoder, clip.num_layers)
         self.total_layers = clip.num_layers
         self.layer_norm_eps = cfg_enc.layer_norm_eps
 
     def follow(self, encoder) -> None:
-        """Read ``encoder``'s tensors again if they are no longer the ones this tower holds: after ``pipe.to()``
-        moved or cast it (the module's tensors are then new ones), tuning must start from what the pipeline runs,
-        on its device and in its dtype. The layers the encoder lacks (SD2's 24th) follow the same device and dtype;
-        the projection stays float32."""
-        current = {k: v.detach() for k, v in text_parameters(encoder).items()}
-        if all(k in self.base and self.base[k].data_ptr() == v.data_ptr() and self.base[k].device == v.device
-               and self.base[k].dtype == v.dtype for k, v in current.items()):
+        """Read ``encoder``'s tensors (by reference) where it computes, unless they are the ones read last time: after
+        ``pipe.to()`` moved or cast it (the module's tensors are then new ones), tuning must start from what the
+        pipeline runs, on its device and in its dtype. Under model CPU offload the encoder's weights wait on the
+        CPU and it runs on its hook's execution device: the tower puts it there through that hook, as a forward of
+        it would, and reads it there until ``release``. The layers the encoder lacks (SD2's 24th) follow the same
+        device and dtype; the projection stays float32."""
+        weights = {k: v.detach() for k, v in readable_parameters(encoder).items()}
+        device = execution_device(encoder)
+        seen = (device, tuple((k, v.data_ptr(), v.device, v.dtype) for k, v in weights.items()))
+        if self.base and seen == self._seen:
             return
-        device, dtype = encoder.device, encoder.dtype
-        beyond = {k: t.to(device=device, dtype=dtype) for k, t in self.base.items() if k not in current}
-        self.base = {**current, **beyond}
-        self.device = device
+        table = weights[TOKEN]
+        self.base = {**{k: v.to(device) for k, v in weights.items()},
+                     **{k: t.to(device=device, dtype=table.dtype) for k, t in self._beyond.items()}}
+        self.device, self.dtype, self._seen = device, table.dtype, seen
         self.projection = self.projection.to(device)
+
+    def release(self) -> None:
+        """Drop the tensors read (the next use reads the encoder again). Under model CPU offload the encoder goes back
+        to the CPU when the next model runs, and what the tower holds would otherwise keep its copy on the card."""
+        self.base, self._seen = {}, None
 
     @property
     def width(self) -> int:
         """Width of CLIP's joint embedding space: the width a style must have."""
         return self.projection.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base["embeddings.token_embedding.weight"].dtype
-
     def run(self, params: dict[str, torch.Tensor], ids: torch.Tensor, hidden: bool = False):
         """Forward the skeleton with ``params``; ``ids`` index ``params['embeddings.token_embedding.weight']``."""
-        return functional_call(self.skeleton, params, (ids,), {"output_hidden_states": hidden})
+        return run_skeleton(self.skeleton, params, ids, hidden)
 
     def text_embed(self, out, eos: torch.Tensor) -> torch.Tensor:
         """CLIP text embedding: projection of the final state at the first EOS (as CLIP's ``encode_text``)."""
@@ -167,6 +174,19 @@ def text_parameters(encoder) -> dict[str, torch.Tensor]:
     return dict(encoder.named_parameters())
 
 
+def readable_parameters(encoder) -> dict[str, torch.Tensor]:
+    """``text_parameters`` where the encoder computes: under model CPU offload it is put on its execution device
+    first, through its own hook, as a forward of it would (the model before it in the chain goes back to the
+    CPU). Sequential offload keeps the weights outside the module: refused in one line."""
+    onload(encoder)
+    params = text_parameters(encoder)
+    if params[TOKEN].device.type == "meta" and offload_hook(encoder) is None and any(
+            hasattr(m, "_hf_hook") for m in encoder.modules()):
+        raise StylegradError("the text encoder's weights are kept outside it (sequential CPU offload): use "
+                             "pipe.enable_model_cpu_offload() or no offload")
+    return params
+
+
 def meta_skeleton(encoder: CLIPTextModel, layers: int | None = None) -> CLIPTextModel:
     """A parameter-free copy of ``encoder``'s architecture (``layers`` deep), run with ``functional_call`` on a dict
     of tensors: the way to run the encoder on other weights without touching its own."""
@@ -176,6 +196,15 @@ def meta_skeleton(encoder: CLIPTextModel, layers: int | None = None) -> CLIPText
         skeleton = CLIPTextModel._from_config(config, attn_implementation=encoder.config._attn_implementation)
     skeleton.embeddings.position_ids = _text_module(encoder).embeddings.position_ids.detach().clone()
     return skeleton.eval()
+
+
+def run_skeleton(skeleton: CLIPTextModel, params: dict[str, torch.Tensor], ids: torch.Tensor, hidden: bool = False):
+    """``skeleton`` (from ``meta_skeleton``) run on ``params``, its position ids (its one real buffer) moved to where
+    ``ids`` are first: the encoder it was copied from may have moved since."""
+    embeddings = skeleton.embeddings
+    if embeddings.position_ids.device != ids.device:
+        embeddings.position_ids = embeddings.position_ids.to(ids.device)
+    return functional_call(skeleton, params, (ids,), {"output_hidden_states": hidden})
 
 
 def _layer_index(name: str) -> int | None:
@@ -296,5 +325,5 @@ def tower_for(encoder: CLIPTextModel, tokenizer, clip_model=None, sdxl: bool = F
         return TextTower(encoder, parts, tokenizer.eos_token_id, sdxl)
     if clip_model is None:
         clip_model = detect_family(encoder).clip_model
-    parts = clip_parts(clip_model, encoder.config.num_hidden_layers, encoder.device)
+    parts = clip_parts(clip_model, encoder.config.num_hidden_layers, execution_device(encoder))
     return TextTower(encoder, parts, tokenizer.eos_token_id, sdxl)

@@ -12,10 +12,17 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.func import functional_call
 
-from stylegrad.aesthetic.tower import TextTower, conditioning_layer, meta_skeleton, text_parameters, tower_for
+from stylegrad.aesthetic.tower import (
+    TextTower,
+    conditioning_layer,
+    meta_skeleton,
+    readable_parameters,
+    run_skeleton,
+    tower_for,
+)
 from stylegrad.aesthetic.tuning import TOKEN, first_eos
+from stylegrad.devices import execution_device, offload_hook
 from stylegrad.errors import StylegradError
 from stylegrad.families import Family
 from stylegrad.notes import note
@@ -68,9 +75,16 @@ class PromptTower:
             self._text_tower.follow(self.encoder)
         return self._text_tower
 
+    def release(self) -> None:
+        """After a prompt: under model CPU offload, drop what the tower read from the encoder on its execution device
+        (the encoder goes back to the CPU when the next model runs; nothing may keep its copy there)."""
+        if self._text_tower is not None and self._follows_encoder and offload_hook(self.encoder) is not None:
+            self._text_tower.release()
+
     @property
     def device(self) -> torch.device:
-        return self.encoder.device
+        """Where the tower computes: the encoder's device, or under model CPU offload its execution device."""
+        return execution_device(self.encoder)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,11 +125,11 @@ class PromptTower:
                 out = self.encoder(ids, output_hidden_states=True)
             return out.hidden_states[self._sdxl_layer(clip_skip)], (out[0][:1] if self.pooled else None)
         rows, local = torch.unique(ids, return_inverse=True)
-        base = text_parameters(self.encoder)
+        base = readable_parameters(self.encoder)  # under model CPU offload: on its execution device
         params = {**base, TOKEN: gather_rows(base[TOKEN], chunks.extra, rows)}
         skeleton = self.skeleton()
         with hooks({self.component: skeleton}):
-            out = functional_call(skeleton, params, (local,), {"output_hidden_states": True})
+            out = run_skeleton(skeleton, params, local, hidden=True)
         if self.sdxl:
             pooled = None
             if self.pooled:

@@ -15,15 +15,19 @@ which computes only the EOS state and takes the large weights' Adam steps itself
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
 from stylegrad.aesthetic.adam import AdamSettings
 from stylegrad.aesthetic.engine import EngineSettings, resolve
 from stylegrad.aesthetic.eos_forward import TunedWeights, is_matrix
+from stylegrad.aesthetic.memory import fall_back, free_bytes, out_of_memory, rebuilt_bytes
 from stylegrad.aesthetic.tower import TextTower
+from stylegrad.errors import StylegradError
 from stylegrad.prompts.chunks import gather_rows
 
 TOKEN = "embeddings.token_embedding.weight"
@@ -74,18 +78,91 @@ def personalize(
     e.g. with a LoRA merged into some of them). ``keep_weights``: also return the tuned tensors, for hosts that
     apply weight differences themselves (ComfyUI's patches). ``engine``: how the engine runs (engine.py); None,
     the environment's defaults. Whatever it says, the result is ``method.tune_text_encoder``'s within the
-    contract (docs/exactness.md)."""
-    chunks = input_ids.reshape(-1, input_ids.shape[-1])  # (C, S), each padded to the tokenizer's max length
-    ids = chunks[0]
-    eos = first_eos(ids, tower.eos_token_id)
+    contract (docs/exactness.md).
+
+    Running out of memory with Adam moments kept, the prompt is tuned again from the start rebuilding them (one
+    note per device, memory.fall_back), so its result is a ``low`` run's; the callback hears each step once. Out
+    of memory even so (or with regularization, which keeps them), a ``StylegradError`` says what it needed."""
+    chunks = input_ids.reshape(-1, input_ids.shape[-1]).cpu()  # (C, S), each padded to the tokenizer's length
+    eos = first_eos(chunks[0], tower.eos_token_id)  # found on the host: a few hundred ids, and no device sync later
     rows, local_all = torch.unique(chunks, return_inverse=True)  # (U,) table rows the prompt uses; ids into them
-    params = {name: gather_rows(t, extra_rows, rows) if name == TOKEN else t
-              for name, t in (base or tower.base).items()}
+    base = base or tower.base
+    device = base[TOKEN].device
+    rows, local_all = rows.to(device), local_all.to(device)
+    eos_path = regularization == 0
+    attempt = partial(_attempt, tower, base, chunks, local_all, rows, eos, target, steps=steps, adam=adam,
+                      regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
+                      extra_rows=extra_rows, keep_weights=keep_weights)
+    settings = resolve(engine)
+    reported = _Reported(callback)
+    try:
+        return attempt(reported, settings)
+    except Exception as e:  # only running out of memory is handled here; anything else goes on up
+        if not out_of_memory(e):
+            raise
+        matrices = {name: t for name, t in base.items() if is_matrix(name)}
+        if not eos_path or settings.memory == "low" or not matrices:
+            raise _no_memory(base, matrices, device, eos_path) from e
+    # the first try's tensors are unreachable once its exception is gone: collect them and hand their memory back
+    fall_back(matrices, device)  # said once per device; later prompts rebuild at once
+    _release_cached(device)
+    try:
+        return attempt(reported, replace(settings, memory="low"))
+    except Exception as e:
+        if out_of_memory(e):
+            raise _no_memory(base, matrices, device, eos_path) from e
+        raise
+
+
+class _Reported:
+    """The caller's callback, told each step once: a prompt taken again after running out of memory reports only
+    the steps it had not reached."""
+
+    def __init__(self, callback: Callable[[int, float], None] | None):
+        self.callback, self.reached = callback, 0
+
+    def __call__(self, step: int, similarity: float) -> None:
+        if self.callback is not None and step >= self.reached:
+            self.reached = step + 1
+            self.callback(step, similarity)
+
+
+def _release_cached(device: torch.device) -> None:
+    """Collect the failed try's tensors and return the accelerator allocator's cached blocks, so the retry starts
+    from the memory the device really has."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "empty_cache"):
+        torch.mps.empty_cache()
+
+
+def _no_memory(base: dict[str, torch.Tensor], matrices: dict[str, torch.Tensor], device: torch.device,
+               eos_path: bool) -> StylegradError:
+    """The one line when tuning cannot fit: what it needed on ``device`` at least, and what was free."""
+    others = sum(t.numel() for name, t in base.items() if name not in matrices and name != TOKEN)
+    if eos_path:
+        need, how = rebuilt_bytes(matrices, device) + 12 * others, "even rebuilding Adam moments"
+    else:  # the regularized loss runs the transformers module: every tensor keeps its copy and moments
+        need, how = 12 * (others + sum(t.numel() for t in matrices.values())), "with regularization (kept moments)"
+    free = free_bytes(device)
+    there = "" if free is None else f", {free / 2**30:.1f} GB is free"
+    return StylegradError(f"out of memory tuning the text encoder on {device} {how}: it needs about "
+                          f"{need / 2**30:.1f} GB there{there}; free memory on the device or run on another one")
+
+
+def _attempt(tower: TextTower, base: dict[str, torch.Tensor], chunks: torch.Tensor, local_all: torch.Tensor,
+             rows: torch.Tensor, eos: int, target: torch.Tensor, callback: Callable[[int, float], None],
+             engine: EngineSettings, *, steps: int, adam: AdamSettings, regularization: float,
+             target_similarity: float | None, clip_skip: int | None, extra_rows: torch.Tensor | None,
+             keep_weights: bool) -> Personalized:
+    """One try at the tuning, from the original tensors (never written) with ``engine``'s settings."""
+    params = {name: gather_rows(t, extra_rows, rows) if name == TOKEN else t for name, t in base.items()}
     eos_path = regularization == 0
     # float32 copies to tune; on the EOS path each large matrix is copied at its first step (AdamMatrix)
     params = {name: t if eos_path and is_matrix(name) else t.to(torch.float32, copy=True) for name, t in params.items()}
-    target = target.to(device=ids.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
-    with resolve(engine).applied() as engine:
+    target = target.to(device=rows.device, dtype=torch.float32).reshape(1, -1)  # (1, P), unit norm
+    with engine.applied() as engine:
         tuned = TunedWeights(tower, params, adam if eos_path else None, keep_copies=keep_weights, engine=engine)
         try:
             return _tune(tower, tuned, chunks, local_all, eos, target, steps=steps, adam=adam,
@@ -110,7 +187,7 @@ def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all
     sim = loss = None
     for step in range(steps):
         sim, loss = objective()
-        similarities.append(float(sim.detach()))
+        similarities.append(_number(sim.detach()))
         if callback is not None:
             callback(step, similarities[-1])
         if target_similarity is not None and similarities[-1] >= target_similarity:
@@ -125,10 +202,16 @@ def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all
     with torch.no_grad():
         embedding = text[eos:eos + 1].to(tower.projection.dtype) @ tower.projection.T  # (1, P)
         final = torch.cosine_similarity(embedding, target)
-    similarities.append(float(final))
+    similarities.append(_number(final))
     more = [tuned.encode(c, keep, norm) for c in local_all[1:]]  # the other chunks, on the tuned tensors
     kept = (tuned.params, rows) if keep_weights else (None, None)
     return Personalized(torch.stack([hidden, *more]), similarities, embedding, *kept)
+
+
+def _number(t: torch.Tensor) -> float:
+    """A one-value tensor as a float; NaN on the ``meta`` device, where tuning runs without values (the accelerator's
+    stand-in in tests and bench/tuning_memory.py)."""
+    return float("nan") if t.is_meta else float(t)
 
 
 def _eos_objective(tower: TextTower, tuned: TunedWeights, short: torch.Tensor, target: torch.Tensor):

@@ -220,27 +220,31 @@ def evaluate(generator: Generator, embedder: ClipEmbedder, predictor: AestheticP
 def run_evaluation(base: GenerationRequest, style_files: list[str], steps: list[int], seeds: list[int],
                    out: str | Path, prompts_file: str | None = None, predictor: str | None = None,
                    device: str | None = None, progress: bool = True, vae: str | None = None,
-                   models_dir: str | None = None, ray: dict | None = None) -> dict:
+                   models_dir: str | None = None, ray: dict | None = None, dtype: str | None = None) -> dict:
     """``evaluate`` with everything loaded from names: the prompts, the model (``base.model``), the evaluation
-    CLIP (``base.clip_model`` or the family's) and the predictor. ``ray``: generate on Ray (``run_items_ray``'s
-    options; the workers load the same model), then score here."""
+    CLIP (``base.clip_model`` or the family's) and the predictor. ``device`` and ``dtype`` (stylegrad.devices'
+    policy): where and in what precision the model, the evaluation CLIP and the predictor run. ``ray``: generate
+    on Ray (``run_items_ray``'s options; the workers load the same model, in the same dtype), then score here."""
     from stylegrad.aesthetic.tower import detect_family
-    from stylegrad.devices import resolve_device
+    from stylegrad.devices import execution_device, resolve_device, resolve_dtype
     from stylegrad.evaluation.predictors import DEFAULT, load_predictor
 
     asked_device = device  # the workers' (None: each picks its own GPU)
     device = resolve_device(device)  # bad input fails before anything loads
+    resolved = resolve_dtype(dtype, device)
     prompts = read_prompts(prompts_file)
     styles = name_styles(style_files)  # a bad style file or changed settings fail before any model loads
     check_manifest(Path(out), manifest(base, prompts, styles, steps, seeds), write=False)
     pred = load_predictor(predictor or DEFAULT)
-    generator = Generator.load(base.model, device, base.clip_model, vae=vae, models_dir=models_dir)
+    generator = Generator.load(base.model, device, base.clip_model, vae=vae, models_dir=models_dir, dtype=resolved)
     generator.check(replace(base, style=style_files[0]))  # an SDXL model is refused before any image
     clip = base.clip_model or detect_family(generator.pipe.text_encoder).clip_model
-    embedder = ClipEmbedder(clip, generator.pipe.device)
+    where = execution_device(generator.pipe.unet)
+    embedder = ClipEmbedder(clip, where, dtype=resolved)
+    pred.to(where, resolved)
     if ray is not None:
         from stylegrad.jobs.work import WorkerSpec
 
         ray = {**ray, "spec": WorkerSpec(str(generator.model or base.model), asked_device, base.clip_model,
-                                         vae, models_dir)}
+                                         vae, models_dir, dtype=dtype)}
     return evaluate(generator, embedder, pred, prompts, style_files, steps, seeds, base, out, progress, ray)

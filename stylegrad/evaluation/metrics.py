@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stylegrad.devices import resolve_device
+from stylegrad.devices import resolve_device, resolve_dtype
 from stylegrad.errors import StylegradError
 from stylegrad.evaluation.predictors import AestheticPredictor
 from stylegrad.files.hub import from_pretrained
@@ -35,9 +35,11 @@ def style_similarity(image_embeds: torch.Tensor, style: torch.Tensor) -> torch.T
 
 
 class ClipEmbedder:
-    """A full CLIP model (text and image towers, with projections) for scoring."""
+    """A full CLIP model (text and image towers, with projections) for scoring, on ``device`` in ``dtype``
+    (stylegrad.devices' policy: auto is fp16 on CUDA and MPS); embeddings come back as CPU float32."""
 
-    def __init__(self, clip_model: str, device: torch.device | str = "cpu", batch_size: int = 16):
+    def __init__(self, clip_model: str, device: torch.device | str = "cpu", batch_size: int = 16,
+                 dtype: torch.dtype | str | None = None):
         from transformers import CLIPModel, CLIPTokenizer
 
         try:
@@ -46,7 +48,9 @@ class ClipEmbedder:
             from transformers import CLIPImageProcessor as Processor
         self.name = clip_model
         self.device = resolve_device(device)
-        self.model = from_pretrained(CLIPModel, clip_model, what="CLIP model").to(self.device).eval()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = from_pretrained(CLIPModel, clip_model, what="CLIP model", dtype=self.dtype)
+        self.model = self.model.to(self.device, self.dtype).eval()
         self.processor = from_pretrained(Processor, clip_model, what="CLIP image processor")
         self.tokenizer = from_pretrained(CLIPTokenizer, clip_model, what="CLIP tokenizer")
         self.batch_size = batch_size
@@ -63,7 +67,7 @@ class ClipEmbedder:
         out = []
         for i in range(0, len(images), self.batch_size):
             px = self.processor(images=[im.convert("RGB") for im in images[i : i + self.batch_size]],
-                                return_tensors="pt")["pixel_values"].to(self.device)
+                                return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
             vision = self.model.vision_model(pixel_values=px)
             out.append(self.model.visual_projection(vision.pooler_output).float().cpu())
         return torch.cat(out)

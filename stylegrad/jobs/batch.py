@@ -1,7 +1,8 @@
 """``stylegrad batch``: a JSONL file of requests into a folder, locally or on Ray, resumable.
 
-The manifest records the model and, per image file, the request that makes it: a rerun makes the files that are
-missing (lines added, or fixed), and refuses a line that now asks something else of a file already made."""
+The manifest records the model, the device and dtype asked for and, per image file, the request that makes it: a
+rerun makes the files that are missing (lines added, or fixed), and refuses a line that now asks something else of
+a file already made, or another device or dtype (fp16 and fp32 images differ)."""
 
 from __future__ import annotations
 
@@ -28,19 +29,39 @@ def check_batch_manifest(storage: Storage, spec: WorkerSpec, items: list[WorkIte
         if old.get("kind") != "batch" or old.get("model") != spec.model:
             raise RequestError("out", f"{storage} holds a run of another kind or model ({old.get('model')}); use "
                                "another {field}")
+        made = old.get("precision", precision(spec))  # folders from before it was recorded: not known
+        if made != precision(spec):
+            raise RequestError("out", f"{storage} holds images made with device {made['device']}, dtype "
+                               f"{made['dtype']} (their pixels differ from these settings'); use another {{field}}, "
+                               "or the same device and dtype to resume")
     files = dict(old.get("files", {}))
     for item in items:
         if item.file in files and files[item.file] != item.digest and storage.exists(item.file):
             raise RequestError("out", f"{item.label} asks for other settings than {item.file} was made with; use "
                                "another {field}, or delete that file")
         files[item.file] = item.digest
-    storage.write(MANIFEST, json.dumps({"kind": "batch", "model": spec.model, "files": files}, indent=1).encode())
+    manifest = {"kind": "batch", "model": spec.model, "precision": precision(spec), "files": files}
+    storage.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def precision(spec: WorkerSpec) -> dict[str, str]:
+    """The device and dtype the images are made with, as asked (auto: each worker's policy on its machine)."""
+    dtype = spec.dtype
+    if dtype is not None and not isinstance(dtype, str):  # a torch.dtype from the Python API: named as the CLI does
+        from stylegrad.devices import dtype_name
+
+        dtype = dtype_name(dtype)
+    return {"device": str(spec.device or "auto"), "dtype": str(dtype or "auto").lower()}
 
 
 def run_batch(jobs_file: str | Path, out: str, spec: WorkerSpec, *, ray: bool = False, address: str | None = None,
               progress: bool = True, **ray_options) -> tuple[Summary, list[BadLine]]:
     """Read the jobs, check the folder, make what is missing; the summary is also written to ``batch-summary.json``.
     ``ray_options``: ``run_items_ray``'s; ``threads`` also applies to a local run."""
+    if not ray:  # a device or dtype this machine cannot run is one line before anything is read or loaded
+        from stylegrad.devices import resolve_device, resolve_dtype
+
+        resolve_dtype(spec.dtype, resolve_device(spec.device))
     items, bad = read_jobs(jobs_file, spec.model)
     storage = Storage(out)
     check_batch_manifest(storage, spec, items)

@@ -111,6 +111,8 @@ class Generator:
                 image = self.runner.denoise(run, r, steps.image(i))
                 out.append((image, image_infotext(r, image, run.pipe, model=self.model, style=run.style,
                                                   code=run.code, addons=fields)))
+                if steps.stopped:  # interrupted: this image cut short, no further one
+                    break
         finally:
             steps.close()
         return out

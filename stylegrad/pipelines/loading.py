@@ -73,7 +73,8 @@ def a1111_sampler_name(scheduler) -> str:
 def derived_pipeline(pipe, **components):
     """A new pipeline object sharing ``pipe``'s components and settings (``components`` replace some), as
     ``from_pipe`` would give without casting anything: what a call writes on it (guidance scale, timesteps,
-    progress-bar settings) stays on it. Its progress-bar settings are a copy of ``pipe``'s, not the same dict."""
+    progress-bar settings) stays on it, and under model CPU offload the components keep the user's hooks. Its
+    progress-bar settings are a copy of ``pipe``'s, not the same dict."""
     import copy
 
     ours = copy.copy(pipe)
@@ -81,6 +82,8 @@ def derived_pipeline(pipe, **components):
         ours.register_modules(**components)  # sets the attribute and the copy's own config entry
     if isinstance(getattr(pipe, "_progress_bar_config", None), dict):
         ours._progress_bar_config = dict(pipe._progress_bar_config)
+    if getattr(pipe, "_all_hooks", None):  # model CPU offload: after a call diffusers would hook the shared
+        ours._all_hooks = []  # components anew for this object; run.py puts them back on the CPU itself instead
     return ours
 
 

@@ -35,9 +35,10 @@ def image_infotext(request: GenerationRequest, image: Image.Image, pipe, *, mode
     ``model``: the file or id the generator loaded (default the request's); ``addons``: the LoRA and TI hashes.
     The device type and the UNet's precision are recorded too: fp16 and fp32 images differ, so ``--from`` uses
     them again (replay.recorded_precision)."""
-    from stylegrad.devices import dtype_name
+    from stylegrad.devices import dtype_name, execution_device
 
-    where = {"Device": pipe.unet.device.type, "Dtype": dtype_name(pipe.unet.dtype)}
+    # where it ran: under model CPU offload the weights wait on the CPU, the UNet runs on its hook's device
+    where = {"Device": execution_device(pipe.unet).type, "Dtype": dtype_name(pipe.unet.dtype)}
     return infotext(request, size=image.size, sampler_name=a1111_sampler_name(pipe.scheduler), style=style,
                     stylecode=code, model_hash=model_hash(model or request.model), extra={**where, **(extra or {})},
                     addons=addons)

@@ -109,13 +109,19 @@ def _real(value, name: str, lo: float, hi: float, *, above: bool = False) -> Non
         raise RequestError(name, f"must be in {'(' if above else '['}{lo:g}, {hi:g}], got {value:g}")
 
 
-def _text(value, name: str, *, optional: bool = False, limit: int = MAX_PROMPT_CHARS) -> None:
+def _text(value, name: str, *, optional: bool = False, limit: int = MAX_PROMPT_CHARS, words: bool = False) -> None:
+    """``words``: text a tokenizer reads (a file path may hold any bytes the file system allows)."""
     if value is None and optional:
         return
     if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {_shown(value)}")
     if len(value) > limit:
         raise RequestError(name, f"must be at most {limit} characters, got {len(value)}")
+    if words:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ('\ud800'): JSON can carry one, no tokenizer reads it
+            raise RequestError(name, f"must be Unicode text: a lone surrogate at character {e.start}") from None
 
 
 def _flag(value, name: str) -> None:
@@ -152,7 +158,7 @@ def _style_values(values: dict, prefix: str = "style_options.") -> None:
         "lr": lambda v, n: _real(v, n, 0.0, 1.0, above=True),
         "weight": lambda v, n: _real(v, n, -MAX_STYLE_WEIGHT, MAX_STYLE_WEIGHT),
         "slerp": _flag,
-        "text": lambda v, n: _text(v, n, optional=True),
+        "text": lambda v, n: _text(v, n, optional=True, words=True),
         "text_angle": lambda v, n: _real(v, n, 0.0, 1.0),
         "text_negative": _flag,
         "regularization": lambda v, n: _real(v, n, 0.0, MAX_REGULARIZATION),
@@ -182,8 +188,8 @@ def _fail(name: str, problem: str):
 
 def _validate(r: GenerationRequest) -> None:
     """Every field of ``r``, in the order the schema lists them."""
-    _text(r.prompt, "prompt")
-    _text(r.negative, "negative")
+    _text(r.prompt, "prompt", words=True)
+    _text(r.negative, "negative", words=True)
     _lora_tags(r.prompt, "prompt")
     _lora_tags(r.negative, "negative")
     _whole(r.seed, "seed", 0, MAX_SEED)

@@ -8,6 +8,7 @@ progress is stylegrad's: a bar of its own, or the caller's ``progress``; the pip
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stylegrad.aesthetic.encoder import AestheticEncoder, EncodedPrompt
+from stylegrad.devices import offload_models
 from stylegrad.errors import StylegradError
 from stylegrad.families import Family, pipeline_family
 from stylegrad.files.styles import Style, load_style
@@ -25,9 +27,10 @@ from stylegrad.pipelines.images import fit_init_image, load_image, load_init_ima
 from stylegrad.pipelines.loading import derived_pipeline, with_sampler
 from stylegrad.pipelines.request import GenerationRequest
 
-# progress(stage, done, total): 'style' Adam steps and 'denoising' steps as they happen; raising stops the work
-Progress = Callable[[str, int, int], None]
-StepEnd = Callable[[int, int], None]  # (steps done, steps in all) of one image
+# progress(stage, done, total): 'style' Adam steps and 'denoising' steps as they happen; raising stops the work;
+# returning True at a denoising step ends the denoising there, keeping the image so far (A1111's interrupt)
+Progress = Callable[[str, int, int], bool | None]
+StepEnd = Callable[[int, int], bool | None]  # (steps done, steps in all) of one image; True: stop here
 
 
 def style_progress(total: int, desc: str = "style", progress: Progress | None = None):
@@ -48,16 +51,18 @@ class DenoisingProgress:
 
     def __init__(self, progress: Progress | None = None, n: int = 1):
         self.progress, self.n, self.bar = progress, n, None
+        self.stopped = False  # ``progress`` asked to stop: no further image is started
 
     def image(self, i: int) -> StepEnd:
         """The step callback of the ``i``-th image."""
-        def on_step(done: int, total: int) -> None:
+        def on_step(done: int, total: int) -> bool:
             if self.progress is not None:
-                self.progress("denoising", i * total + done, self.n * total)
-                return
+                self.stopped = bool(self.progress("denoising", i * total + done, self.n * total)) or self.stopped
+                return self.stopped
             if self.bar is None:
                 self.bar = tqdm(total=self.n * total, desc="denoising", unit="step", leave=False)
             self.bar.update(1)
+            return False
 
         return on_step
 
@@ -86,15 +91,21 @@ def run_pipeline(pipe, prompt_embeds, negative_prompt_embeds, request: Generatio
                   num_inference_steps=request.steps, guidance_scale=request.cfg, generator=generator, **pooled)
     if on_step is not None:
         def step_end(pipe_, i, t, kwargs):
-            on_step(i + 1, pipe_.num_timesteps)
+            if on_step(i + 1, pipe_.num_timesteps):
+                pipe_._interrupt = True  # diffusers' own switch (reset by each call): the steps left are skipped
             return kwargs
 
         common["callback_on_step_end"] = step_end
-    if init_image is None:
-        return pipe(height=request.height, width=request.width, **common).images[0]
-    img2img = img2img_pipeline(pipe)
-    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return img2img(image=init_image, strength=request.strength, **common).images[0]
+    try:
+        if init_image is None:
+            return pipe(height=request.height, width=request.width, **common).images[0]
+        img2img = img2img_pipeline(pipe)
+        img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+        # diffusers runs int(steps x strength) steps, none below 1/steps; A1111 runs at least one: so do we
+        strength = max(request.strength, math.nextafter(1 / request.steps, 1.0))
+        return img2img(image=init_image, strength=strength, **common).images[0]
+    finally:
+        offload_models(pipe)  # model CPU offload: every component back on the CPU, as after the user's own call
 
 
 def img2img_pipeline(pipe):
@@ -233,13 +244,17 @@ class Runner:
         step_end = None
         if on_step is not None:
             def step_end(pipe_, i, t, kwargs):
-                on_step(i + 1, pipe_.num_timesteps)
+                if on_step(i + 1, pipe_.num_timesteps):
+                    pipe_._interrupt = True
                 return kwargs
-        return pipe(prompt_embeds=torch.cat([e.prompt_embeds for e in conditionings]),
-                    negative_prompt_embeds=torch.cat([e.negative_prompt_embeds for e in conditionings]),
-                    num_inference_steps=first.steps, guidance_scale=first.cfg,
-                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], height=first.height,
-                    width=first.width, callback_on_step_end=step_end, **pooled).images
+        try:
+            return pipe(prompt_embeds=torch.cat([e.prompt_embeds for e in conditionings]),
+                        negative_prompt_embeds=torch.cat([e.negative_prompt_embeds for e in conditionings]),
+                        num_inference_steps=first.steps, guidance_scale=first.cfg,
+                        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], height=first.height,
+                        width=first.width, callback_on_step_end=step_end, **pooled).images
+        finally:
+            offload_models(pipe)
 
 
 def pooled_kwargs(e: EncodedPrompt) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ How the streams run together lives in :mod:`stylegrad.stylecode_unet`; this modu
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -159,21 +160,27 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    only: str = "") -> dict[str, torch.Tensor]:
+                    only: str = "", float32: str | None = None) -> dict[str, torch.Tensor]:
     """The control weights of a Stylecodes checkpoint: a ``.bin``/``.pt`` holding a ``controlnet`` dict, or a
     ``.safetensors`` whose ``controlnet.`` keys are taken (prefix stripped) and ``image_proj.``/``ip_adapter.``
     keys ignored, as the published loader does. Never unpickles code. Tensors are read (and cast to ``dtype``)
-    one at a time, so a 1.3 GB fp16 file costs little more than its fp32 result; ``only`` keeps one prefix."""
+    one at a time, so a 1.3 GB fp16 file costs little more than its fp32 result; ``only`` keeps one prefix;
+    keys under the prefix ``float32`` are read in float32 whatever ``dtype`` (the code's autoencoder: a code must
+    not depend on the precision the UNet runs in)."""
     path = Path(path)
     if not path.is_file():
         raise StylegradError(f"no Stylecodes checkpoint at {path}")
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
+        if float32 is not None and key.startswith(float32):
+            return t.to(torch.float32)
+        return t.to(dtype) if dtype is not None else t
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                state = {k[len("controlnet."):]: cast(f.get_tensor(k)) for k in f.keys()
+                state = {k[len("controlnet."):]: cast(k[len("controlnet."):], f.get_tensor(k)) for k in f.keys()
                          if k.startswith("controlnet." + only)}
         except (SafetensorError, OSError) as e:
             raise StylegradError(f"{path.name} is not a readable safetensors file ({e})") from None
@@ -190,7 +197,7 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not isinstance(obj, dict) or not isinstance(obj.get("controlnet"), dict):
         raise StylegradError(f"{path.name} has no 'controlnet' dict: not a Stylecodes checkpoint")
     raw = obj["controlnet"]
-    return {k: cast(raw.pop(k)) for k in list(raw) if k.startswith(only)}
+    return {k: cast(k, raw.pop(k)) for k in list(raw) if k.startswith(only)}
 
 
 def resolve_checkpoint(model_id_or_path: str | None) -> Path:
@@ -217,11 +224,15 @@ def resolve_checkpoint(model_id_or_path: str | None) -> Path:
             f"(huggingface-cli download {ref} {PUBLISHED_FILE}) or give stylecodes_model as a path") from None
 
 
+AUTOENCODER = "sref_autoencoder."
+
+
 def load_stylecodes(model_id_or_path: str | None, base_unet) -> StylecodesModel:
     """Build the model for ``base_unet`` on the meta device and load the checkpoint into it strictly, so the
-    weights are never held twice. Returned in eval mode: the decoder's dropout is off and results are repeatable."""
+    weights are never held twice. The control stream comes in the UNet's dtype, the code's autoencoder (small) in
+    float32, as the file has it. Returned in eval mode: the decoder's dropout is off and results are repeatable."""
     path = resolve_checkpoint(model_id_or_path)
-    state = read_checkpoint(path, next(base_unet.parameters()).dtype)
+    state = read_checkpoint(path, next(base_unet.parameters()).dtype, float32=AUTOENCODER)
     with torch.device("meta"):
         model = StylecodesModel(base_unet, StyleAutoencoder.geometry_of(state))
     check_state(model, state, path.name)
@@ -229,17 +240,26 @@ def load_stylecodes(model_id_or_path: str | None, base_unet) -> StylecodesModel:
     return model.to(base_unet.device).eval()
 
 
-def load_autoencoder(model_id_or_path: str | None, device="cpu", dtype=torch.float32) -> StyleAutoencoder:
-    """Only the code encoder/decoder of a checkpoint (strictly: every ``sref_autoencoder.`` key): enough to make
-    codes from images, no base UNet needed."""
+def load_autoencoder(model_id_or_path: str | None, device="cpu") -> StyleAutoencoder:
+    """Only the code encoder/decoder of a checkpoint (strictly: every ``sref_autoencoder.`` key), in float32:
+    enough to make codes from images, no base UNet needed."""
     path = resolve_checkpoint(model_id_or_path)
-    prefix = "sref_autoencoder."
-    state = {k[len(prefix):]: v for k, v in read_checkpoint(path, dtype, only=prefix).items()}
+    prefix = AUTOENCODER
+    state = {k[len(prefix):]: v for k, v in read_checkpoint(path, torch.float32, only=prefix).items()}
     with torch.device("meta"):
         model = StyleAutoencoder(**StyleAutoencoder.geometry_of(state, prefix=""))
     check_state(model, state, path.name)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def float32_autoencoder(auto: StyleAutoencoder, separate: bool = False) -> StyleAutoencoder:
+    """The code's autoencoder as codes are made and read: float32, in eval mode. ``auto`` itself when it is
+    float32 and need not be ``separate``; otherwise a float32 copy (exact when ``auto`` was read in float32). A
+    separate one stays float32 when a pipeline holding the control model is moved or cast."""
+    if not separate and all(t.dtype == torch.float32 for t in auto.state_dict().values()):
+        return auto.eval()
+    return copy.deepcopy(auto).to(torch.float32).eval()
 
 
 def save_stylecodes(model: StylecodesModel, path: str | os.PathLike) -> Path:

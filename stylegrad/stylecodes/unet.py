@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from stylegrad.errors import StylegradError
-from stylegrad.stylecodes.model import StylecodesModel
+from stylegrad.stylecodes.exact import exact_float32
+from stylegrad.stylecodes.model import StyleAutoencoder, StylecodesModel, float32_autoencoder
 
 
 def _mix(collab: nn.Linear, ctrl: torch.Tensor, base: torch.Tensor, strength: torch.Tensor):
@@ -90,29 +91,52 @@ def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, tim
     return unet.conv_out(h)
 
 
+class StyleMaps:
+    """A code decoded to the control stream's starting map, once per mid-block size and device. Decoded in float32
+    by a float32 autoencoder held here, outside any module tree (moving or casting the pipeline never reaches or
+    rounds it): the map is the same in every precision until the UNet casts it where it acts."""
+
+    def __init__(self, autoencoder: StyleAutoencoder, latent: torch.Tensor, separate: bool = False):
+        self.autoencoder = float32_autoencoder(autoencoder, separate)
+        self.latent = latent.detach().reshape(1, -1).to(torch.float32)  # (1, 20)
+        self.maps: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """(1, C, height, width) float32 on ``device``."""
+        key = (height, width, torch.device(device))
+        if key not in self.maps:
+            auto = self.autoencoder.to(key[2])  # moved, never cast: float32 stays float32
+            with exact_float32(key[2]):
+                self.maps[key] = auto.decode(self.latent.to(key[2]), height, width)
+        return self.maps[key]
+
+
+def follow(control: StylecodesModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the control stream (not the code's autoencoder) to where the base UNet runs, in its dtype."""
+    for part in (control.control_model, control.middle_block_out):
+        p = next(part.parameters())
+        if p.device != device or p.dtype != dtype:
+            part.to(device=device, dtype=dtype)
+
+
 class StylecodeUNet(nn.Module):
     """A UNet that a diffusers pipeline can call in place of its own: same config, dtype and device as the base.
 
     ``strength`` scales the style; ``guide_style`` gives the style to the conditional half of a classifier-free
-    guidance batch only (the reference gives it to both halves), so guidance pushes towards the style too."""
+    guidance batch only (the reference gives it to both halves), so guidance pushes towards the style too.
+    ``autoencoder``: the code's float32 autoencoder (default: a float32 copy of the control model's). The control
+    stream follows the base UNet each call (a pipeline moved or cast after this was made), and the code's map is
+    decoded in float32 and cast only where it enters the UNet."""
 
     def __init__(self, base, control: StylecodesModel, latent: torch.Tensor, strength: float = 1.0,
-                 guide_style: bool = False):
+                 guide_style: bool = False, autoencoder: StyleAutoencoder | None = None):
         super().__init__()
         self.base, self.control = base, control
-        self.latent = latent.reshape(1, -1)
+        self.maps = StyleMaps(control.sref_autoencoder if autoencoder is None else autoencoder, latent,
+                              separate=autoencoder is None)
         self.strength, self.guide_style = float(strength), guide_style
         self.config = base.config
-        self._maps: dict[tuple[int, int], torch.Tensor] = {}
-
-    @torch.no_grad()
-    def style_map(self, height: int, width: int) -> torch.Tensor:
-        """The decoded code at a mid-block size, once per size (any image size works)."""
-        if (height, width) not in self._maps:
-            p = next(self.control.parameters())
-            self._maps[height, width] = self.control.sref_autoencoder.decode(self.latent.to(p.device, p.dtype),
-                                                                            height, width)
-        return self._maps[height, width]
 
     # What diffusers' SD pipelines read on ``pipe.unet`` besides ``config``, ``dtype`` and ``device`` (text-to-image
     # and img2img: ``encoder_hid_proj`` for IP-Adapter image embeds; SDXL's ``add_embedding``; accelerate's offload
@@ -152,7 +176,9 @@ class StylecodeUNet(nn.Module):
             return self.base(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                              cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                              return_dict=return_dict, **kwargs)
-        out = controlled_forward(self.base, self.control, sample, timestep, encoder_hidden_states, self.style_map,
+        follow(self.control, sample.device, self.base.dtype)
+        out = controlled_forward(self.base, self.control, sample, timestep, encoder_hidden_states,
+                                 lambda h, w: self.maps(h, w, sample.device),
                                  self._strengths(sample.shape[0], sample.device, sample.dtype), timestep_cond,
                                  cross_attention_kwargs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
@@ -166,10 +192,10 @@ def mid_size(unet, height: int, width: int, vae_scale: int = 8) -> tuple[int, in
 
 
 def with_stylecode(pipe, control: StylecodesModel, latent: torch.Tensor, strength: float = 1.0,
-                   guide_style: bool = False):
+                   guide_style: bool = False, autoencoder: StyleAutoencoder | None = None):
     """A new pipeline of the same class sharing every component with ``pipe`` except the UNet, which is wrapped:
     ``pipe`` itself is left as it was."""
-    unet = StylecodeUNet(pipe.unet, control, latent, strength, guide_style)
+    unet = StylecodeUNet(pipe.unet, control, latent, strength, guide_style, autoencoder)
     accepted = inspect.signature(type(pipe).__init__).parameters
     parts = {k: v for k, v in pipe.components.items() if k in accepted}
     parts["unet"] = unet

@@ -1,5 +1,6 @@
 """One checkpoint format for every method: the trained tensors (safetensors), the optimizer's state, the random
-generator's state and the step, so a resumed run continues exactly as if it had never stopped."""
+generator's state, fp16's loss scale (the GradScaler's state: a fresh one would skip and rescale other steps) and
+the step, so a resumed run continues exactly as if it had never stopped."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def save_tensors(out: str | Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def save_checkpoint(work: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator,
-                    info: dict, keep: int = 2) -> Path:
+                    info: dict, keep: int = 2, scaler: torch.amp.GradScaler | None = None) -> Path:
     """``work/checkpoint-STEP``, written whole (a folder renamed into place); older ones beyond ``keep`` removed."""
     final = Path(work) / f"checkpoint-{step}"
     tmp = Path(work) / f".checkpoint-{step}.tmp"
@@ -32,7 +33,10 @@ def save_checkpoint(work: Path, step: int, tensors: dict[str, torch.Tensor], opt
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trained.safetensors"))
     with atomic_path(tmp / "optimizer.pt") as p:
-        torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state()}, p)
+        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        torch.save(state, p)
     atomic_write(tmp / "state.json", json.dumps({"step": step, **info}, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -49,8 +53,10 @@ def checkpoints(work: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator) -> dict:
-    """Into the live tensors, optimizer and generator; returns the saved info (with ``step``)."""
+def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer, generator: torch.Generator,
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Into the live tensors, optimizer, generator and scaler (when the run has one and the checkpoint kept one: an
+    fp32 or bf16 checkpoint resumed in fp16 starts a fresh scale); returns the saved info (with ``step``)."""
     saved = load_file(str(path / "trained.safetensors"))
     if set(saved) != set(tensors):
         raise StylegradError(f"{path} was saved by another training setup (different trained tensors); use another "
@@ -61,4 +67,6 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor], optimizer, gen
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return json.loads((path / "state.json").read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """Custom Diffusion (Kumari et al. 2023, CMU): fine-tune only the key and value projections of the UNet's
-cross-attention, the layers that read the text, and nothing else. Saved as those matrices (safetensors, diffusers'
-module paths); ``apply`` puts them into a UNet of the same model."""
+cross-attention, the layers that read the text, and nothing else (those in float32, the rest of the UNet in the
+run's precision). Saved as those matrices (safetensors, diffusers' module paths); ``apply`` puts them into a UNet
+of the same model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from stylegrad.training.checkpoint import save_tensors
 from stylegrad.training.data import STYLE_TEMPLATES
 from stylegrad.training.loop import Method
-from stylegrad.training.models import Models
+from stylegrad.training.models import Models, train_float32
 
 DEFAULTS = {"steps": 250, "lr": 1e-5, "batch_size": 1, "grad_accum": 1, "weight_decay": 1e-2}
 
@@ -25,8 +26,7 @@ class CustomDiffusion(Method):
         self.word = word
         self.weights = {name: p for name, p in models.unet.named_parameters()
                         if ".attn2.to_k." in name or ".attn2.to_v." in name}
-        for p in self.weights.values():
-            p.requires_grad_(True)
+        train_float32(self.weights.values())
 
     def trained(self) -> dict[str, torch.Tensor]:
         return dict(self.weights)

@@ -1,7 +1,8 @@
 """DreamBooth-style fine-tuning (Ruiz et al. 2023): every UNet weight trained on the pictures, with the
 prior-preservation loss: pictures the base model makes for the class prompt are trained on too, so the model keeps
-what the class looked like. Saved as the whole UNet (safetensors); ``merge`` blends it with the base at ``alpha``,
-A1111's weighted-sum merge."""
+what the class looked like. The UNet trains in float32 (from the weights as loaded) while the VAE and text encoders
+stay in the run's half precision. Saved as the whole UNet (safetensors); ``merge`` blends it with the base at
+``alpha``, A1111's weighted-sum merge."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from stylegrad.training.checkpoint import save_tensors
 from stylegrad.training.data import STYLE_TEMPLATES
 from stylegrad.training.loop import Method
-from stylegrad.training.models import Models, condition
+from stylegrad.training.models import Models, condition, train_float32
 from stylegrad.training.step import diffusion_loss, latent_moments
 
 DEFAULTS = {"steps": 400, "lr": 5e-6, "batch_size": 1, "grad_accum": 1, "weight_decay": 1e-2}
@@ -27,8 +28,7 @@ class DreamBooth(Method):
         """``class_pixels`` (N, 3, R, R) in [-1, 1]: the base model's pictures of ``class_prompts`` (one each)."""
         self.word, self.models = word, models
         self.params = dict(models.unet.named_parameters())
-        for p in self.params.values():
-            p.requires_grad_(True)
+        train_float32(self.params.values())
         self.class_mean, self.class_std = latent_moments(models.vae, class_pixels)
         self.class_prompts, self.prior_weight, self.batch_size = list(class_prompts), prior_weight, batch_size
 

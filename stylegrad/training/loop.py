@@ -1,21 +1,23 @@
 """The loop every method runs: batches of pictures with their captions, the shared loss, AdamW on the method's
-tensors, gradient accumulation, mixed precision and gradient checkpointing on GPUs, a progress bar with the loss,
-a sample picture every N steps, checkpoints, exact resume."""
+tensors (float32), gradient accumulation, half precision (frozen weights in fp16/bf16, the forward under autocast,
+fp16's loss scaling: precision.py) and gradient checkpointing, a progress bar with the loss, a sample picture every
+N steps, checkpoints, exact resume (the loss scale included)."""
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from stylegrad.errors import RequestError, StylegradError
+from stylegrad.devices import dtype_name
+from stylegrad.errors import StylegradError
 from stylegrad.training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from stylegrad.training.data import TrainingSet
 from stylegrad.training.models import Models, condition
+from stylegrad.training.precision import MIXED, Precision, training_precision
 from stylegrad.training.step import diffusion_loss, latent_moments
 
 
@@ -32,7 +34,7 @@ class TrainSettings:
     sample_every: int = 0  # 0: no samples
     sample_prompt: str | None = None
     sample_steps: int = 20
-    mixed_precision: str = "no"  # no, fp16, bf16 (CUDA only; CPU trains in float32)
+    mixed_precision: str | None = None  # the autocast: None follows the model's dtype, else no, fp16, bf16
     gradient_checkpointing: bool = False
     work: Path = field(default_factory=lambda: Path("training"))
 
@@ -42,12 +44,13 @@ class TrainSettings:
                 raise StylegradError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise StylegradError(f"lr must be > 0, got {self.lr}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED:
             raise StylegradError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision}")
 
 
 class Method:
-    """What a method adds to the loop. ``trained``: name -> the tensors it trains (leaves, float32)."""
+    """What a method adds to the loop. ``trained``: name -> the tensors it trains (leaves, float32, even where the
+    model it trains in is half: ``models.train_float32``)."""
 
     name = "method"
     word: str | None = None  # the word its captions carry (textual inversion's token)
@@ -69,39 +72,40 @@ class Method:
         return {}
 
 
-def _autocast(models: Models, settings: TrainSettings):
-    if settings.mixed_precision == "no" or models.device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if settings.mixed_precision == "fp16" else torch.bfloat16)
+def precision_of(models: Models, mixed_precision: str | None = None) -> Precision:
+    """The run's precision for models already loaded (their frozen weights' dtype), checked as the recipes check
+    the user's choice before loading."""
+    return training_precision(models.device, models.dtype, mixed_precision)
 
 
 def train(method: Method, models: Models, data: TrainingSet, settings: TrainSettings, resume: bool = True,
           progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``settings.steps`` optimizer steps (resuming from the last checkpoint in ``settings.work``); returns
     {'step', 'losses'}. ``stop_after``: stop at that step (as an interrupted run would), checkpoint written."""
-    if settings.mixed_precision != "no" and models.device.type != "cuda":
-        raise RequestError("mixed_precision", f"{{field}} {settings.mixed_precision} needs a CUDA device; on "
-                           f"{models.device.type} training runs in fp32 (leave it at no)")
+    precision = precision_of(models, settings.mixed_precision)
+    tensors = method.trained()
+    wrong = [name for name, t in tensors.items() if t.dtype != torch.float32]
+    if wrong:
+        raise ValueError(f"{method.name} trains {wrong[0]} in {tensors[wrong[0]].dtype}; trained tensors are float32")
     work = Path(settings.work)
     work.mkdir(parents=True, exist_ok=True)
     if settings.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers checkpoints only in training mode; the model has no dropout in use
-    tensors = method.trained()
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
+    scaler = precision.scaler()
     start, losses = 0, []
     found = checkpoints(work) if resume else []
     if found:
-        info = load_checkpoint(found[-1][1], tensors, optimizer, generator)
+        info = load_checkpoint(found[-1][1], tensors, optimizer, generator, scaler)
         start, losses = info["step"], info.get("losses", [])
         if info.get("settings", {}).get("seed") != settings.seed or info.get("method") != method.name:
             raise StylegradError(f"{work} holds a run with other settings; use another work folder or restart")
     mean, std = latent_moments(models.vae, data.pixels)
-    scaler = torch.amp.GradScaler("cuda") if settings.mixed_precision == "fp16" and models.device.type == "cuda" \
-        else None
     end = min(settings.steps, stop_after or settings.steps)
-    info = {"method": method.name, "settings": {**asdict(settings), "work": str(work)}, **method.describe()}
+    info = {"method": method.name, "settings": {**asdict(settings), "work": str(work)},
+            "precision": precision.describe(), **method.describe()}
     with tqdm(total=settings.steps, initial=start, desc=f"train {method.name}", unit="step",
               disable=not progress) as bar:
         for step in range(start, end):
@@ -110,7 +114,7 @@ def train(method: Method, models: Models, data: TrainingSet, settings: TrainSett
             for _ in range(settings.grad_accum):
                 idx = torch.randint(len(data), (settings.batch_size,), generator=generator)
                 captions = [data.caption(int(i), method.word, method.templates, generator) for i in idx]
-                with _autocast(models, settings):
+                with precision.context():
                     cond = condition(models, captions, method.words(), settings.resolution)
                     loss = diffusion_loss(models.unet, models.scheduler, mean[idx], std[idx], cond, generator)
                     extra = method.extra_loss(models, generator)
@@ -132,14 +136,15 @@ def train(method: Method, models: Models, data: TrainingSet, settings: TrainSett
             if settings.sample_every and done % settings.sample_every == 0:
                 sample(method, models, settings, work / "samples" / f"step-{done:06d}.png")
             if done % settings.checkpoint_every == 0 or done == end:
-                save_checkpoint(work, done, tensors, optimizer, generator, {**info, "losses": losses})
+                save_checkpoint(work, done, tensors, optimizer, generator, {**info, "losses": losses}, scaler=scaler)
     (work / "losses.json").write_text(json.dumps(losses))
     return {"step": end, "losses": losses}
 
 
 @torch.no_grad()
 def sample(method: Method, models: Models, settings: TrainSettings, path: Path) -> Path:
-    """One picture of the sample prompt with the weights as they are now (seed 0)."""
+    """One picture of the sample prompt with the weights as they are now (seed 0), under autocast where the frozen
+    weights are half (what a method trains is float32 among them)."""
     from stylegrad.files.pnginfo import save_png
     from stylegrad.pipelines.generation import run_pipeline
     from stylegrad.pipelines.request import GenerationRequest
@@ -154,22 +159,26 @@ def sample(method: Method, models: Models, settings: TrainSettings, path: Path) 
     models.unet.eval()
     side = settings.resolution
     request = GenerationRequest(prompt=prompt, steps=settings.sample_steps, width=side, height=side)
-    image = run_pipeline(models.pipe, pos["encoder_hidden_states"], neg["encoder_hidden_states"], request, **kw)
+    with precision_of(models).context():
+        image = run_pipeline(models.pipe, pos["encoder_hidden_states"], neg["encoder_hidden_states"], request, **kw)
     if settings.gradient_checkpointing:
         models.unet.train()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(image, path, f"{prompt}\nSteps: {settings.sample_steps}, Seed: 0, Sample of: {method.name}")
+    where = f"Device: {models.device.type}, Dtype: {dtype_name(models.dtype)}"  # as generated pictures record them
+    return save_png(image, path, f"{prompt}\nSteps: {settings.sample_steps}, Seed: 0, Sample of: {method.name}, {where}")
 
 
 @torch.no_grad()
 def evaluation_loss(method: Method, models: Models, data: TrainingSet, resolution: int, seed: int = 1234,
                     draws: int = 4) -> float:
-    """The loss on every picture with fixed noise, timesteps and captions: comparable before and after training."""
+    """The loss on every picture with fixed noise, timesteps and captions: comparable before and after training
+    (computed as the run computes: under autocast when the frozen weights are half)."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = latent_moments(models.vae, data.pixels)
     total = 0.0
     for _ in range(draws):
         captions = [data.caption(i, method.word, method.templates, generator) for i in range(len(data))]
-        cond = condition(models, captions, method.words(), resolution)
-        total += float(diffusion_loss(models.unet, models.scheduler, mean, std, cond, generator))
+        with precision_of(models).context():
+            cond = condition(models, captions, method.words(), resolution)
+            total += float(diffusion_loss(models.unet, models.scheduler, mean, std, cond, generator))
     return total / draws

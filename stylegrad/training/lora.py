@@ -25,13 +25,16 @@ DEFAULTS = {"steps": 1000, "lr": 1e-4, "batch_size": 1, "grad_accum": 1, "weight
 
 
 class LoraLinear(nn.Module):
-    """``base(x) + up(down(x)) * alpha / rank``; ``up`` starts at zero, so training starts from the base model."""
+    """``base(x) + up(down(x)) * alpha / rank``; ``up`` starts at zero, so training starts from the base model.
+    ``down`` and ``up`` are float32 beside a base of any precision (under autocast they compute in its precision,
+    their gradients and AdamW's steps stay float32)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        where = {"device": base.weight.device, "dtype": torch.float32}
+        self.down = nn.Linear(base.in_features, rank, bias=False, **where)
+        self.up = nn.Linear(rank, base.out_features, bias=False, **where)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 

@@ -1,6 +1,7 @@
-"""The model a method trains on, loaded for training (its own copy, float32 on CPU; the user's files are only
-read), and the one text-conditioning function every method uses: SD1.x/SD2.x's final states, SDXL's two towers'
-penultimate states with bigG's pooled embedding and the size conditioning."""
+"""The model a method trains on, loaded for training (its own copy, in the run's precision: the weights a method
+does not train stay in the model's dtype, what it trains is float32; the user's files are only read), and the one
+text-conditioning function every method uses: SD1.x/SD2.x's final states, SDXL's two towers' penultimate states
+with bigG's pooled embedding and the size conditioning."""
 
 from __future__ import annotations
 
@@ -33,16 +34,21 @@ class Models:
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen weights' dtype (the VAE's: no method trains it)."""
+        return next(self.vae.parameters()).dtype
 
-def load_models(model: str, device=None, vae: str | None = None, models_dir: str | None = None) -> Models:
-    """The pipeline's parts, every weight frozen (a method unfreezes what it trains), in float32."""
+
+def load_models(model: str, device=None, vae: str | None = None, models_dir: str | None = None,
+                dtype: str | torch.dtype | None = None) -> Models:
+    """The pipeline's parts in ``dtype`` (stylegrad.devices' policy: auto is fp16 on CUDA and MPS, fp32 on the CPU),
+    every weight frozen: a method makes what it trains float32 (``train_float32``) and unfreezes it."""
     from diffusers import DDPMScheduler
 
     from stylegrad.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(model, device, vae=vae, models_dir=models_dir)
-    if pipe.unet.dtype != torch.float32:
-        pipe.to(dtype=torch.float32)
+    pipe = load_pipeline(model, device, vae=vae, models_dir=models_dir, dtype=dtype)
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     for m in (pipe.unet, pipe.vae, *encoders):
@@ -50,6 +56,17 @@ def load_models(model: str, device=None, vae: str | None = None, models_dir: str
     family = Family.SDXL if len(encoders) == 2 else Family.of_text_width(encoders[0].config.hidden_size) or Family.SD1
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of the model
     return Models(pipe.unet, pipe.vae, scheduler, encoders, tokenizers, pipe, family)
+
+
+@torch.no_grad()
+def train_float32(params) -> None:
+    """Make these parameters (of a model loaded for training) trainable, in float32 in place: the optimizer's
+    steps and a gradient scaler need float32, while the rest of their module keeps its half precision and the
+    forward mixes the two under autocast."""
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(True)
 
 
 def _run(encoder, ids: torch.Tensor, extra: torch.Tensor | None, hidden: bool):

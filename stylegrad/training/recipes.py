@@ -1,5 +1,6 @@
-"""The two trainers users run (``stylegrad train textual-inversion`` / ``lora``): load, read the pictures, train
-with the method's defaults unless told otherwise, resume what a stopped run left, write the file."""
+"""The two trainers users run (``stylegrad train textual-inversion`` / ``lora``): check the precision and read the
+pictures (a bad choice or picture is one line before the model loads), load, train with the method's defaults
+unless told otherwise, resume what a stopped run left, write the file."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 from stylegrad.training import lora as lora_method
 from stylegrad.training import textual_inversion as ti_method
-from stylegrad.training.data import read_training_set
+from stylegrad.training.data import TrainingSet, read_training_set
 from stylegrad.training.loop import TrainSettings, train
-from stylegrad.training.models import load_models
+from stylegrad.training.models import Models, load_models
+from stylegrad.training.precision import training_precision
 
 SETTING_NAMES = {f.name for f in fields(TrainSettings)}
 
@@ -21,30 +23,38 @@ def _settings(defaults: dict, out: Path, overrides: dict) -> TrainSettings:
     return TrainSettings(**{**defaults, **given, "work": work})
 
 
+def _load(images: list[str], s: TrainSettings, model: str, device, dtype, vae: str | None,
+          models_dir: str | None) -> tuple[TrainingSet, Models]:
+    """The pictures and the models, in that order, after the precision is checked: nothing loads for a bad one."""
+    precision = training_precision(device, dtype, s.mixed_precision)
+    data = read_training_set(images, s.resolution)
+    return data, load_models(model, precision.device, vae, models_dir, precision.weights)
+
+
 def train_textual_inversion(images: list[str], out: str | Path, token: str, *, model: str, init: str | None = None,
-                            vectors: int = 1, kind: str = "style", device=None, vae: str | None = None,
+                            vectors: int = 1, kind: str = "style", device=None, dtype=None, vae: str | None = None,
                             models_dir: str | None = None, resume: bool = True, progress: bool = True,
                             stop_after: int | None = None, **settings) -> list[Path]:
-    """An embedding for ``token`` from the pictures: ``out`` as A1111's .pt and .safetensors."""
+    """An embedding for ``token`` from the pictures: ``out`` as A1111's .pt and .safetensors. ``dtype``: the frozen
+    model's precision (auto: fp16 on CUDA and MPS, fp32 on the CPU); ``mixed_precision`` the autocast's
+    (training/precision.py); the vectors train in float32."""
     out = Path(out)
     s = _settings(ti_method.DEFAULTS, out, settings)
-    data = read_training_set(images, s.resolution)  # bad pictures fail before the model loads
-    models = load_models(model, device, vae, models_dir)
+    data, models = _load(images, s, model, device, dtype, vae, models_dir)
     method = ti_method.TextualInversion(models, token, init, vectors, kind)
     result = train(method, models, data, s, resume, progress, stop_after)
     return method.export(out, result["step"])
 
 
 def train_lora(images: list[str], out: str | Path, *, model: str, rank: int = 4, alpha: float | None = None,
-               text_encoder: bool = False, word: str | None = None, device=None, vae: str | None = None,
+               text_encoder: bool = False, word: str | None = None, device=None, dtype=None, vae: str | None = None,
                models_dir: str | None = None, resume: bool = True, progress: bool = True,
                stop_after: int | None = None, **settings) -> list[Path]:
     """A kohya-format LoRA from the pictures (captions from .txt files beside them, else style templates with
-    ``word``)."""
+    ``word``). ``dtype`` and ``mixed_precision`` as for ``train_textual_inversion``; the LoRA trains in float32."""
     out = Path(out)
     s = _settings(lora_method.DEFAULTS, out, settings)
-    data = read_training_set(images, s.resolution)
-    models = load_models(model, device, vae, models_dir)
+    data, models = _load(images, s, model, device, dtype, vae, models_dir)
     method = lora_method.LoRA(models, rank, alpha, text_encoder, word, s.seed)
     result = train(method, models, data, s, resume, progress, stop_after)
     return method.export(out, result["step"])

@@ -9,14 +9,24 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def latent_moments(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE's latent distribution per picture, scaled: the VAE is frozen, so this is read once and
-    each step samples ``mean + std * noise`` (what ``latent_dist.sample()`` does), with the step's generator."""
+    """(mean, std) of the VAE's latent distribution per picture, scaled, in float32: the VAE is frozen, so this is
+    read once and each step samples ``mean + std * noise`` (what ``latent_dist.sample()`` does), with the step's
+    generator. An fp16 VAE whose config says ``force_upcast`` (SDXL's overflows in fp16) encodes in float32, as the
+    diffusers pipelines decode: cast up for the call and back (exact both ways; the VAE is the run's own copy)."""
     means, stds = [], []
-    p = next(vae.parameters())
-    for i in range(0, len(pixels), batch):
-        dist = vae.encode(pixels[i:i + batch].to(p.device, p.dtype)).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+    dtype = next(vae.parameters()).dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.float()
+    try:
+        p = next(vae.parameters())
+        for i in range(0, len(pixels), batch):
+            dist = vae.encode(pixels[i:i + batch].to(p.device, p.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    finally:
+        if upcast:
+            vae.half()
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale

@@ -62,13 +62,15 @@ def number_list(kind=int, minimum: float | None = None, length: int | None = Non
     return parse
 
 
-def add_device(p, default_help: str = "auto: cuda if available, else mps, else cpu", dtype: bool = False) -> None:
-    """``--device`` (and, for commands that load a generation model, ``--dtype``): stylegrad.devices' policy."""
+def add_device(p, default_help: str = "auto: cuda if available, else mps, else cpu", dtype: bool = False,
+               dtype_note: str = "Style tuning always runs in fp32") -> None:
+    """``--device`` and, for commands that load a model (``dtype``), ``--dtype``: stylegrad.devices' policy, checked
+    before anything loads. ``dtype_note`` ends the ``--dtype`` help: whose precision it is, what stays float32."""
     p.add_argument("--device", metavar="DEVICE", help=f"cpu, cuda, cuda:1, mps or auto (default: {default_help})")
     if dtype:
         p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default=None,
                        help="the model's precision (default auto: fp16 on cuda and mps, fp32 on cpu; fp32 is "
-                       "A1111's --no-half). Style tuning always runs in fp32")
+                       f"A1111's --no-half). {dtype_note}")
 
 
 MODEL_HELP = ("a hub id, a diffusers folder, a .safetensors/.ckpt checkpoint (SD1.x, SD2.x, SDXL), or a "

@@ -18,7 +18,7 @@ def cmd_evaluate(a) -> None:
                              style_options=style_options(a, steps=0), clip_model=a.clip_model)
     ray = {"address": a.ray or None, **ray_options(a)} if a.ray is not None else None
     summary = run_evaluation(base, a.style, a.style_steps, seeds_from(a.seed, a.seeds), a.out, a.prompts,
-                             a.predictor, a.device, vae=a.vae, models_dir=a.models_dir, ray=ray)
+                             a.predictor, a.device, vae=a.vae, models_dir=a.models_dir, ray=ray, dtype=a.dtype)
     for name, by_steps in summary.items():
         for k, m in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
             print(f"{name:20} steps {int(k):3}  aesthetic {m['aesthetic']['mean']:.3f}  "
@@ -58,7 +58,8 @@ def _arguments(p) -> None:
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--sampler", metavar="NAME", help="scheduler (see generate --help)")
     p.add_argument("--clip-skip", type=int, metavar="K", help="see generate --help")
-    add_device(p)
+    add_device(p, dtype=True, dtype_note="The model's, the scoring CLIP's and the predictor's. Style tuning always "
+               "runs in fp32")
     add_ray_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun into it to resume)")
     p.set_defaults(func=cmd_evaluate)

@@ -24,7 +24,7 @@ def cmd_embed(a) -> None:
     if sdxl and (a.format or Path(a.output).suffix.lower().lstrip(".")) in ("pt", "pth", "bin"):
         raise StylegradError("an SDXL style has two parts (clip_l, clip_g): save it as .safetensors")
     style = embed_to_file(a.inputs, a.output, clip, format=a.format, name=a.name, batch_size=a.batch_size,
-                          recursive=a.recursive, mean=a.mean, device=a.device, **extra)
+                          recursive=a.recursive, mean=a.mean, device=a.device, dtype=a.dtype, **extra)
     widths = f"widths {style.width} + {style.g.shape[0]}, {clip} + {extra['clip_model_g']}" if sdxl else \
         f"width {style.width}, {clip}"
     print(f"{a.output}: style from {style.metadata['num_images']} images, {widths}")
@@ -109,7 +109,7 @@ def cmd_info(a) -> int:
 def cmd_score(a) -> None:
     from stylegrad.evaluation.scoring import score_files
 
-    rows = score_files(a.files, a.predictor, a.clip_model, a.device)
+    rows = score_files(a.files, a.predictor, a.clip_model, a.device, a.dtype)
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -154,7 +154,8 @@ def _embed_arguments(p) -> None:
                    help="safetensors with metadata, or pt: a bare (1, D) tensor for the reference repo and the A1111 "
                    "extension (default: from the output suffix)")
     p.add_argument("--name", help="style name stored in the file (default: output file name)")
-    add_device(p)
+    add_device(p, dtype=True, dtype_note="The CLIP image tower's; the style is summed in fp32 or better and saved "
+               "in fp32")
     p.set_defaults(func=cmd_embed, parser=p)
 
 
@@ -181,6 +182,6 @@ def _score_arguments(p) -> None:
                    help=f"{', '.join(PREDICTORS)} or a .pth path (default {DEFAULT_PREDICTOR}, the LAION aesthetic "
                    "score)")
     p.add_argument("--clip-model", metavar="ID_OR_PATH", help="CLIP for images (default: the predictor's)")
-    add_device(p, "cpu")
+    add_device(p, "cpu", dtype=True, dtype_note="The CLIP image tower's and the predictor's; scores are fp32")
     p.add_argument("--json", action="store_true", help='print [{"file", "kind", "score"}, ...]')
     p.set_defaults(func=cmd_score)

@@ -19,7 +19,7 @@ def cmd_stylecodes(a) -> None:
 def _common(a) -> dict:
     from stylegrad.pipelines.loading import DEFAULT_MODEL
 
-    return dict(model=a.model or DEFAULT_MODEL, device=a.device, vae=a.vae, models_dir=a.models_dir,
+    return dict(model=a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype, vae=a.vae, models_dir=a.models_dir,
                 resume=not a.restart, steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
                 resolution=a.resolution, seed=a.seed, checkpoint_every=a.checkpoint_every,
                 sample_every=a.sample_every, sample_prompt=a.sample_prompt, mixed_precision=a.mixed_precision,
@@ -62,13 +62,16 @@ def _training_options(q, defaults: dict) -> None:
     q.add_argument("--sample-every", type=int, default=0, metavar="N", help="a sample picture every N steps into "
                    "the work folder's samples/ (default: none)")
     q.add_argument("--sample-prompt", metavar="TEXT", help="the sample's prompt (default: a template with the word)")
-    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast on CUDA (default no; CPU always trains in float32)")
+    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="the forward's autocast, as kohya's and diffusers' --mixed_precision (default: as --dtype; "
+                   "fp16 adds loss scaling). Alone it also sets --dtype; with --dtype fp32 it is classic AMP "
+                   "(fp32 weights, half compute); half weights train only under their own")
     q.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     q.add_argument("--work", metavar="DIR", help="checkpoints and samples (default: OUT's name + '-training' beside "
                    "it); rerunning the same command resumes from there")
     q.add_argument("--restart", action="store_true", help="ignore checkpoints in the work folder and start over")
-    add_device(q)
+    add_device(q, dtype=True, dtype_note="Training keeps the frozen weights in it, trains its own tensors in fp32 "
+               "and runs the forward under autocast in it when it is half")
 
 
 def register(sub) -> None:

@@ -3,11 +3,13 @@
 ComfyUI's text layers add their residuals in place, so autograd cannot run through them. The tuning runs on
 stylegrad's own towers (``PromptTower``: transformers' ``CLIPTextModel`` built on the meta device and given ComfyUI's
 tensors by reference, nothing copied until Adam's first step), through the one ``AestheticEncoder`` (``towers_for``
-picks the towers, ``tune`` runs the method) as every other front door; the tuned tensors'
-differences then go to ``clip.clone().add_patches`` and ComfyUI encodes the prompt itself, so its prompt weighting,
-long prompts and embeddings keep working. Key names (``clip_l.transformer.text_model.*``), the tokenizer's output
-(``{"l": [[(token, weight), ...], ...]}``, tokens that are tensors for embeddings) and the model options
-(``layer``, ``layer_idx``, ``special_tokens``) are ComfyUI's (``comfy/sd1_clip.py``, ``comfy/clip_model.py``).
+picks the towers, ``tune`` runs the method) as every other front door, in float32 on ComfyUI's text-encoder
+device whatever the CLIP's dtype; the tuned tensors' float32 differences then go to a clone of the CLIP
+(``apply_patches``: ``add_patches``, or weight wrappers that keep a half-precision CLIP's sums in float32) and
+ComfyUI encodes the prompt itself, so its prompt weighting, long prompts and embeddings keep working. Key names
+(``clip_l.transformer.text_model.*``), the tokenizer's output (``{"l": [[(token, weight), ...], ...]}``, tokens that
+are tensors for embeddings) and the model options (``layer``, ``layer_idx``, ``special_tokens``) are ComfyUI's
+(``comfy/sd1_clip.py``, ``comfy/clip_model.py``).
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def comfy_towers(clip, clip_model=None, device: torch.device | None = None) -> d
                 raise StylegradError(f"the CLIP model's text tower is {parts.hidden_size} wide, this CLIP's tower "
                                      f"'{name}' is {cfg.hidden_size}")
             parts.layers = {}
-        else:  # a normal tensor: ComfyUI makes its weights inside inference mode, and autograd saves this one
-            parts = ClipParts(projection.to(encoder.device).clone(), {}, cfg.num_hidden_layers, cfg.hidden_size)
+        else:  # a normal float32 tensor: ComfyUI makes its weights inside inference mode; autograd saves this one
+            parts = ClipParts(projection.to(encoder.device, torch.float32).clone(), {}, cfg.num_hidden_layers,
+                              cfg.hidden_size)
         text_tower = TextTower(encoder, parts, int(module.special_tokens["end"]), sdxl=sdxl)
         tower = PromptTower(name, encoder, None, sdxl=sdxl, pooled=name == "g", component="te2" if name == "g"
                             else "te", text_tower=text_tower)
@@ -180,6 +183,45 @@ def tuned_patches(clip, text: str, style: Style, options: StyleOptions, clip_mod
                 patches[tw.prefix + key] = (diff,)
             del result
         return patches, similarities, tune
+
+
+class AddDifference:
+    """A ComfyUI weight wrapper (``ModelPatcher.add_weight_wrapper``): the weight as ComfyUI's cast ops hand it at
+    run time (comfy/ops.py ``cast_bias_weight``: float32 in a CLIP, which runs in float32) plus the tuned difference,
+    added in float32, as ComfyUI's own trainer adds its differences (``BiasDiff``, comfy_extras/nodes_train.py).
+    The token table is handed in its stored dtype when half and its rows cast to float32 after the lookup, so its
+    sum is returned in float32. ``move_to`` is what ComfyUI calls to move weight functions with the model."""
+
+    def __init__(self, diff: torch.Tensor, float32: bool = False):
+        self.diff, self.float32 = diff, float32
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        out = weight.to(torch.float32) + self.diff.to(weight.device)
+        return out if self.float32 else out.to(weight.dtype)
+
+    def move_to(self, device=None) -> int:
+        self.diff = self.diff.to(device)
+        return self.diff.nelement() * self.diff.element_size()
+
+
+def apply_patches(clip, patches: dict[str, tuple[torch.Tensor]]) -> list[str]:
+    """Give ``clip`` (a clone) the tuning's float32 differences; returns the keys taken. ComfyUI's ``add_patches``
+    adds a difference in float32 and rounds the sum to the weight's stored dtype when it loads the model
+    (model_patcher.py ``patch_weight_to_device``): exact for a float32 CLIP, but in bf16 a layer-norm weight's
+    difference is mostly lost. Where the host has weight wrappers (ComfyUI since Feb 2025) a half-precision CLIP
+    takes them instead: applied at run time to the float32 weight, never rounded. The position table is read
+    without ComfyUI's cast ops (so without wrappers) and always goes as a patch."""
+    patcher = clip.patcher
+    stored = {k: v.dtype for k, v in clip.cond_stage_model.state_dict().items()}
+    wrap = hasattr(patcher, "add_weight_wrapper")
+    as_patches, taken = {}, []
+    for key, (diff,) in patches.items():
+        if wrap and key in stored and stored[key] != torch.float32 and not key.endswith("position_embedding.weight"):
+            patcher.add_weight_wrapper(key, AddDifference(diff, float32=key.endswith(TOKEN)))
+            taken.append(key)
+        else:
+            as_patches[key] = (diff,)
+    return taken + list(clip.add_patches(as_patches, 1.0) if as_patches else [])
 
 
 def encode(clip, text: str) -> list:

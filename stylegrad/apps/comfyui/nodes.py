@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from stylegrad.aesthetic.options import StyleOptions
-from stylegrad.apps.comfyui.clip import blend_conditioning, encode, tower_names, tuned_patches
+from stylegrad.apps.comfyui.clip import apply_patches, blend_conditioning, encode, tower_names, tuned_patches
 from stylegrad.errors import StylegradError
 from stylegrad.files.styles import Style, load_style, save_style
 
@@ -191,7 +191,7 @@ class AestheticCLIPTextEncode:
         if not tuned:
             return (encode(clip, text), clip)
         styled = clip.clone()
-        accepted = set(styled.add_patches(patches, 1.0))
+        accepted = set(apply_patches(styled, patches))
         if accepted != set(patches):
             missing = sorted(set(patches) - accepted)
             raise StylegradError(f"ComfyUI's CLIP has no weight {missing[0]} ({len(missing)} missing)")

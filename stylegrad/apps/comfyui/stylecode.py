@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stylegrad.errors import StylegradError
-from stylegrad.stylecodes.model import load_stylecodes
+from stylegrad.stylecodes.model import float32_autoencoder, load_stylecodes
 from stylegrad.stylecodes.unet import StylecodeUNet
 
 PREFIX = "model.diffusion_model."
@@ -44,6 +44,7 @@ class StylecodeDiffusionModel(torch.nn.Module):
         self._signature = None
         self._styled = None
         self._control = None
+        self._decoder: tuple = ()  # the code's float32 autoencoder, in a tuple: outside the module tree, never cast
 
     def _unet(self) -> StylecodeUNet:
         tensors = list(self.original.state_dict().values())
@@ -52,9 +53,10 @@ class StylecodeDiffusionModel(torch.nn.Module):
             view = diffusers_view(self.original, self.config)
             if self._control is None:
                 self._control = load_stylecodes(self.checkpoint, view)
-            p = next(view.parameters())
-            self._control.to(p.device, p.dtype)
-            self._styled = StylecodeUNet(view, self._control, self.latent, self.strength)
+                self._decoder = (float32_autoencoder(self._control.sref_autoencoder, separate=True),)
+            # the control stream follows the UNet at each call (StylecodeUNet); the code is decoded in float32
+            self._styled = StylecodeUNet(view, self._control, self.latent, self.strength,
+                                         autoencoder=self._decoder[0])
             self._signature = signature
         return self._styled
 

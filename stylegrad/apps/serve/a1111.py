@@ -5,15 +5,19 @@ aesthetic-gradients extension's fields under its script title in ``alwayson_scri
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from stylegrad.errors import RequestError, StylegradError
+from stylegrad.files.infotext import parse_infotext
+from stylegrad.pipelines.loading import SAMPLERS
 from stylegrad.pipelines.request import GenerationRequest
 
-from .jobs import wait
+from .jobs import TaskIdInUse, wait
+from .responses import EmbeddingsAnswer, ImageAnswer, LoraItem, ModelItem, PNGInfoAnswer, ProgressAnswer, SamplerItem
 
 SCRIPT = "aesthetic embeddings"  # the extension's script title, as A1111 matches alwayson_scripts keys
 # the extension's ui() order, and its defaults
@@ -60,10 +64,18 @@ class Txt2Img(BaseModel):
 class Img2Img(Txt2Img):
     init_images: list[str] | None = None
     denoising_strength: float = 0.75
+    mask: str | None = None  # inpainting: refused (one clear 422) until it is supported, never silently ignored
 
 
 class PNGInfoRequest(BaseModel):
     image: str
+
+
+def clip_stop(value, field: str) -> int:
+    """A1111's CLIP_stop_at_last_layers: 1 (the last layer) to 12."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+        raise RequestError(field, f"must be a whole number in 1..12, got {value!r}")
+    return value
 
 
 def _script_args(scripts: dict[str, Any]) -> dict[str, Any] | None:
@@ -101,23 +113,23 @@ def to_request(body: Txt2Img, service, init_size: tuple[int, int] | None = None)
     values = dict(prompt=body.prompt, negative=body.negative_prompt, seed=body.seed, steps=body.steps,
                   cfg=body.cfg_scale, width=body.width, height=body.height, sampler=name,
                   style_options={"steps": 0})
-    stop = body.override_settings.get("CLIP_stop_at_last_layers")
-    if stop is not None:
-        if isinstance(stop, bool) or not isinstance(stop, int) or not 1 <= stop <= 12:
-            raise RequestError(CLIP_STOP, f"must be a whole number in 1..12, got {stop!r}")
-        values["clip_skip"] = stop - 1 or None  # A1111's 1 = the last layer = no skip
+    # the request's override, else the server's option (POST /sdapi/v1/options), as A1111 reads them
+    stop = body.override_settings.get("CLIP_stop_at_last_layers", service.a1111_options["CLIP_stop_at_last_layers"])
+    values["clip_skip"] = clip_stop(stop, CLIP_STOP) - 1 or None  # A1111's 1 = the last layer = no skip
     if isinstance(body, Img2Img):
         values["strength"] = body.denoising_strength
     args = _script_args(body.alwayson_scripts)
     if args is not None and str(args["aesthetic_imgs"]) not in ("", "None"):
-        values["style"] = str(args["aesthetic_imgs"])
-        values["style_options"] = dict(
+        options = dict(
             steps=_value(args, "aesthetic_steps", int), lr=_value(args, "aesthetic_lr", float),
             weight=_value(args, "aesthetic_weight", float), slerp=bool(args["aesthetic_slerp"]),
             text=str(args["aesthetic_imgs_text"]) or None, text_angle=_value(args, "aesthetic_slerp_angle", float),
             text_negative=bool(args["aesthetic_text_negative"]),
             personalize_negative=True,  # the extension tunes every prompt it encodes, the negative too
         )
+        # the extension tunes only when steps, learning rate and weight are all non-zero: a zero turns it off
+        if options["steps"] != 0 and options["lr"] != 0 and options["weight"] != 0:
+            values["style"], values["style_options"] = str(args["aesthetic_imgs"]), options
     try:
         return service.request(values, n=body.batch_size * body.n_iter, init_size=init_size,
                                random_seed_allowed=True)
@@ -144,8 +156,54 @@ def info_json(body: Txt2Img, request: GenerationRequest, seeds: list[int], infot
     })
 
 
+def png_info_answer(text: str, items: dict[str, str], size: tuple[int, int]) -> dict:
+    """A1111's png-info answer: the infotext (a NovelAI image's written as A1111 writes it), its fields as A1111
+    parses them ('Size: 512x768' as Size-1 and Size-2, 'Clip skip' 1 where absent), the image's other text."""
+    if items.get("Software") == "NovelAI":
+        text = _novelai_infotext(items, size) or text
+    if not text:
+        return {"info": "", "items": items, "parameters": {}}
+    prompt, negative, fields = parse_infotext(text)
+    parameters = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in fields.items():
+        m = re.fullmatch(r"(\d+)x(\d+)", str(value))
+        if m:
+            parameters[f"{key}-1"], parameters[f"{key}-2"] = m.groups()
+        else:
+            parameters[key] = value
+    parameters.setdefault("Clip skip", "1")
+    return {"info": text, "items": items, "parameters": parameters}
+
+
+def _novelai_infotext(items: dict[str, str], size: tuple[int, int]) -> str | None:
+    """What A1111 makes of NovelAI's Description and JSON Comment (its Clip skip 2 and ENSD 31337 included)."""
+    try:
+        c = json.loads(items["Comment"])
+        known = {n: a for short, (_, a, _) in SAMPLERS.items() for n in (a.lower(), short, f"k_{short}")}
+        sampler = known.get(str(c.get("sampler", "")).lower(), "Euler a")
+        return (f"{items.get('Description', '')}\nNegative prompt: {c['uc']}\nSteps: {c['steps']}, Sampler: "
+                f"{sampler}, CFG scale: {c['scale']}, Seed: {c['seed']}, Size: {size[0]}x{size[1]}, Clip skip: 2, "
+                "ENSD: 31337")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def model_item(service) -> dict:
+    """The loaded model as A1111's sd-models lists it (its title is what options' sd_model_checkpoint holds)."""
+    from pathlib import Path
+
+    from stylegrad.files.hashes import sha256_file
+
+    h, model = service.model_hash(), str(service.generator.model or "")
+    sha256 = sha256_file(model) if h and Path(model).is_file() else None  # cached: model_hash read it already
+    return {"title": f"{service.model_name} [{h}]" if h else service.model_name, "model_name": service.model_name,
+            "hash": h, "sha256": sha256, "filename": model, "config": None}
+
+
 def routes(app, service) -> None:
-    from .images import decode_b64, open_image, png_b64
+    from starlette.concurrency import run_in_threadpool
+
+    from .images import decode_b64, png_b64, read_image
 
     s = service.settings
 
@@ -153,50 +211,55 @@ def routes(app, service) -> None:
         n = body.batch_size * body.n_iter
         init_image = None
         if init:
+            if body.mask:
+                raise RequestError("mask", "{field}: inpainting is not supported by this server yet (send img2img "
+                                   "without a mask)")
             if not body.init_images:
                 raise RequestError("init_images", "{field}: one base64 image is needed")
-            init_image = open_image(decode_b64(body.init_images[0], s.max_upload_bytes, "init_images[0]"),
-                                    s.max_upload_bytes, "init_images[0]")
+            init_image = await read_image(body.init_images[0], s.max_upload_bytes, "init_images[0]",
+                                          s.max_image_pixels)
         request = to_request(body, service, init_image.size if init_image is not None else None)
         try:
             job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id)
         except RequestError as e:
             raise e.renamed(NAMES.get(e.field, e.field)) from None
-        results = await wait(job)
-        seeds = [request.seed + i for i in range(n)]
+        except TaskIdInUse as e:
+            raise TaskIdInUse(e.job_id, "force_task_id") from None
+        results = await wait(job)  # interrupted: the images made so far, the last one cut short (as A1111)
+        seeds = [request.seed + i for i in range(len(results))]
         infotexts = [text for _, text in results]
-        images = [png_b64(im, text) for im, text in results] if body.send_images else None
+        images = []  # send_images false: A1111's empty list
+        if body.send_images:  # PNG encoding is heavy work: off the event loop
+            images = await run_in_threadpool(lambda: [png_b64(im, text) for im, text in results])
         parameters = body.model_dump(exclude={"init_images"})
         return {"images": images, "parameters": parameters,
                 "info": info_json(body, request, seeds, infotexts, service)}
 
-    @app.post("/sdapi/v1/txt2img", tags=["A1111"])
+    @app.post("/sdapi/v1/txt2img", tags=["A1111"], response_model=ImageAnswer)
     async def txt2img(body: Txt2Img):
         """Text to image, as A1111's API (the aesthetic fields under alwayson_scripts['Aesthetic embeddings'])."""
         return await run(body, False)
 
-    @app.post("/sdapi/v1/img2img", tags=["A1111"])
+    @app.post("/sdapi/v1/img2img", tags=["A1111"], response_model=ImageAnswer)
     async def img2img(body: Img2Img):
         return await run(body, True)
 
-    @app.get("/sdapi/v1/sd-models", tags=["A1111"])
-    async def sd_models():
-        model = str(service.generator.model or "")
-        h = service.model_hash()
-        return [{"title": f"{service.model_name} [{h}]" if h else service.model_name, "model_name": service.model_name,
-                 "hash": h, "sha256": None, "filename": model, "config": None}]
+    # the lists read files (hashes, folders, embeddings): plain functions, which FastAPI runs off the event loop
+    @app.get("/sdapi/v1/sd-models", tags=["A1111"], response_model=list[ModelItem])
+    def sd_models():
+        return [model_item(service)]
 
-    @app.get("/sdapi/v1/samplers", tags=["A1111"])
+    @app.get("/sdapi/v1/samplers", tags=["A1111"], response_model=list[SamplerItem])
     async def samplers():
         return [{"name": a1111, "aliases": [short], "options": {}} for short, a1111 in service.samplers()]
 
-    @app.get("/sdapi/v1/loras", tags=["A1111"])
-    async def loras():
+    @app.get("/sdapi/v1/loras", tags=["A1111"], response_model=list[LoraItem])
+    def loras():
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
                 for name, path in sorted(service.loras().items())]
 
-    @app.get("/sdapi/v1/embeddings", tags=["A1111"])
-    async def embeddings():
+    @app.get("/sdapi/v1/embeddings", tags=["A1111"], response_model=EmbeddingsAnswer)
+    def embeddings():
         from stylegrad.addons.embeddings import load_embedding
 
         widths = service.encoder_widths()
@@ -213,14 +276,17 @@ def routes(app, service) -> None:
             (loaded if fits else skipped)[name] = item
         return {"loaded": loaded, "skipped": skipped}
 
-    @app.get("/sdapi/v1/progress", tags=["A1111"])
+    @app.get("/sdapi/v1/progress", tags=["A1111"], response_model=ProgressAnswer)
     async def progress(skip_current_image: bool = False):
         job = service.queue.current
+        if job is not None and job.future.done():  # answered already: the worker is only letting it go
+            job = None
         snap = job.snapshot() if job else None
         return {
             "progress": snap["progress"] if snap else 0.0,
             "eta_relative": snap["eta_seconds"] if snap else 0.0,
-            "state": {"skipped": False, "interrupted": bool(snap and snap["cancelled"]), "stopping_generation": False,
+            "state": {"skipped": False, "interrupted": bool(snap and (snap["interrupted"] or snap["cancelled"])),
+                      "stopping_generation": False,
                       "job": job.id if job else "", "job_count": service.queue.waiting + (1 if job else 0),
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": job.number if job else 0,
                       "sampling_step": snap["step"] if snap else 0, "sampling_steps": snap["steps"] if snap else 0},
@@ -228,22 +294,24 @@ def routes(app, service) -> None:
             "textinfo": snap["stage"] if snap else None,
         }
 
-    @app.post("/sdapi/v1/interrupt", tags=["A1111"])
+    @app.post("/sdapi/v1/interrupt", tags=["A1111"], response_model=dict[str, Any])
     async def interrupt():
-        """Stops the running generation (as A1111's does); waiting requests still run."""
+        """Ends the running generation at its next denoising step, as A1111's does: its request answers with the
+        image so far (and the images before it); waiting requests still run."""
         job = service.queue.current
         if job is not None:
-            job.cancel()
+            job.interrupt()
         return {}
 
-    @app.post("/sdapi/v1/skip", tags=["A1111"])
+    @app.post("/sdapi/v1/skip", tags=["A1111"], response_model=dict[str, Any])
     async def skip():
         return await interrupt()
 
-    @app.post("/sdapi/v1/png-info", tags=["A1111"])
+    @app.post("/sdapi/v1/png-info", tags=["A1111"], response_model=PNGInfoAnswer)
     async def png_info(body: PNGInfoRequest):
-        raw = decode_b64(body.image, s.max_upload_bytes, "image")
-        open_image(raw, s.max_upload_bytes, "image")  # an image by its content, or one clear error
-        info, items, fields = service.png_info(raw)
-        return {"info": info, "items": items, "parameters": fields.get("parameters", {}) | (
-            {"Prompt": fields["prompt"], "Negative prompt": fields["negative"]} if fields else {})}
+        """An image's infotext and its fields, as A1111 answers them."""
+        raw = await run_in_threadpool(decode_b64, body.image, s.max_upload_bytes, "image")
+        image = await read_image(raw, s.max_upload_bytes, "image", s.max_image_pixels)  # an image, or one error
+        info, items, fields = await run_in_threadpool(service.png_info, raw)
+        infotext = info if fields.get("tool") in ("automatic1111", "stylegrad") else ""  # not ComfyUI's graph
+        return png_info_answer(infotext, items, image.size)

@@ -10,9 +10,13 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
-from . import a1111, native
-from .errors import error, install
+from . import a1111, a1111_lists, native
+from .bodies import BodyLimit
+from .errors import ERROR_RESPONSES, PathHider, SafeJSONResponse, error, install, unexpected
+from .schema import with_limits
 from .service import Service
 
 log = logging.getLogger("stylegrad.serve")
@@ -44,10 +48,13 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.close()  # waiting jobs are cancelled; the worker stops after the running one
 
-    app = FastAPI(lifespan=lifespan, title="stylegrad", version=_version(),
+    app = FastAPI(lifespan=lifespan, title="stylegrad", version=_version(), default_response_class=SafeJSONResponse,
+                  responses=ERROR_RESPONSES,
                   description="Aesthetic-gradient styles, stylecodes and Stable Diffusion: A1111's API subset under "
                   "/sdapi/v1, stylegrad's own under /v1, the web UI at /.")
     app.state.service = service
+    hide = PathHider(settings.styles_dirs + settings.loras_dirs + settings.embeddings_dirs)
+    app.add_middleware(BodyLimit, limit=lambda path: body_limit(settings, path))  # inside the guard: after auth
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -60,24 +67,38 @@ def create_app(service: Service) -> FastAPI:
             if not api:  # the web UI: let the browser ask (any user name, the key as password)
                 response.headers["WWW-Authenticate"] = 'Basic realm="stylegrad"'
         else:
-            length = request.headers.get("content-length")
-            limit = body_limit(settings, path)
-            if length is not None and length.isdigit() and int(length) > limit:
-                response = error(413, f"request body larger than {limit >> 20} MB")
-            else:
+            try:
                 response = await call_next(request)
+            except Exception as e:  # noqa: BLE001 - a bug: answered as JSON here, so the connection stays open
+                response = unexpected(e, hide)
         # the path only: queries and bodies may hold prompts, and the key never appears anywhere
         log.info("%s %s %d %.0f ms", request.method, path, response.status_code, 1000 * (time.monotonic() - start))
         return response
 
-    install(app)
+    install(app, hide)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
         return {"ok": True, "waiting": service.queue.waiting}
 
     a1111.routes(app, service)
+    a1111_lists.routes(app, service)
     native.routes(app, service)
+
+    async def not_an_api_route(request: Request):
+        """Under the API prefixes, a path no route has is a 404 and a method its route lacks a 405 (with Allow),
+        in the one error shape: the web UI mounted at / never answers for them."""
+        path = request.url.path
+        allowed = sorted({m for r in app.routes if isinstance(r, APIRoute) and r.endpoint is not not_an_api_route
+                          and r.path_regex.match(path) for m in r.methods or ()})
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+        raise HTTPException(404)
+
+    for prefix in API_PREFIXES:
+        app.add_api_route(prefix + "{rest:path}", not_an_api_route, include_in_schema=False,
+                          methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    with_limits(app, settings)
     if settings.ui:
         from .ui import mount_ui
 

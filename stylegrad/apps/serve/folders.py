@@ -33,8 +33,6 @@ def resolve(name: str, dirs, suffixes, what: str) -> Path:
     """The file ``name`` means in ``dirs``; a ``StylegradError`` (HTTP 422) for anything else."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise StylegradError(f"{what}: a name is needed")
-    if not dirs:
-        raise StylegradError(f"{what} '{name}': this server has no {what} folder configured")
     by_stem = listing(dirs, suffixes)
     if name in by_stem:
         return by_stem[name]
@@ -43,7 +41,14 @@ def resolve(name: str, dirs, suffixes, what: str) -> Path:
         candidate = (root / name).resolve()
         if candidate.suffix.lower() in suffixes and candidate.is_file() and candidate.is_relative_to(root):
             return candidate
-    raise StylegradError(f"{what} '{name}' is not in this server's {what} folders")
+    raise refusal(name, dirs, what)
+
+
+def refusal(name: str, dirs, what: str) -> StylegradError:
+    """The one answer to a name that is not a file in the folders (a request's field or a prompt's tag)."""
+    if not dirs:
+        return StylegradError(f"{what} '{name}': this server has no {what} folder configured")
+    return StylegradError(f"{what} '{name}' is not in this server's {what} folders")
 
 
 class FolderNames:

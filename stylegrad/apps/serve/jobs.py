@@ -28,19 +28,29 @@ class ShuttingDown(Exception):
 
 
 class Cancelled(Exception):
-    """The job was cancelled (``/interrupt``, or its own cancel)."""
+    """The job was cancelled (``/v1/cancel``): it fails (HTTP 409)."""
+
+
+class TaskIdInUse(Exception):
+    """A client's own job id names a job that has not finished (HTTP 409, naming ``field``)."""
+
+    def __init__(self, job_id: str, field: str = "task_id"):
+        self.job_id, self.field = job_id, field
+        super().__init__(f"{field} {job_id!r} names a job that has not finished; use another id")
 
 
 @dataclass
 class Job:
     """One request's work: ``run(job)`` on the worker thread; ``job.step(...)`` reports progress and is where a
-    cancel takes effect."""
+    cancel or an interrupt takes effect. A cancel fails the job; an interrupt (A1111's) ends its denoising at the
+    next step and the job answers with the image so far, as A1111 does."""
 
     run: Callable[[Job], object]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     kind: str = "generate"
     future: Future = field(default_factory=Future)
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
     stage: str = "queued"
     done_steps: int = 0
     total_steps: int = 0
@@ -50,14 +60,19 @@ class Job:
     batch_key: object = None
     run_batch: Callable[[list[Job]], list] | None = None
 
-    def step(self, stage: str, done: int, total: int) -> None:
-        """Progress from inside the job (styles' Adam steps, denoising steps); raises ``Cancelled`` once cancelled."""
+    def step(self, stage: str, done: int, total: int) -> bool:
+        """Progress from inside the job (styles' Adam steps, denoising steps): raises ``Cancelled`` once cancelled;
+        True once interrupted (``pipelines.run.Progress``: stop early, keep what is made)."""
         self.stage, self.done_steps, self.total_steps = stage, done, total
         if self.cancel_event.is_set():
             raise Cancelled(f"job {self.id} was cancelled")
+        return self.interrupted
 
     def cancel(self) -> None:
         self.cancel_event.set()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
 
     @property
     def progress(self) -> float:
@@ -71,7 +86,7 @@ class Job:
         return {"id": self.id, "kind": self.kind, "stage": "done" if self.future.done() else self.stage,
                 "progress": p, "step": self.done_steps, "steps": self.total_steps,
                 "eta_seconds": elapsed * (1 - p) / p if 0 < p < 1 else 0.0,
-                "cancelled": self.cancel_event.is_set()}
+                "cancelled": self.cancel_event.is_set(), "interrupted": self.interrupted}
 
 
 class JobQueue:
@@ -103,7 +118,7 @@ class JobQueue:
             if self._waiting >= self.max_waiting:
                 raise QueueFull(f"{self._waiting} requests are already waiting (the limit is {self.max_waiting})")
             if job.id in self.jobs and not self.jobs[job.id].future.done():
-                raise ValueError(f"a job with id {job.id!r} is still running")
+                raise TaskIdInUse(job.id)
             self._waiting += 1
             job.number = next(self._numbers)
             self.jobs[job.id] = job

@@ -16,6 +16,7 @@ from stylegrad.pipelines.request import GenerationRequest
 
 from .errors import error
 from .jobs import wait
+from .responses import CancelAnswer, CodeAnswer, GenerateAnswer, JobProgress, ServerInfo, StyleList, StyleMade
 
 # The fields' types are for the OpenAPI page and for parsing JSON; their defaults are read from the schema's
 # dataclasses, and every range, limit and name is checked by the one build (pipelines/request.py).
@@ -92,83 +93,91 @@ def to_request(body: Generate, service, init_size: tuple[int, int] | None = None
 
 
 def routes(app, service) -> None:
-    from .images import decode_b64, open_image, png_b64
+    from starlette.concurrency import run_in_threadpool
+
+    from .images import png_b64, read_image
 
     s = service.settings
 
-    def image(data: str, what: str):
-        return open_image(decode_b64(data, s.max_upload_bytes, what), s.max_upload_bytes, what)
+    async def image(data: str, what: str):
+        return await read_image(data, s.max_upload_bytes, what, s.max_image_pixels)
 
-    @app.post("/v1/generate", tags=["stylegrad"])
+    @app.post("/v1/generate", tags=["stylegrad"], response_model=GenerateAnswer)
     async def generate(body: Generate):
         """Images as base64 PNGs (each with its infotext), the same pixels as ``stylegrad generate`` gives."""
-        init = image(body.init_image, "init_image") if body.init_image else None
+        init = await image(body.init_image, "init_image") if body.init_image else None
         request = to_request(body, service, init.size if init is not None else None)
-        code_image = image(body.stylecode_image, "stylecode_image") if body.stylecode_image else None
+        code_image = await image(body.stylecode_image, "stylecode_image") if body.stylecode_image else None
         if code_image is not None and body.stylecode:
             raise RequestError("stylecode_image", "give stylecode or {field}, not both")
         job = service.submit_generation(request, body.n, init_image=init, stylecode_image=code_image,
                                         job_id=body.task_id)
         results = await wait(job)
-        return {"task_id": job.id, "images": [png_b64(im, text) for im, text in results],
-                "infotexts": [text for _, text in results], "seeds": [body.seed + i for i in range(body.n)]}
+        images = await run_in_threadpool(lambda: [png_b64(im, text) for im, text in results])
+        return {"task_id": job.id, "images": images, "infotexts": [text for _, text in results],
+                "seeds": [body.seed + i for i in range(len(results))]}
 
-    @app.post("/v1/styles", tags=["stylegrad"])
+    @app.post("/v1/styles", tags=["stylegrad"], response_model=StyleMade)
     async def make_style(files: list[UploadFile] = File(...), name: str = Form("style")):
         """A style from uploaded images (checked by content): its file (base64 safetensors, also saved into the
         server's first styles folder, where requests can name it) and its aesthetic score."""
+        if len(files) > s.max_style_images:  # before any is read
+            raise RequestError("files", f"at most {s.max_style_images} images per style, got {len(files)}")
         raws = []
         for f in files:
             raw = await f.read(s.max_upload_bytes + 1)
-            open_image(raw, s.max_upload_bytes, f.filename or "upload")  # refuses what is not an image
+            await read_image(raw, s.max_upload_bytes, f.filename or "upload", s.max_image_pixels)  # an image?
             raws.append(raw)
         job = service.submit_style(raws, name)
         style, saved, score = await wait(job)
         import tempfile
         from pathlib import Path
 
-        with tempfile.TemporaryDirectory() as tmp:
-            data = save_style(style, Path(tmp) / "style.safetensors").read_bytes()
+        def file_bytes() -> bytes:
+            with tempfile.TemporaryDirectory() as tmp:
+                return save_style(style, Path(tmp) / "style.safetensors").read_bytes()
+
+        data = await run_in_threadpool(file_bytes)
         return {"name": saved.stem if saved else style.name, "saved": saved is not None, "images": len(raws),
                 "width": style.width, "sdxl": style.is_sdxl, "aesthetic_score": score,
                 "file": base64.b64encode(data).decode("ascii")}
 
-    @app.get("/v1/styles", tags=["stylegrad"])
-    async def list_styles():
+    @app.get("/v1/styles", tags=["stylegrad"], response_model=StyleList)
+    def list_styles():  # reads the folders: a plain function, run off the event loop
         return {"styles": sorted(service.styles())}
 
-    @app.post("/v1/codes", tags=["stylegrad"])
+    @app.post("/v1/codes", tags=["stylegrad"], response_model=CodeAnswer, response_model_exclude_unset=True)
     async def code(body: CodeRequest):
         """An image's style as a stylecode (SD1.5 Stylecodes), to paste into a prompt or a request; or, given a
         code, a preview image made with it."""
         if (body.image is None) == (body.code is None):
             raise StylegradError("give image (to make a code) or code (to preview it)")
         if body.image is not None:
-            return {"code": await wait(service.submit_code(image(body.image, "image")))}
+            return {"code": await wait(service.submit_code(await image(body.image, "image")))}
         preview = Generate(prompt=body.prompt, seed=body.seed, steps=body.steps, width=body.width,
                            height=body.height, stylecode=body.code)
         ((im, text),) = await wait(service.submit_generation(to_request(preview, service)))
         return {"code": body.code, "preview": png_b64(im, text), "infotext": text}
 
-    @app.get("/v1/progress/{task_id}", tags=["stylegrad"])
+    @app.get("/v1/progress/{task_id}", tags=["stylegrad"], response_model=JobProgress)
     async def progress(task_id: str):
         job = service.queue.jobs.get(task_id)
         if job is None:
             return error(404, f"no task {task_id!r}", "task_id")
         return job.snapshot()
 
-    @app.post("/v1/cancel/{task_id}", tags=["stylegrad"])
+    @app.post("/v1/cancel/{task_id}", tags=["stylegrad"], response_model=CancelAnswer)
     async def cancel(task_id: str):
         job = service.queue.jobs.get(task_id)
         if job is None:
-            raise StylegradError(f"no task {task_id!r}")
+            return error(404, f"no task {task_id!r}", "task_id")  # as /v1/progress answers it
         job.cancel()
         return {"cancelled": task_id}
 
-    @app.get("/v1/info", tags=["stylegrad"])
-    async def info():
+    @app.get("/v1/info", tags=["stylegrad"], response_model=ServerInfo)
+    def info():
         return {"model": service.model_name, "family": service.family, "styles": sorted(service.styles()),
                 "loras": sorted(service.loras()), "embeddings": sorted(service.embeddings()),
                 "samplers": [a for _, a in service.samplers()], "default_sampler": service.default_sampler(),
                 "limits": {**s.limits.as_dict(), **{k: getattr(s, k) for k in ("max_upload_bytes", "max_style_images",
-                                                                                "max_waiting")}}}
+                                                                                "max_image_pixels", "max_waiting")}}}

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from stylegrad.aesthetic.embedding import embed_images
-from stylegrad.errors import StylegradError
+from stylegrad.errors import RequestError, StylegradError
 from stylegrad.families import Family, pipeline_family
 from stylegrad.files.pnginfo import read_generation_info
 from stylegrad.files.styles import Style, save_style
@@ -37,6 +37,7 @@ class Service:
         self.queue = JobQueue(settings.max_waiting, max_batch=settings.max_batch)
         self._image_encoder = None
         self._codes = None
+        self.a1111_options = {"CLIP_stop_at_last_layers": 1}  # A1111's server-wide settings a client may set
 
     # -- requests, with names inside the configured folders ---------------------------------------------------
     @property
@@ -53,8 +54,22 @@ class Service:
         CLIP and Stylecodes model, its folders and its limits."""
         values = {"model": str(self.generator.model or ""), "clip_model": self.clip_model,
                   "stylecodes_model": self.stylecodes_model, **values}
-        return build(values, self.settings.limits, n=n, init_size=init_size, names=self.names,
-                     random_seed_allowed=random_seed_allowed)
+        request = build(values, self.settings.limits, n=n, init_size=init_size, names=self.names,
+                        random_seed_allowed=random_seed_allowed)
+        self._check_lora_tags(request)
+        return request
+
+    def _check_lora_tags(self, request: GenerationRequest) -> None:
+        """The prompt's <lora:NAME:W> tags name LoRAs in the folders, as the ``loras`` field must: anything else
+        is refused as that field refuses it (the library would note it on the server's console and go on)."""
+        from stylegrad.prompts.syntax import extract_tags
+
+        tags = extract_tags(request.prompt)[1]
+        loras = self.loras() if tags else {}
+        for tag in tags:
+            if tag.name not in loras:
+                error = folders.refusal(tag.name, self.settings.loras_dirs, "LoRA")
+                raise RequestError("prompt", "{field}: " + str(error))
 
     # -- the lists A1111 clients read ---------------------------------------------------------------------
     def styles(self) -> dict[str, Path]:
@@ -122,6 +137,7 @@ class Service:
                     j.stage, j.done_steps, j.total_steps = stage, done, total
                 if all(j.cancel_event.is_set() for j in jobs):
                     raise Cancelled("every job of this batch was cancelled")
+                return all(j.interrupted for j in jobs)  # others' images are not cut short for one interrupt
 
             results = self.generator.images_batch([j.request for j in jobs], progress)
             return [[r] for r in results]
@@ -190,12 +206,13 @@ class Service:
         path = self.style_path(style)
 
         def run(job: Job):
+            from stylegrad.devices import execution_device
             from stylegrad.evaluation.experiment import evaluate
             from stylegrad.evaluation.metrics import ClipEmbedder
             from stylegrad.evaluation.predictors import load_predictor
 
             job.step("evaluate", 0, 1)
-            embedder = ClipEmbedder(self._style_clip(), self.generator.pipe.device)
+            embedder = ClipEmbedder(self._style_clip(), execution_device(self.generator.pipe.unet))
             summary = evaluate(self.generator, embedder, load_predictor(self.settings.predictor), prompts, [path],
                                steps, list(range(base.seed, base.seed + seeds)), base, out, progress=False)
             job.step("evaluate", 1, 1)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from stylegrad.errors import StylegradError
 from stylegrad.pipelines.limits import SERVER, Limits
 
+MAX_PIXELS = 4096 * 4096  # an init image may be larger than the picture (it is resized), not without bound
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -29,6 +31,7 @@ class ServeSettings:
     max_prompt_chars: int = SERVER.max_prompt_chars
     max_upload_bytes: int = 20 << 20  # one uploaded image
     max_style_images: int = 200  # images in one style upload
+    max_image_pixels: int = MAX_PIXELS  # an uploaded image's width x height, read from its header before decoding
     log_prompts: bool = False  # request logs name prompts only when asked
     ui: bool = True  # the Gradio web UI at /
     predictor: str | None = None  # aesthetic predictor for the style's score (name or file); None: no score
@@ -39,7 +42,7 @@ class ServeSettings:
                                  "(or $STYLEGRAD_API_KEY); clients then send 'Authorization: Bearer KEY'")
         if self.api_key is not None and len(self.api_key) < 8:
             raise StylegradError("--api-key must be at least 8 characters")
-        for name in ("max_waiting", "max_batch", "max_upload_bytes", "max_style_images"):
+        for name in ("max_waiting", "max_batch", "max_upload_bytes", "max_style_images", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise StylegradError(f"{name} must be >= 1")
         self.limits  # noqa: B018 - refuses a limit below 1 now, not at the first request

@@ -75,7 +75,7 @@ def _actions(service) -> SimpleNamespace:
             raws = []
             for f in files:
                 raw = Path(f if isinstance(f, str) else f.name).read_bytes()
-                open_image(raw, s.max_upload_bytes, Path(str(f)).name)
+                open_image(raw, s.max_upload_bytes, Path(str(f)).name, s.max_image_pixels)
                 raws.append(raw)
             style, saved, score = _wait(service.submit_style(raws, name or "style"), progress)
         except Exception as e:  # noqa: BLE001 - shown in the page
@@ -142,7 +142,7 @@ def _actions(service) -> SimpleNamespace:
             from .images import open_image
 
             raw = Path(file if isinstance(file, str) else file.name).read_bytes()
-            open_image(raw, s.max_upload_bytes)
+            open_image(raw, s.max_upload_bytes, "image", s.max_image_pixels)
             text, _, fields = service.png_info(raw)
         except Exception as e:  # noqa: BLE001
             _fail(e)
@@ -281,5 +281,10 @@ def build_ui(service):
 
 def mount_ui(app, service):
     import gradio as gr
+    from PIL import Image
 
+    # the page's image inputs are decoded by Gradio, before our checks: PIL's own bomb check (an error at twice
+    # this many pixels, read from the header) is lowered to the server's limit, never raised
+    limit = service.settings.max_image_pixels
+    Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or limit, limit)
     return gr.mount_gradio_app(app, build_ui(service), path="/")

@@ -1,0 +1,119 @@
+"""The A1111 endpoints clients read when they connect (Open WebUI's connection check reads ``sd_model_checkpoint``
+from ``/sdapi/v1/options``, ``webuiapi`` its current model), answered in A1111's shapes with what this server has:
+its one model, no VAEs, upscalers, hypernetworks or face restorers to choose, the aesthetic-gradients extension as
+the one script. Of the options, CLIP_stop_at_last_layers can be set; switching models is not offered yet."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from stylegrad.errors import RequestError
+
+from .a1111 import SCRIPT, SCRIPT_ARGS, SCRIPT_DEFAULTS, clip_stop, model_item
+from .responses import CmdFlags, OptionsAnswer, SchedulerItem, ScriptInfo, ScriptNames
+from .settings import is_loopback
+
+# the extension's ui(): each argument's label and range, as A1111's script-info gives them
+SCRIPT_UI = {"aesthetic_weight": ("Aesthetic weight", 0, 1, 0.01), "aesthetic_steps": ("Aesthetic steps", 0, 50, 1),
+             "aesthetic_lr": ("Aesthetic learning rate", None, None, None),
+             "aesthetic_slerp": ("Slerp interpolation", None, None, None),
+             "aesthetic_imgs": ("Aesthetic imgs embedding", None, None, None),
+             "aesthetic_imgs_text": ("Aesthetic text for imgs", None, None, None),
+             "aesthetic_slerp_angle": ("Slerp angle", 0, 1, 0.01),
+             "aesthetic_text_negative": ("Is negative text", None, None, None)}
+
+
+def script_args(styles: list[str]) -> list[dict]:
+    """The extension's arguments as A1111's script-info describes them, in its ui() order."""
+    out = []
+    for name in SCRIPT_ARGS:
+        label, lo, hi, step = SCRIPT_UI[name]
+        out.append({"label": label, "value": SCRIPT_DEFAULTS[name], "minimum": lo, "maximum": hi, "step": step,
+                    "choices": ["None", *styles] if name == "aesthetic_imgs" else None})
+    return out
+
+
+def _memory() -> dict:
+    """A1111's memory answer: RAM from psutil where it is installed, CUDA from torch where it runs."""
+    ram: dict = {"error": "unavailable"}
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+    except ImportError:
+        pass
+    cuda: dict = {"error": "unavailable"}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        cuda = {"system": {"free": free, "used": total - free, "total": total}}
+    return {"ram": ram, "cuda": cuda}
+
+
+def routes(app, service) -> None:
+    s = service.settings
+    tags = ["A1111"]
+
+    @app.get("/sdapi/v1/options", tags=tags, response_model=OptionsAnswer)
+    def options():
+        """The settings this server runs with, under A1111's names (a request's override_settings change them for
+        that request)."""
+        item = model_item(service)
+        return {"sd_model_checkpoint": item["title"], "sd_checkpoint_hash": item["sha256"],
+                "sd_vae": "Automatic", "samples_format": "png", **service.a1111_options}
+
+    @app.post("/sdapi/v1/options", tags=tags)
+    def set_options(body: dict[str, Any]):
+        """Sets CLIP_stop_at_last_layers for every A1111 request after (as A1111 does); any other option is
+        accepted only at the value it has here (sd_model_checkpoint: the loaded model, by title or name)."""
+        current, item = options(), model_item(service)
+        for key, value in body.items():
+            if key == "CLIP_stop_at_last_layers":
+                clip_stop(value, key)
+            elif key == "sd_model_checkpoint" and value not in (item["title"], item["model_name"]):
+                raise RequestError(key, f"{{field}}: this server serves {item['title']!r} only (switching models "
+                                   "is not offered yet)")
+            elif key != "sd_model_checkpoint" and current.get(key, object()) != value:
+                raise RequestError(key, f"{{field}} cannot be set on this server (it is {current.get(key)!r})")
+        if "CLIP_stop_at_last_layers" in body:
+            service.a1111_options["CLIP_stop_at_last_layers"] = body["CLIP_stop_at_last_layers"]
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags", tags=tags, response_model=CmdFlags)
+    def cmd_flags():
+        return {"api": True, "nowebui": not s.ui, "listen": not is_loopback(s.host), "port": s.port,
+                "api_auth": None, "api_log": False}
+
+    for path in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "upscalers", "latent-upscale-modes"):
+        app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"], tags=tags,
+                          response_model=list[dict[str, Any]], summary=f"{path}: none on this server")
+
+    @app.get("/sdapi/v1/schedulers", tags=tags, response_model=list[SchedulerItem])
+    def schedulers():
+        """The schedules a request's 'scheduler' chooses: the sampler's own, or Karras sigmas."""
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
+                 "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+    @app.get("/sdapi/v1/scripts", tags=tags, response_model=ScriptNames)
+    def scripts():
+        return {"txt2img": [SCRIPT], "img2img": [SCRIPT]}
+
+    @app.get("/sdapi/v1/script-info", tags=tags, response_model=list[ScriptInfo])
+    def script_info():
+        args = script_args(sorted(service.styles()))
+        return [{"name": SCRIPT, "is_alwayson": True, "is_img2img": img2img, "args": args} for img2img in (False, True)]
+
+    @app.get("/sdapi/v1/memory", tags=tags, response_model=dict[str, dict[str, Any]])
+    def memory():
+        return _memory()
+
+    for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae"):
+        app.add_api_route(f"/sdapi/v1/{path}", lambda: None, methods=["POST"], tags=tags,
+                          summary=f"{path}: the lists are read from the folders on every request")
+
+    @app.post("/sdapi/v1/interrogate", tags=tags)
+    def interrogate():
+        raise RequestError("model", "{field}: this server has no captioning model to interrogate with")
