@@ -100,10 +100,9 @@ def _tokenizer(config: dict, part: str):
 def build(family: str, device: torch.device, seed: int = 0):
     """(fp32 pipeline on ``device``, the CLIP text model with projection that defines its style space: CLIP-L for
     SD1 and SDXL's first tower, the whole ViT-H text tower for SD2)."""
-    import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from stylegrad.checkpoints.loading import _scheduler, family_config
+    from stylegrad.checkpoints.loading import _scheduler, assemble, family_config
 
     config = family_config(family, "v_prediction" if family == "sd2" else "epsilon")
     torch.manual_seed(seed)
@@ -124,11 +123,7 @@ def build(family: str, device: torch.device, seed: int = 0):
             g_cfg = config["text_encoder_2"]
             parts.update(text_encoder_2=_text_model(g_cfg, g_cfg.get("projection_dim") or g_cfg["hidden_size"]),
                          tokenizer_2=_tokenizer(config, "tokenizer_2"))
-            pipe = diffusers.StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True,
-                                                       add_watermarker=False)
-        else:
-            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
+        pipe = assemble(family, parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe, clip
 

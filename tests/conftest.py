@@ -110,3 +110,15 @@ def tiny_checkpoint_configs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("STYLEGRAD_CHECKPOINT_CONFIGS", str(folder / "checkpoint_configs"))
     monkeypatch.setenv("STYLEGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv("STYLEGRAD_MODELS_DIR", raising=False)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Four of the small world's example pictures in a folder of their own: a training set."""
+    import shutil
+
+    examples = Path(__file__).resolve().parents[1] / "stylegrad" / "world" / "examples"
+    folder = tmp_path_factory.mktemp("pictures")
+    for p in sorted(examples.glob("*.png"))[:4]:
+        shutil.copy(p, folder / p.name)
+    return folder

@@ -342,3 +342,28 @@ def test_the_wrapper_forwards_only_what_pipelines_read(pipe):
         with pytest.raises(AttributeError, match=name):
             getattr(wrapped, name)
     assert not hasattr(wrapped, "_hf_hook")  # none on the base: diffusers' offload checks read False
+
+
+def test_training_in_half_precision_keeps_sd_half_and_the_model_float32(triples, tmp_path):
+    """``--dtype bf16``: the frozen UNet, VAE and text encoder in bf16 (half the memory), the Stylecodes model and
+    its optimizer in float32, the loss within bf16's reach of the float32 run's on the same batch."""
+    from stylegrad.stylecodes.training import Trainer
+
+    half = Trainer(_config(triples, tmp_path / "bf16", dtype="bf16"))
+    full = Trainer(_config(triples, tmp_path / "fp32"))
+    assert {p.dtype for m in (half.unet, half.vae, half.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    losses = [(half.step(k), full.step(k)) for k in range(2)]
+    for h, f in losses:
+        assert abs(h - f) <= 0.05 * abs(f), losses
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+
+
+def test_training_precision_is_refused_in_one_line_before_anything_loads(tmp_path):
+    from stylegrad.errors import RequestError
+    from stylegrad.stylecodes.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "out"), model="nowhere", siglip="nowhere",
+                      device="cpu", dtype="fp16", mixed_precision="no")
+    with pytest.raises(RequestError, match="half weights train only under autocast"):
+        Trainer(cfg)

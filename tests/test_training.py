@@ -1,7 +1,6 @@
 """Training textual inversion and LoRA on tiny models: the loss falls on a small set, a stopped and resumed run
 equals an uninterrupted one bit for bit, the files load through stylegrad and diffusers, bad data is one line."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from stylegrad.training.recipes import train_lora, train_textual_inversion
 WORLD = Path(__file__).resolve().parents[1] / "stylegrad" / "world"
 WORLD_EXAMPLES = WORLD / "examples"
 FAST = dict(resolution=32, batch_size=2, grad_accum=1, checkpoint_every=2)
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pictures")
-    for p in sorted(WORLD_EXAMPLES.glob("*.png"))[:4]:
-        shutil.copy(p, folder / p.name)
-    return folder
 
 
 def _trained_loss(method_factory, pictures, steps, lr, tmp_path):

@@ -6,7 +6,6 @@ before anything loads."""
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from stylegrad.training.models import load_models
 from stylegrad.training.precision import training_precision
 from stylegrad.training.recipes import train_lora
 
-WORLD_EXAMPLES = Path(__file__).resolve().parents[1] / "stylegrad" / "world" / "examples"
 FAST = dict(resolution=32, batch_size=2, grad_accum=1)
 STEPS = 3
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,14 +31,6 @@ UPDATE_TOL = {"fp16": 0.1, "bf16": 0.35}
 # the per-step losses, relative: the forward's rounding only (measured below 3e-5 in fp16, 2e-3 in bf16)
 LOSS_TOL = {"fp16": 1e-3, "bf16": 1e-2}
 LR = {"textual-inversion": 1e-2, "lora": 1e-2, "custom-diffusion": 1e-3, "dreambooth": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pictures")
-    for p in sorted(WORLD_EXAMPLES.glob("*.png"))[:4]:
-        shutil.copy(p, folder / p.name)
-    return folder
 
 
 @pytest.fixture(scope="module")

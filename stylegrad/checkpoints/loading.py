@@ -266,6 +266,17 @@ def not_a_model(path: Path, kind: CheckpointKind | None) -> str:
     return f"{path.name} is not a Stable Diffusion checkpoint: {info.detail}"
 
 
+def assemble(family: str, parts: dict):
+    """The family's diffusers pipeline from its components (SDXL's with ``text_encoder_2`` and ``tokenizer_2``), as
+    A1111 runs it: no safety checker, no watermark, SDXL's empty negative prompt as zeros."""
+    import diffusers
+
+    if family == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None, vae: str | None = None,
                     prediction: str | None = None, dtype: torch.dtype | None = None):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline from a single-file checkpoint.
@@ -273,7 +284,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     ``vae``: a VAE file to use instead of the baked one (else ``NAME.vae.*`` beside it, else the baked one).
     ``prediction``: 'epsilon' or 'v_prediction' when the file's own hints (a ``v_pred`` key, ``NAME.yaml``, and
     for SD2 A1111's probe) should be overridden."""
-    import diffusers
 
     path = Path(path).expanduser()
     device = resolve_device(device)
@@ -311,13 +321,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
         if kind.family == "sdxl":
             parts.update(text_encoder_2=_text_encoder(tf, prefix, config["text_encoder_2"], dtype, path),
                          tokenizer_2=_tokenizer(config, "tokenizer_2"))
-            pipe = diffusers.StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True,
-                                                       add_watermarker=False)
-        else:
-            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
+        pipe = assemble(kind.family, parts)
     pipe.stylegrad_checkpoint = copy.copy(kind)
     return pipe.to(device)
 
 
-__all__ = ["SUPPORTED", "load_checkpoint", "open_checkpoint", "family_config", "beside_vae", "predicts_v"]
+__all__ = ["SUPPORTED", "assemble", "load_checkpoint", "open_checkpoint", "family_config", "beside_vae", "predicts_v"]

@@ -55,9 +55,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | fp16 | bf16 (CUDA only)
+    mixed_precision: str | None = None  # the autocast: None follows dtype, else no | fp16 | bf16
     autoencoder_width: int = 512
     device: str | None = None
+    dtype: str | None = None  # the frozen UNet's, VAE's and text encoder's (training/precision.py's policy)
 
 
 def read_index(folder: str | os.PathLike) -> list[dict]:
@@ -121,31 +122,31 @@ class Trainer:
         import diffusers
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from stylegrad.training.precision import training_precision
 
         self.cfg = cfg
-        from stylegrad.devices import resolve_device
-
-        self.device = resolve_device(cfg.device)
-        if cfg.mixed_precision != "no" and self.device.type != "cuda":
-            raise StylegradError("mixed_precision needs a CUDA device; on CPU training runs in fp32")
+        # the run's precision, checked before anything loads: frozen weights in its dtype, the control model float32
+        self.precision = training_precision(cfg.device, cfg.dtype, cfg.mixed_precision)
+        self.device = self.precision.device
         self.rows = read_index(cfg.data)
         self.unet = from_pretrained(diffusers.UNet2DConditionModel, cfg.model, "model", subfolder="unet")
         self.vae = from_pretrained(diffusers.AutoencoderKL, cfg.model, "model", subfolder="vae")
         self.text_encoder = from_pretrained(CLIPTextModel, cfg.model, "model", subfolder="text_encoder")
         self.tokenizer = from_pretrained(CLIPTokenizer, cfg.model, "model", subfolder="tokenizer")
         self.scheduler = from_pretrained(diffusers.DDPMScheduler, cfg.model, "model", subfolder="scheduler")
-        self.siglip, self.processor = load_siglip(cfg.siglip)
-        for m in (self.unet, self.vae, self.text_encoder, self.siglip):
-            m.requires_grad_(False).eval().to(self.device)
+        self.siglip, self.processor = load_siglip(cfg.siglip)  # float32: the codes' image features (exact.py)
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False).eval().to(self.device, self.precision.weights)
+        self.siglip.requires_grad_(False).eval().to(self.device)
         if cfg.init:
             self.model = load_stylecodes(cfg.init, self.unet)
         else:
             torch.manual_seed(cfg.seed)
             self.model = StylecodesModel(self.unet, dict(input_dim=self.siglip.config.hidden_size,
                                                          width=cfg.autoencoder_width))
-        self.model.to(self.device).train()
+        self.model.to(self.device, torch.float32).train()  # what is trained is float32, whatever the UNet's dtype
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast is torch.float16)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
@@ -157,8 +158,9 @@ class Trainer:
                 styles.append(im.convert("RGB"))
         tokens = image_tokens(self.siglip, self.processor, styles)
         pixels = torch.stack([_target_pixels(r["target_image"], self.cfg.resolution) for r in rows]).to(self.device)
-        dist = self.vae.encode(pixels).latent_dist
-        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(self.device))
+        dist = self.vae.encode(pixels.to(self.precision.weights)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(self.device))
         latents = latents * self.vae.config.scaling_factor
         ids = self.tokenizer([r["prompt"] for r in rows], padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -172,8 +174,7 @@ class Trainer:
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = noise if self.scheduler.config.prediction_type == "epsilon" else \
             self.scheduler.get_velocity(latents, noise, t)
-        amp = dict(bf16=torch.bfloat16, fp16=torch.float16).get(self.cfg.mixed_precision)
-        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+        with self.precision.context():
             auto = self.model.sref_autoencoder
             latent = auto.encode(tokens)  # no quantization while training, as in the paper
             h, w = mid_size(self.unet, self.cfg.resolution, self.cfg.resolution, self.vae_scale)

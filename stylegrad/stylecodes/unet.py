@@ -21,8 +21,9 @@ from stylegrad.stylecodes.model import StyleAutoencoder, StylecodesModel, float3
 def _mix(collab: nn.Linear, ctrl: torch.Tensor, base: torch.Tensor, strength: torch.Tensor):
     b, c, h, w = ctrl.shape
     mixed = collab(torch.cat([ctrl, base], 1).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, 2 * c, h, w)
-    ctrl, out = mixed.chunk(2, dim=1)
-    return ctrl, base * (1 - strength) + out * strength
+    new_ctrl, out = mixed.chunk(2, dim=1)
+    # each stream stays in its own precision (training: a float32 control model beside a half UNet, under autocast)
+    return new_ctrl.to(ctrl.dtype), (base * (1 - strength) + out * strength).to(base.dtype)
 
 
 def _time_embedding(unet, sample: torch.Tensor, timestep, timestep_cond=None) -> torch.Tensor:
@@ -64,7 +65,7 @@ def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, tim
     if callable(style_map):
         style_map = style_map(*h.shape[-2:])
     c = run(lambda x: control.control_model.mid_block(x, temb, encoder_hidden_states=ctx, cross_attention_kwargs=kw),
-            style_map.expand(h.shape[0], -1, -1, -1).to(h.dtype))
+            style_map.expand(h.shape[0], -1, -1, -1).to(control.middle_block_out.weight.dtype))
     c, h = _mix(control.middle_block_out, c, h, strength)
     up_factor = 2 ** sum(1 for b in unet.up_blocks if b.upsamplers)
     odd_size = any(s % up_factor for s in sample.shape[-2:])

@@ -12,7 +12,7 @@ def cmd_stylecodes(a) -> None:
                       batch_size=a.batch_size, lr=a.lr, resolution=a.resolution, grad_accum=a.grad_accum,
                       checkpoint_every=a.checkpoint_every, seed=a.seed,
                       gradient_checkpointing=a.gradient_checkpointing, mixed_precision=a.mixed_precision,
-                      autoencoder_width=a.autoencoder_width, device=a.device)
+                      autoencoder_width=a.autoencoder_width, device=a.device, dtype=a.dtype)
     print(train(cfg, resume=not a.restart))
 
 
@@ -141,11 +141,13 @@ def _stylecodes_arguments(q) -> None:
     q.add_argument("--grad-accum", type=int, default=1, metavar="K",
                    help="split each batch into K micro-batches: same update, less memory (default 1)")
     q.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast on CUDA (default no; CPU always trains in fp32)")
+    q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="the forward's autocast, as for textual inversion and LoRA (default: as --dtype; fp16 adds "
+                   "loss scaling)")
     q.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="steps between checkpoints")
     q.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialization")
     q.add_argument("--autoencoder-width", type=int, default=512, help="style encoder width (512 as published)")
     q.add_argument("--restart", action="store_true", help="ignore checkpoints in --out and start over")
-    add_device(q)
+    add_device(q, dtype=True, dtype_note="The frozen UNet, VAE and text encoder stay in it; the Stylecodes model "
+               "and SigLIP are float32")
     q.set_defaults(func=cmd_stylecodes)
