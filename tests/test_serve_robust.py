@@ -156,7 +156,7 @@ def test_a_bug_is_one_json_500_without_paths_and_the_connection_stays_open(gener
     def broken():
         raise RuntimeError(f"cannot hash {dirs}/Lora/inked.safetensors or /srv/private/model.ckpt")
 
-    monkeypatch.setattr(service, "model_hash", broken)
+    monkeypatch.setattr(service, "models", broken)  # what sd-models lists
     with live(c.app) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/sdapi/v1/sd-models")
@@ -275,6 +275,59 @@ def test_interrupt_answers_with_the_image_so_far(generator, dirs, world):  # noq
         assert job.done_steps == 1 and job.total_steps == 40  # one step of the first image's 20, of 40 in all
         ok = c.post("/sdapi/v1/txt2img", json=WEBUIAPI_BODY)  # the next request runs as usual
         assert ok.status_code == 200 and len(ok.json()["images"]) == 1
+
+
+def test_skip_cuts_the_current_image_short_and_goes_on_with_the_next(generator, dirs, world):  # noqa: F811
+    """A1111's skip: the image being denoised ends at the next step (kept as it is); the request then makes its
+    next image in full and answers with both. The skipped image is the interrupted one's, the next is whole."""
+    c, service = make_client(generator, dirs, world)
+    gate, reached, go = threading.Event(), threading.Event(), threading.Event()
+    body = {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2}
+    with c:
+        whole = c.post("/sdapi/v1/txt2img", json=body).json()["images"]
+        service.queue.submit(lambda job: gate.wait(30), "test")  # holds the worker while the request queues
+        results = {}
+        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
+        t.start()
+        while service.queue.waiting == 0:
+            time.sleep(0.01)
+        job = list(service.queue.jobs.values())[-1]
+        real, steps = job.step, []
+
+        def step(stage, done, total):  # the first image's first step waits for the skip
+            if stage == "denoising":
+                steps.append(done)
+                if done == 1:
+                    reached.set()
+                    go.wait(30)
+            return real(stage, done, total)
+
+        job.step = step
+        gate.set()
+        assert reached.wait(30)
+        assert c.post("/sdapi/v1/skip").status_code == 200
+        go.set()
+        t.join(120)
+        r = results["r"]
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["all_seeds"] == [7, 8]  # both images, unlike an interrupt
+        images = r.json()["images"]
+        assert steps == [1] + list(range(21, 41))  # one step of the first image, all 20 of the second
+        assert decode(images[1]).tobytes() == decode(whole[1]).tobytes()  # the second image as without a skip
+        assert decode(images[0]).tobytes() != decode(whole[0]).tobytes()  # the first cut short
+
+
+def test_save_images_writes_the_pngs_into_the_outputs_folder(generator, dirs, world, tmp_path):  # noqa: F811
+    from stylegrad.files.pnginfo import png_text
+
+    c, _ = make_client(generator, dirs, world, outputs_dir=str(tmp_path / "outputs"))
+    with c:
+        r = c.post("/sdapi/v1/txt2img", json={**WEBUIAPI_BODY, "save_images": True, "batch_size": 2})
+        assert r.status_code == 200 and len(r.json()["images"]) == 2  # answered as well
+        c.post("/sdapi/v1/txt2img", json=WEBUIAPI_BODY)  # save_images false (the default): nothing written
+    saved = sorted((tmp_path / "outputs" / "txt2img-images").glob("*.png"))
+    assert [p.name.split("-")[:2] for p in saved] == [["00000", "7"], ["00001", "8"]]
+    assert png_text(saved[0])["parameters"] == json.loads(r.json()["info"])["infotexts"][0]  # with its infotext
 
 
 def test_send_images_false_answers_an_empty_list(client):

@@ -28,8 +28,10 @@ from stylegrad.pipelines.loading import derived_pipeline, with_sampler
 from stylegrad.pipelines.request import GenerationRequest
 
 # progress(stage, done, total): 'style' Adam steps and 'denoising' steps as they happen; raising stops the work;
-# returning True at a denoising step ends the denoising there, keeping the image so far (A1111's interrupt)
-Progress = Callable[[str, int, int], bool | None]
+# returning True at a denoising step ends the denoising there, keeping the image so far, and starts no further image
+# (A1111's interrupt); returning SKIP ends this image's denoising the same way and goes on with the next (its skip)
+SKIP = "skip"
+Progress = Callable[[str, int, int], bool | str | None]
 StepEnd = Callable[[int, int], bool | None]  # (steps done, steps in all) of one image; True: stop here
 
 
@@ -57,7 +59,10 @@ class DenoisingProgress:
         """The step callback of the ``i``-th image."""
         def on_step(done: int, total: int) -> bool:
             if self.progress is not None:
-                self.stopped = bool(self.progress("denoising", i * total + done, self.n * total)) or self.stopped
+                asked = self.progress("denoising", i * total + done, self.n * total)
+                if asked == SKIP:
+                    return True  # this image only
+                self.stopped = bool(asked) or self.stopped
                 return self.stopped
             if self.bar is None:
                 self.bar = tqdm(total=self.n * total, desc="denoising", unit="step", leave=False)

@@ -10,6 +10,7 @@ from stylegrad.apps.cli.args import add_device, add_model_options
 
 def cmd_serve(a) -> None:
     from stylegrad.apps.serve.settings import ServeSettings, default_dirs
+    from stylegrad.checkpoints.library import models_dir
     from stylegrad.pipelines.loading import DEFAULT_MODEL
 
     settings = ServeSettings(  # a bad address or key fails before any model loads
@@ -17,8 +18,10 @@ def cmd_serve(a) -> None:
         styles_dirs=tuple(a.styles or default_dirs("STYLEGRAD_STYLES_DIR")),
         loras_dirs=tuple(a.loras or default_dirs("STYLEGRAD_LORAS_DIR")),
         embeddings_dirs=tuple(a.embeddings or default_dirs("STYLEGRAD_EMBEDDINGS_DIR")),
+        models_dir=str(folder) if (folder := models_dir(a.models_dir)) else None,  # a missing folder: an error now
         max_waiting=a.queue, max_batch=a.batch, max_side=a.max_side, max_steps=a.max_steps, max_images=a.max_images,
-        max_upload_bytes=a.max_upload_mb << 20, log_prompts=a.log_prompts, ui=not a.no_ui, predictor=a.predictor)
+        max_upload_bytes=a.max_upload_mb << 20, log_prompts=a.log_prompts, ui=not a.no_ui, predictor=a.predictor,
+        outputs_dir=a.outputs)
     for d in settings.styles_dirs:
         os.makedirs(d, exist_ok=True)
     import importlib.util
@@ -37,13 +40,21 @@ def cmd_serve(a) -> None:
     from stylegrad.pipelines.generation import Generator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    generator = Generator.load(a.model or DEFAULT_MODEL, a.device, a.clip_model, a.siglip_model, vae=a.vae,
-                               models_dir=a.models_dir, embeddings_dirs=list(settings.embeddings_dirs),
-                               loras_dirs=list(settings.loras_dirs), dtype=a.dtype)
-    service = Service(generator, settings, a.clip_model, a.stylecodes_model)
+    def load(model: str, vae: str | None = None) -> Generator:
+        """The startup model, and each one a client switches to: the same --device/--dtype policy and folders."""
+        return Generator.load(model, a.device, a.clip_model, a.siglip_model, vae=vae, models_dir=settings.models_dir,
+                              embeddings_dirs=list(settings.embeddings_dirs), loras_dirs=list(settings.loras_dirs),
+                              dtype=a.dtype)
+
+    first = load(a.model or DEFAULT_MODEL, a.vae)
+    loaded = str(first.model)
+    # --vae is the startup model's (again when a client switches back to it); another finds its own beside it
+    service = Service(first, settings, a.clip_model, a.stylecodes_model,
+                      load_model=lambda path: load(path, a.vae if path == loaded else None))
+    del first  # the service holds the only reference: a switch frees it
     app = create_app(service)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-    print(f"stylegrad serving {generator.model} on http://{shown}:{settings.port}/ (UI), /sdapi/v1 (A1111), "
+    print(f"stylegrad serving {loaded} on http://{shown}:{settings.port}/ (UI), /sdapi/v1 (A1111), "
           f"/v1 and /docs (stylegrad API){' - API key required' if settings.api_key else ''}", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="warning")
 
@@ -52,11 +63,13 @@ def register(sub) -> None:
     sub.add_parser("serve", help="web UI and HTTP API (A1111-compatible) over one model",
                    description="Serve one loaded model: a web UI at / (make a style from pictures, generate with "
                    "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
-                   "img2img, png-info, progress, interrupt, sd-models, samplers, loras, embeddings; the aesthetic "
-                   "fields under alwayson_scripts['Aesthetic embeddings']) and stylegrad's own API at /v1 (its "
+                   "img2img, png-info, progress, interrupt, options, sd-models, samplers, loras, embeddings; the "
+                   "aesthetic fields under alwayson_scripts['Aesthetic embeddings']; options' sd_model_checkpoint "
+                   "switches among --models-dir's checkpoints) and stylegrad's own API at /v1 (its "
                    "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
-                   epilog="Example: stylegrad serve --model dreamshaper_8.safetensors --styles styles/ --loras "
-                   "models/Lora --embeddings embeddings/", arguments=_arguments)
+                   epilog="Example: stylegrad serve --models-dir models/Stable-diffusion --model dreamshaper_8 --styles "
+                   "styles/ --loras models/Lora --embeddings embeddings/ (clients switch among the models folder's "
+                   "checkpoints with A1111's sd_model_checkpoint option)", arguments=_arguments)
 
 
 def _arguments(p) -> None:
@@ -84,6 +97,8 @@ def _arguments(p) -> None:
     g.add_argument("--styles", action="append", default=[], metavar="DIR",
                    help="style files; new styles are saved in the first (default: $STYLEGRAD_STYLES_DIR)")
     g.add_argument("--loras", action="append", default=[], metavar="DIR", help="LoRAs (default: $STYLEGRAD_LORAS_DIR)")
+    g.add_argument("--outputs", default="outputs", metavar="DIR", help="where A1111 requests with save_images write "
+                   "their PNGs, in txt2img-images/ and img2img-images/ as A1111 does (default: outputs)")
     g.add_argument("--embeddings", action="append", default=[], metavar="DIR",
                    help="textual-inversion embeddings (default: $STYLEGRAD_EMBEDDINGS_DIR)")
     g = p.add_argument_group("limits")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +28,7 @@ SCRIPT_DEFAULTS = dict(aesthetic_weight=0.9, aesthetic_steps=5, aesthetic_lr=0.0
                        aesthetic_imgs="None", aesthetic_imgs_text="", aesthetic_slerp_angle=0.1,
                        aesthetic_text_negative=False)
 CLIP_STOP = "override_settings.CLIP_stop_at_last_layers"
+OVERRIDE_MODEL = "override_settings.sd_model_checkpoint"
 # the schema's field -> A1111's name for it, so an error names what the client sent
 NAMES = {"negative": "negative_prompt", "cfg": "cfg_scale", "sampler": "sampler_name", "n": "batch_size x n_iter",
          "strength": "denoising_strength", "clip_skip": CLIP_STOP, "init_image": "init_images[0]",
@@ -55,6 +57,8 @@ class Txt2Img(BaseModel):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = Field(True, description="after a request whose override_settings "
+                                                       "name another sd_model_checkpoint, switch back")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     save_images: bool = False
@@ -190,18 +194,13 @@ def _novelai_infotext(items: dict[str, str], size: tuple[int, int]) -> str | Non
 
 def model_item(service) -> dict:
     """The loaded model as A1111's sd-models lists it (its title is what options' sd_model_checkpoint holds)."""
-    from pathlib import Path
-
-    from stylegrad.files.hashes import sha256_file
-
-    h, model = service.model_hash(), str(service.generator.model or "")
-    sha256 = sha256_file(model) if h and Path(model).is_file() else None  # cached: model_hash read it already
-    return {"title": f"{service.model_name} [{h}]" if h else service.model_name, "model_name": service.model_name,
-            "hash": h, "sha256": sha256, "filename": model, "config": None}
+    return service.current_checkpoint().item()
 
 
 def routes(app, service) -> None:
     from starlette.concurrency import run_in_threadpool
+
+    from stylegrad.pipelines.outputs import save_images
 
     from .images import decode_b64, png_b64, read_image
 
@@ -219,8 +218,14 @@ def routes(app, service) -> None:
             init_image = await read_image(body.init_images[0], s.max_upload_bytes, "init_images[0]",
                                           s.max_image_pixels)
         request = to_request(body, service, init_image.size if init_image is not None else None)
+        model = None
+        if "sd_model_checkpoint" in body.override_settings:  # this request on another model (found off the loop)
+            model = await run_in_threadpool(service.find_model, body.override_settings["sd_model_checkpoint"],
+                                            OVERRIDE_MODEL)
         try:
-            job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id)
+            job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id,
+                                            model=model, restore=body.override_settings_restore_afterwards,
+                                            field=OVERRIDE_MODEL)
         except RequestError as e:
             raise e.renamed(NAMES.get(e.field, e.field)) from None
         except TaskIdInUse as e:
@@ -228,6 +233,9 @@ def routes(app, service) -> None:
         results = await wait(job)  # interrupted: the images made so far, the last one cut short (as A1111)
         seeds = [request.seed + i for i in range(len(results))]
         infotexts = [text for _, text in results]
+        if body.save_images:  # as A1111: into the outputs folder, beside answering them
+            folder = Path(s.outputs_dir) / ("img2img-images" if init else "txt2img-images")
+            await run_in_threadpool(save_images, results, request, folder)
         images = []  # send_images false: A1111's empty list
         if body.send_images:  # PNG encoding is heavy work: off the event loop
             images = await run_in_threadpool(lambda: [png_b64(im, text) for im, text in results])
@@ -247,7 +255,9 @@ def routes(app, service) -> None:
     # the lists read files (hashes, folders, embeddings): plain functions, which FastAPI runs off the event loop
     @app.get("/sdapi/v1/sd-models", tags=["A1111"], response_model=list[ModelItem])
     def sd_models():
-        return [model_item(service)]
+        """The models folder's checkpoints (what options' sd_model_checkpoint switches to), or the one loaded
+        model where the server has no models folder."""
+        return [c.item() for c in service.models()]
 
     @app.get("/sdapi/v1/samplers", tags=["A1111"], response_model=list[SamplerItem])
     async def samplers():
@@ -305,7 +315,12 @@ def routes(app, service) -> None:
 
     @app.post("/sdapi/v1/skip", tags=["A1111"], response_model=dict[str, Any])
     async def skip():
-        return await interrupt()
+        """Ends the image being denoised at its next step, as A1111's does: the request goes on with its next
+        image and answers with all of them, the skipped one as it was."""
+        job = service.queue.current
+        if job is not None:
+            job.skip()
+        return {}
 
     @app.post("/sdapi/v1/png-info", tags=["A1111"], response_model=PNGInfoAnswer)
     async def png_info(body: PNGInfoRequest):

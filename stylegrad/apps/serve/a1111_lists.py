@@ -1,19 +1,26 @@
 """The A1111 endpoints clients read when they connect (Open WebUI's connection check reads ``sd_model_checkpoint``
 from ``/sdapi/v1/options``, ``webuiapi`` its current model), answered in A1111's shapes with what this server has:
-its one model, no VAEs, upscalers, hypernetworks or face restorers to choose, the aesthetic-gradients extension as
-the one script. Of the options, CLIP_stop_at_last_layers can be set; switching models is not offered yet."""
+its model (or the models folder's), no VAEs, upscalers, hypernetworks or face restorers to choose, the
+aesthetic-gradients extension as the one script. Of the options, CLIP_stop_at_last_layers can be set, and
+sd_model_checkpoint switches among the models folder's checkpoints."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from stylegrad.errors import RequestError
 
 from .a1111 import SCRIPT, SCRIPT_ARGS, SCRIPT_DEFAULTS, clip_stop, model_item
+from .jobs import wait
 from .responses import CmdFlags, OptionsAnswer, SchedulerItem, ScriptInfo, ScriptNames
 from .settings import is_loopback
 
+# what A1111 answers a setting or a refresh with: JSON null
+NULL_ANSWER = {200: {"description": "done (JSON null, as A1111 answers)",
+                     "content": {"application/json": {"schema": {"type": "null"}}}}}
 # the extension's ui(): each argument's label and range, as A1111's script-info gives them
 SCRIPT_UI = {"aesthetic_weight": ("Aesthetic weight", 0, 1, 0.01), "aesthetic_steps": ("Aesthetic steps", 0, 50, 1),
              "aesthetic_lr": ("Aesthetic learning rate", None, None, None),
@@ -64,21 +71,29 @@ def routes(app, service) -> None:
         return {"sd_model_checkpoint": item["title"], "sd_checkpoint_hash": item["sha256"],
                 "sd_vae": "Automatic", "samples_format": "png", **service.a1111_options}
 
-    @app.post("/sdapi/v1/options", tags=tags)
-    def set_options(body: dict[str, Any]):
-        """Sets CLIP_stop_at_last_layers for every A1111 request after (as A1111 does); any other option is
-        accepted only at the value it has here (sd_model_checkpoint: the loaded model, by title or name)."""
-        current, item = options(), model_item(service)
+    @app.post("/sdapi/v1/options", tags=tags, responses=NULL_ANSWER)
+    async def set_options(body: dict[str, Any]):
+        """Sets CLIP_stop_at_last_layers for every A1111 request after, and sd_model_checkpoint (a title, name or
+        hash /sdapi/v1/sd-models lists) switches the model: after the requests queued before, never under a
+        running one; the answer comes once the new model is loaded. Any other option is accepted only at the
+        value it has here."""
+        current = await run_in_threadpool(options)
         for key, value in body.items():
             if key == "CLIP_stop_at_last_layers":
                 clip_stop(value, key)
-            elif key == "sd_model_checkpoint" and value not in (item["title"], item["model_name"]):
-                raise RequestError(key, f"{{field}}: this server serves {item['title']!r} only (switching models "
-                                   "is not offered yet)")
-            elif key != "sd_model_checkpoint" and current.get(key, object()) != value:
+            elif key == "sd_model_checkpoint":
+                if not isinstance(value, str) or not value.strip():
+                    raise RequestError(key, "{field}: a model's title, name or hash, as /sdapi/v1/sd-models lists "
+                                       f"them (got {value!r})")
+            elif current.get(key, object()) != value:
                 raise RequestError(key, f"{{field}} cannot be set on this server (it is {current.get(key)!r})")
+        switch = None
+        if "sd_model_checkpoint" in body:  # the name is found (the folder read, hashed once) off the event loop
+            switch = await run_in_threadpool(service.submit_model, body["sd_model_checkpoint"])
         if "CLIP_stop_at_last_layers" in body:
             service.a1111_options["CLIP_stop_at_last_layers"] = body["CLIP_stop_at_last_layers"]
+        if switch is not None:
+            await wait(switch)
         return None
 
     @app.get("/sdapi/v1/cmd-flags", tags=tags, response_model=CmdFlags)
@@ -110,8 +125,14 @@ def routes(app, service) -> None:
     def memory():
         return _memory()
 
-    for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae"):
-        app.add_api_route(f"/sdapi/v1/{path}", lambda: None, methods=["POST"], tags=tags,
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=tags, responses=NULL_ANSWER)
+    def refresh_checkpoints():
+        """Reads the models folder again (sd-models lists it as it was last read)."""
+        service.checkpoints.refresh()
+        return None
+
+    for path in ("refresh-loras", "refresh-vae"):
+        app.add_api_route(f"/sdapi/v1/{path}", lambda: None, methods=["POST"], tags=tags, responses=NULL_ANSWER,
                           summary=f"{path}: the lists are read from the folders on every request")
 
     @app.post("/sdapi/v1/interrogate", tags=tags)

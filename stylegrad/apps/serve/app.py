@@ -53,7 +53,8 @@ def create_app(service: Service) -> FastAPI:
                   description="Aesthetic-gradient styles, stylecodes and Stable Diffusion: A1111's API subset under "
                   "/sdapi/v1, stylegrad's own under /v1, the web UI at /.")
     app.state.service = service
-    hide = PathHider(settings.styles_dirs + settings.loras_dirs + settings.embeddings_dirs)
+    hide = PathHider(settings.styles_dirs + settings.loras_dirs + settings.embeddings_dirs
+                     + ((settings.models_dir,) if settings.models_dir else ()))
     app.add_middleware(BodyLimit, limit=lambda path: body_limit(settings, path))  # inside the guard: after auth
 
     @app.middleware("http")

@@ -51,6 +51,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    skip_pending: bool = False  # A1111's skip: the image being denoised ends, the next one starts
     stage: str = "queued"
     done_steps: int = 0
     total_steps: int = 0
@@ -60,12 +61,15 @@ class Job:
     batch_key: object = None
     run_batch: Callable[[list[Job]], list] | None = None
 
-    def step(self, stage: str, done: int, total: int) -> bool:
+    def step(self, stage: str, done: int, total: int) -> bool | str:
         """Progress from inside the job (styles' Adam steps, denoising steps): raises ``Cancelled`` once cancelled;
         True once interrupted (``pipelines.run.Progress``: stop early, keep what is made)."""
         self.stage, self.done_steps, self.total_steps = stage, done, total
         if self.cancel_event.is_set():
             raise Cancelled(f"job {self.id} was cancelled")
+        if self.skip_pending and stage == "denoising" and not self.interrupted:
+            self.skip_pending = False
+            return "skip"  # pipelines.run.SKIP (a plain string: this module stays free of torch)
         return self.interrupted
 
     def cancel(self) -> None:
@@ -73,6 +77,10 @@ class Job:
 
     def interrupt(self) -> None:
         self.interrupted = True
+
+    def skip(self) -> None:
+        """A1111's skip: the image being denoised is cut short (kept as it is) and the job goes on with its next."""
+        self.skip_pending = True
 
     @property
     def progress(self) -> float:

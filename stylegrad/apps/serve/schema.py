@@ -1,6 +1,7 @@
 """The OpenAPI document with this server's limits in it: the request models are shared by every server, the limits
 are each server's (its flags), so they are written into the document when it is first asked for. A generated
-client then knows the largest width, the most steps and images, the longest prompt."""
+client then knows the largest width, the most steps and images, the longest prompt; and each generation endpoint
+has an example body within those limits (what a client or a fuzzer such as schemathesis tries first)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,34 @@ def limits_by_model(s: ServeSettings) -> dict[str, dict[str, dict]]:
     }
 
 
+def examples(s: ServeSettings) -> dict[str, dict]:
+    """path -> a request body this server answers with an image: a prompt, a size and steps within its limits."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    side = max(8, min(512, s.max_side) // 8 * 8)
+    steps = min(20, s.max_steps)
+    prompt = "a lighthouse on a cliff at dusk, oil painting"[:s.max_prompt_chars]
+    negative = "blurry"[:s.max_prompt_chars]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 160)).save(buf, format="PNG")  # resized to the picture's size
+    start = base64.b64encode(buf.getvalue()).decode()
+    strength = 0.75 if int(steps * 0.75) >= 1 else 1.0  # at least one denoising step
+    a1111 = {"prompt": prompt, "negative_prompt": negative, "seed": 1, "steps": steps, "cfg_scale": 7.0,
+             "width": side, "height": side, "sampler_name": "Euler a", "batch_size": 1, "n_iter": 1}
+    return {
+        "/sdapi/v1/txt2img": a1111,
+        "/sdapi/v1/img2img": {**a1111, "init_images": [start], "denoising_strength": strength},
+        "/v1/generate": {"prompt": prompt, "negative": negative, "seed": 1, "steps": steps, "cfg": 7.0,
+                         "width": side, "height": side, "sampler": "euler_a", "n": 1},
+    }
+
+
 def with_limits(app, settings: ServeSettings) -> None:
-    """``app.openapi`` writes ``settings``' limits into the models' schemas (once, as FastAPI caches it)."""
+    """``app.openapi`` writes ``settings``' limits into the models' schemas and an example body within them into
+    each generation endpoint (once, as FastAPI caches it)."""
     original = app.openapi
 
     def openapi() -> dict:
@@ -47,6 +74,12 @@ def with_limits(app, settings: ServeSettings) -> None:
                 for name, bounds in fields.items():
                     if name in props:
                         _bound(props[name], **{k: v for k, v in bounds.items() if v is not None})
+            for path, body in examples(settings).items():
+                media = schema.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get(
+                    "content", {}).get("application/json")
+                if media is not None:
+                    media["examples"] = {"within_limits": {"summary": "a small request within this server's "
+                                                           "limits", "value": body}}
         return app.openapi_schema
 
     app.openapi = openapi

@@ -4,16 +4,18 @@ name a client gives is resolved inside the configured folders here, and every jo
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
 from stylegrad.aesthetic.embedding import embed_images
-from stylegrad.errors import RequestError, StylegradError
+from stylegrad.errors import RequestError, StylegradError, is_out_of_memory
 from stylegrad.families import Family, pipeline_family
 from stylegrad.files.pnginfo import read_generation_info
 from stylegrad.files.styles import Style, save_style
@@ -22,6 +24,7 @@ from stylegrad.pipelines.loading import SAMPLERS, a1111_sampler_name
 from stylegrad.pipelines.request import GenerationRequest, build, check
 
 from . import folders
+from .checkpoints import Checkpoint, Checkpoints, describe
 from .jobs import Cancelled, Job, JobQueue
 from .settings import ServeSettings
 
@@ -30,8 +33,13 @@ log = logging.getLogger("stylegrad.serve")
 
 class Service:
     def __init__(self, generator: Generator, settings: ServeSettings, clip_model: str | None = None,
-                 stylecodes_model: str | None = None):
+                 stylecodes_model: str | None = None, load_model: Callable[[str], Generator] | None = None):
+        """``load_model(path)``: the Generator for a checkpoint a client switches to (``stylegrad serve`` loads it
+        with its own --device/--dtype policy); default: on the loaded model's device and in its dtype."""
         self.generator, self.settings = generator, settings
+        self.checkpoints = Checkpoints(settings.models_dir)
+        self._load_model = load_model or self._load_like_current
+        self._switches = 0  # model switches queued so far
         self.clip_model = clip_model  # the image tower styles are made with (default: the model family's)
         self.stylecodes_model = stylecodes_model
         self.queue = JobQueue(settings.max_waiting, max_batch=settings.max_batch)
@@ -114,9 +122,22 @@ class Service:
         model = self.generator.model
         return self.generator._model_hash(str(model)) if model else None
 
+    def current_checkpoint(self) -> Checkpoint:
+        return describe(str(self.generator.model or ""))
+
+    def models(self) -> list[Checkpoint]:
+        """What a client may switch to (the models folder's checkpoints), the loaded model first if not there."""
+        current, listed = self.current_checkpoint(), self.checkpoints.listing()
+        same = lambda c: Path(c.path).resolve() == Path(current.path).resolve()  # noqa: E731
+        return listed if any(map(same, listed)) else [current, *listed]
+
     # -- jobs -------------------------------------------------------------------------------------------------
     def submit_generation(self, request: GenerationRequest, n: int = 1, init_image: Image.Image | None = None,
-                          stylecode_image: Image.Image | None = None, job_id: str | None = None) -> Job:
+                          stylecode_image: Image.Image | None = None, job_id: str | None = None,
+                          model: Checkpoint | None = None, restore: bool = True,
+                          field: str = "sd_model_checkpoint") -> Job:
+        """``model``: run on this checkpoint of the models folder (``find_model``; A1111's override of
+        sd_model_checkpoint): a switch queued just before the job, and with ``restore`` one back just after."""
         check(request, self.settings.limits, n=n, init_size=init_image.size if init_image is not None else None)
         if self.settings.log_prompts:
             log.info("generate %r seed=%s steps=%s style=%s", request.prompt, request.seed, request.steps,
@@ -125,11 +146,11 @@ class Service:
             log.info("generate: %d image(s), %d steps, %s", n, request.steps, "styled" if request.styled else "plain")
 
         key = None
-        if (self.settings.max_batch > 1 and n == 1 and init_image is None and stylecode_image is None
+        if (model is None and self.settings.max_batch > 1 and n == 1 and init_image is None and stylecode_image is None
                 and not request.uses_stylecode and not request.loras and not request.init_image
                 and "<lora:" not in request.prompt + request.negative):
             key = ("generate", request.sampler, request.steps, request.cfg, request.width, request.height,
-                   request.model, request.clip_model)
+                   request.model, request.clip_model, self._switches)  # never batched across a model switch
 
         def run_batch(jobs: list[Job]):
             def progress(stage, done, total):
@@ -139,21 +160,106 @@ class Service:
                     raise Cancelled("every job of this batch was cancelled")
                 return all(j.interrupted for j in jobs)  # others' images are not cut short for one interrupt
 
-            results = self.generator.images_batch([j.request for j in jobs], progress)
+            results = self.generator.images_batch([self._on_current_model(j.request) for j in jobs], progress)
             return [[r] for r in results]
 
         def run(job: Job):
+            if switch is not None and switch.future.exception() is not None:  # done: it ran just before (FIFO)
+                raise switch.future.exception()  # not on another model than the one asked for
             with tempfile.TemporaryDirectory(prefix="stylegrad-serve-") as tmp:
-                r = request
+                r = self._on_current_model(request)
                 if stylecode_image is not None:
                     path = Path(tmp) / "stylecode.png"
                     stylecode_image.save(path)
                     r = replace(r, stylecode_image=str(path))
                 return self.generator.images(r, n, progress=job.step, init_image=init_image)
 
-        job = self.queue.submit(run, "generate", job_id, batch_key=key, run_batch=run_batch if key else None)
+        switch, job, remember = None, None, {}
+        if model is not None:
+            self._switches += 1
+            switch = self.queue.submit(self._switch(lambda: model, field, remember), "model")
+        try:
+            job = self.queue.submit(run, "generate", job_id, batch_key=key, run_batch=run_batch if key else None)
+            if switch is not None and restore:
+                self._switches += 1
+                self.queue.submit(self._switch(lambda: remember.get("previous"), field), "model")
+        except Exception:  # a full queue: none of them runs, and the model stays as it is
+            for queued in (switch, job):
+                if queued is not None:
+                    queued.cancel()
+            raise
         job.request = request
         return job
+
+    def find_model(self, value: str, field: str = "sd_model_checkpoint") -> Checkpoint | None:
+        """The models folder's checkpoint ``value`` names (a title, name, file name or hash, as A1111 takes
+        ``sd_model_checkpoint``); None where it is the loaded model; a 422 naming ``field`` for anything else."""
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError(field, "{field}: a model's title, name or hash, as /sdapi/v1/sd-models lists them "
+                               f"(got {value!r})")
+        if self.current_checkpoint().answers_to(value):
+            return None
+        wanted = self.checkpoints.find(value)
+        if wanted is None:
+            if not self.settings.models_dir:
+                raise RequestError(field, f"{{field}}: {value!r} is not the loaded model, and this server has no "
+                                   "models folder to switch in (start it with --models-dir)")
+            raise RequestError(field, f"{{field}}: no checkpoint {value!r} in this server's models folder "
+                               "(/sdapi/v1/sd-models lists them; /sdapi/v1/refresh-checkpoints reads it again)")
+        return wanted
+
+    def submit_model(self, value: str, field: str = "sd_model_checkpoint") -> Job | None:
+        """Switch to the models folder's checkpoint ``value`` names (A1111's ``sd_model_checkpoint``): a job in the
+        one queue, so it runs after the requests before it and never under a running one; the new model loads
+        with the same device and dtype policy, then replaces the Generator and the old one is freed. None: it is
+        the loaded model already."""
+        wanted = self.find_model(value, field)
+        if wanted is None:
+            return None
+        self._switches += 1  # first: a generation queued from now on never joins a batch from before the switch
+        return self.queue.submit(self._switch(lambda: wanted, field), "model")
+
+    def _switch(self, target: Callable[[], Checkpoint | None], field: str,
+                remember: dict | None = None) -> Callable[[Job], Checkpoint | None]:
+        """A job's run: load ``target()`` (where it is not the loaded model already), replace the Generator and
+        free the old one. ``remember['previous']``: the model it replaced, for a switch back."""
+        def run(job: Job):
+            wanted = target()
+            job.step("loading model", 0, 1)
+            if remember is not None:
+                remember["previous"] = self.current_checkpoint()
+            if wanted is not None and not self.current_checkpoint().answers_to(wanted.path):  # not done already
+                try:
+                    new = self._load_model(wanted.path)
+                except Exception as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    free_memory()  # what the failed load took
+                    raise RequestError(field, f"{{field}}: not enough memory to load {wanted.name!r} beside the "
+                                       "loaded model, which stays loaded") from None
+                old, self.generator = self.generator, new
+                self._image_encoder = None  # styles' image tower follows the model family
+                del old
+                free_memory()
+                log.info("model: %s", self.generator.model)
+            job.step("loading model", 1, 1)
+            return wanted
+
+        return run
+
+    def _on_current_model(self, request: GenerationRequest) -> GenerationRequest:
+        """The request as the model it runs on names it (the infotext's Model): a switch queued before it may have
+        replaced the one it was built with."""
+        model = self.generator.model
+        return replace(request, model=str(model)) if model and request.model != str(model) else request
+
+    def _load_like_current(self, path: str) -> Generator:
+        from stylegrad.devices import execution_device
+
+        g, s = self.generator, self.settings
+        return Generator.load(path, execution_device(g.pipe.unet), g.clip_model, g.siglip_model,
+                              embeddings_dirs=list(s.embeddings_dirs), loras_dirs=list(s.loras_dirs),
+                              dtype=g.pipe.unet.dtype)
 
     def submit_style(self, images: list[bytes], name: str, save: bool = True) -> Job:
         """A style from uploaded images (already checked by content), saved into the first styles folder."""
@@ -274,6 +380,18 @@ class Service:
 
     def close(self) -> None:
         self.queue.close()
+
+
+def free_memory() -> None:
+    """Give a dropped model's memory back: to the process (gc) and to the device's allocator cache."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
 
 
 def _free_name(folder: Path, stem: str) -> Path:

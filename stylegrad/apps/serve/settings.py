@@ -21,6 +21,8 @@ class ServeSettings:
     styles_dirs: tuple[str, ...] = ()  # where request styles are looked up by name, and new styles are saved
     loras_dirs: tuple[str, ...] = ()
     embeddings_dirs: tuple[str, ...] = ()
+    models_dir: str | None = None  # checkpoints a client may switch to (A1111's sd_model_checkpoint)
+    outputs_dir: str = "outputs"  # where A1111 requests with save_images write their PNGs (txt2img-images/, ...)
     max_waiting: int = 16  # requests queued behind the running one; more get 429
     max_batch: int = 1  # >1: waiting requests with the same settings run as one batch (equal up to rounding)
     # a request's limits (the schema's Limits): every door checks them through GenerationRequest's build/check
