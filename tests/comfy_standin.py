@@ -1,9 +1,11 @@
 """Stand-ins for the parts of ComfyUI (v0.3.x) the stylegrad nodes touch, written from ComfyUI's source facts:
 
-- ``folder_paths``: ``models_dir``, ``folder_names_and_paths`` {name: ([folders], {suffixes})}, ``get_filename_list``,
-  ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths`` (folder_paths.py);
+- ``folder_paths``: ``models_dir``, ``folder_names_and_paths`` {name: ([folders], {suffixes})} (``clip_vision``
+  among ComfyUI's own), ``get_filename_list``, ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths``
+  (folder_paths.py);
 - the CLIP text model (comfy/clip_model.py): ``clip_X.transformer.text_model.{embeddings,encoder.layers.N,
-  final_layer_norm}`` and ``clip_X.transformer.text_projection`` (identity where the file has none), residuals added
+  final_layer_norm}`` and ``clip_X.transformer.text_projection``, a comfy.ops Linear never initialised (so where the
+  file has none, CLIP-L of SD1.x and SDXL, it holds whatever memory held: ``UNINITIALISED``), residuals added
   IN PLACE (so autograd through it fails), the embeddings adding every position row, pooled = the state at the
   largest token id (the EOS); it runs in float32 whatever its weights' dtype (``dtype=torch.float32`` in
   sd1_clip.py's forward), each weight cast to the input's dtype when used (comfy/ops.py ``manual_cast``,
@@ -17,20 +19,34 @@
   projection, conditioning cat([l, g]) and bigG's pooled output;
 - ``CLIP`` (comfy/sd.py): ``tokenize``, ``clone`` (shares the model, copies the patcher), ``add_patches`` (keys
   not in the model's state dict are skipped; returns the keys taken), ``clip_layer``, ``encode_from_tokens_scheduled``
-  returning [[cond, {"pooled_output": pooled}]];
+  returning [[cond, {"pooled_output": pooled}]] after ``load_model`` (its patcher loaded, and left loaded);
 - ``ModelPatcher`` (comfy/model_patcher.py): patches are (strength_patch, value, strength_model, offset, function);
   ``patch_weight_to_device`` copies the weight to float32, ``comfy.lora.calculate_weight`` adds strength * diff (a
   (diff,) value, cast to float32) and ``comfy.float.stochastic_rounding`` casts the sum back to the weight's dtype
-  (a plain ``.to`` for fp32/fp16/bf16); weights are patched into the shared model while it runs (Parameters
-  replaced, backups restored after); ``add_weight_wrapper(key, fn)`` (since Feb 2025) adds ``fn`` to the module's
-  ``weight_function``/``bias_function`` while it runs, with no rounding to the stored dtype; object patches replace
-  attributes of the model while it runs; ``get_model_object`` sees them;
+  (a plain ``.to`` for fp32/fp16/bf16); loading a clone (model_management.py ``load_models_gpu``) detaches the
+  previously loaded clone WITHOUT unpatching its weights, and the new clone, when the model holds other patches
+  (``current_weight_patches_uuid``), restores the originals from the backup all clones share, then patches its own
+  (Parameters replaced; ``partially_load``, ``unpatch_model``, ``load``); the last clone's patches stay on the shared
+  module after the run; LoRA keys are matched against the modules as named at load time (object patches applied,
+  ``_load_list``), unknown ones skipped; ``add_weight_wrapper(key, fn)`` (since Feb 2025) adds ``fn`` to the
+  module's ``weight_function``/``bias_function`` while loaded, with no rounding to the stored dtype; object patches
+  replace attributes of the model at load (``patch_model``), the originals restored when another clone loads;
+  ``get_model_object`` sees them; ``memory_required`` and ``model_dtype`` read the shared model as it is;
+- ``BaseModel`` (comfy/model_base.py): ``get_dtype`` = ``diffusion_model.dtype``, read by ``_apply_model`` (input
+  and context cast to it, the diffusion model called with ComfyUI's keywords, ``.float()`` on its output) and by
+  ``memory_required``; ComfyUI's SD1 ``UNetModel`` (original-layout names, a ``dtype`` attribute);
+- the executor (execution.py) runs output nodes (``OUTPUT_NODE``) and what they need, nothing else (``run_prompt``);
 - nodes run inside ``torch.inference_mode()`` (execution.py), and models are created there too.
 
 Checked against Comfy-Org/ComfyUI at commit a125cd84b054 (2025-10-12): comfy/model_patcher.py
-(``patch_weight_to_device``, ``add_weight_wrapper``, ``load``), comfy/lora.py (``calculate_weight``, "diff"),
-comfy/float.py (``stochastic_rounding``), comfy/ops.py (``cast_bias_weight``, ``manual_cast``, ``Embedding``),
-comfy/clip_model.py and comfy/sd1_clip.py (float32 activations).
+(``patch_weight_to_device``, ``add_weight_wrapper``, ``load``, ``clone`` sharing ``backup``, ``partially_load``,
+``unpatch_model``, ``detach``, ``_load_list``), comfy/model_management.py (``load_models_gpu``), comfy/lora.py
+(``calculate_weight``, "diff"), comfy/float.py (``stochastic_rounding``), comfy/ops.py (``cast_bias_weight``,
+``manual_cast``, ``Embedding``), comfy/clip_model.py (``CLIPTextModel.text_projection``) and comfy/sd1_clip.py
+(float32 activations), comfy/supported_models.py (SD15/SDXL: no CLIP-L projection kept), comfy/sd.py
+(``CLIP.load_model``), comfy/model_base.py (``get_dtype``, ``_apply_model``, ``memory_required``). The CLIP-L
+projection, history and Stylecode facts were also run in that real ComfyUI (CPU, a real-size random SD1.5 file,
+graphs queued through ``POST /prompt``): see docs/comfyui.md.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ import os
 import re
 import sys
 import types
+import uuid
 from contextlib import contextmanager
 
 import torch
@@ -55,6 +72,7 @@ def install_folder_paths(base: str) -> types.ModuleType:
     fp.folder_names_and_paths = {
         "checkpoints": ([os.path.join(fp.models_dir, "checkpoints")], fp.supported_pt_extensions),
         "embeddings": ([os.path.join(fp.models_dir, "embeddings")], fp.supported_pt_extensions),
+        "clip_vision": ([os.path.join(fp.models_dir, "clip_vision")], fp.supported_pt_extensions),
     }
 
     def get_folder_paths(name):
@@ -218,20 +236,26 @@ class TextModel_(nn.Module):
         return x, i, x[torch.arange(x.shape[0]), eos_at]
 
 
+UNINITIALISED = 0.0  # what ComfyUI's never-initialised projection held in the issue's run (zeros); NaN in some tests
+
+
 class TextModel(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, fill=UNINITIALISED):
         super().__init__()
         self.num_layers = cfg["num_hidden_layers"]
         self.text_model = TextModel_(cfg)
         width = cfg["hidden_size"]  # real CLIPs' projections are square (bigG: 1280); the tiny bigG's is not
+        # comfy/clip_model.py CLIPTextModel: operations.Linear from comfy.ops, whose reset_parameters does nothing, so
+        # a tower whose file has no projection (CLIP-L of SD1.x and SDXL) keeps uninitialised memory there
         self.text_projection = CastLinear(width, cfg.get("projection_dim", width), bias=False)
-        self.text_projection.weight.copy_(torch.eye(cfg.get("projection_dim", width), width))
+        self.text_projection.weight.fill_(fill)
 
 
 class SDClipModel(nn.Module):
-    def __init__(self, cfg, layer="last", layer_idx=None, special_tokens=None, layer_norm_hidden_state=True):
+    def __init__(self, cfg, layer="last", layer_idx=None, special_tokens=None, layer_norm_hidden_state=True,
+                 fill=UNINITIALISED):
         super().__init__()
-        self.transformer = TextModel(cfg)
+        self.transformer = TextModel(cfg, fill)
         self.num_layers = self.transformer.num_layers
         self.special_tokens = special_tokens or {"start": 49406, "end": 49407, "pad": 49407}
         self.layer, self.layer_idx = layer, layer_idx
@@ -288,9 +312,9 @@ class SDClipModel(nn.Module):
 
 
 class SD1Model(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, fill=UNINITIALISED):
         super().__init__()
-        self.clip_l = SDClipModel(cfg)
+        self.clip_l = SDClipModel(cfg, fill=fill)
 
     def set_clip_options(self, options):
         self.clip_l.set_clip_options(options)
@@ -376,18 +400,31 @@ def _set(root, key, value):
 
 
 class ModelPatcher:
+    """comfy/model_patcher.py's, reduced to CPU loading. Clones share the model, the weight ``backup`` and the
+    object-patch backup; ``patches_uuid`` changes with the patches. ``load`` is ``model_management.load_models_gpu
+    ([patcher])``: the previous clone is detached without unpatching its weights, and a clone whose patches differ
+    from those the shared model holds (``current_weight_patches_uuid``) first puts the backed-up originals back,
+    then patches its own in (``partially_load`` -> ``unpatch_model`` -> ``load``). Nothing is unpatched after a
+    run: the shared module keeps the last-loaded clone's patches, as ComfyUI's does between nodes."""
+
     def __init__(self, model):
         self.model, self.patches, self.object_patches, self.weight_wrapper_patches = model, {}, {}, {}
+        self.backup, self.object_patches_backup, self.patches_uuid = {}, {}, uuid.uuid4()
+        if not hasattr(model, "current_weight_patches_uuid"):
+            model.current_weight_patches_uuid = None
 
     def clone(self):
-        n = ModelPatcher(self.model)
+        n = ModelPatcher.__new__(ModelPatcher)
+        n.model, n.patches_uuid = self.model, self.patches_uuid
         n.patches = {k: list(v) for k, v in self.patches.items()}
         n.object_patches = dict(self.object_patches)
         n.weight_wrapper_patches = dict(self.weight_wrapper_patches)
+        n.backup, n.object_patches_backup = self.backup, self.object_patches_backup  # shared, as ComfyUI's
         return n
 
     def add_weight_wrapper(self, name, function):
         self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
+        self.patches_uuid = uuid.uuid4()
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         keys = set(self.model.state_dict())
@@ -396,6 +433,7 @@ class ModelPatcher:
             if k in keys:
                 self.patches.setdefault(k, []).append((strength_patch, v, strength_model, None, None))
                 taken.append(k)
+        self.patches_uuid = uuid.uuid4()
         return taken
 
     def add_object_patch(self, name, obj):
@@ -409,25 +447,127 @@ class ModelPatcher:
             obj = getattr(obj, p)
         return obj
 
-    @contextmanager
-    def patched(self):
-        state, backups = (self.model.state_dict() if self.patches else {}), {}
-        for key, patches in self.patches.items():
-            weight = state[key].to(torch.float32, copy=True)
-            for strength, value, strength_model, _, _ in patches:
-                if strength_model != 1.0:
-                    weight *= strength_model
-                weight += strength * value[0].to(torch.float32)
-            backups[key] = _set(self.model, key, nn.Parameter(weight.to(state[key].dtype), requires_grad=False))
+    def _patch_weight(self, key, state):
+        """patch_weight_to_device: the original backed up once (shared), the sum in float32, rounded to its dtype."""
+        if key not in self.backup:
+            self.backup[key] = self.model.get_parameter(key)
+        weight = state[key].to(torch.float32, copy=True)
+        for strength, value, strength_model, _, _ in self.patches[key]:
+            if strength_model != 1.0:
+                weight *= strength_model
+            weight += strength * value[0].to(torch.float32)
+        _set(self.model, key, nn.Parameter(weight.to(state[key].dtype), requires_grad=False))
+
+    def unpatch_model(self, unpatch_weights=True):
+        if unpatch_weights:
+            for key, weight in self.backup.items():
+                _set(self.model, key, weight)
+            self.backup.clear()
+            modules = self.model.modules() if isinstance(self.model, nn.Module) else []
+            for m in modules:  # wipe_lowvram_weight: the layers' functions dropped
+                if "weight_function" in vars(m):
+                    del m.weight_function, m.bias_function
+            self.model.current_weight_patches_uuid = None
+        for k, v in self.object_patches_backup.items():
+            _set(self.model, k, v)
+        self.object_patches_backup.clear()
+
+    def load(self):
+        current = self.model.current_weight_patches_uuid
+        self.unpatch_model(unpatch_weights=current is not None and current != self.patches_uuid)
+        for k, v in self.object_patches.items():  # patch_model: object patches, their originals kept
+            old = _set(self.model, k, v)
+            self.object_patches_backup.setdefault(k, old)
+        if self.model.current_weight_patches_uuid == self.patches_uuid:
+            return self.model
+        state = self.model.state_dict() if self.patches else {}
+        names = {n for n, _ in self.model.named_parameters()} if isinstance(self.model, nn.Module) else set()
+        for key in self.patches:  # _load_list: the weights of the modules as named now (object patches applied)
+            if key in names:
+                self._patch_weight(key, state)
         for key, functions in self.weight_wrapper_patches.items():  # load(): m.weight_function.extend(...)
             module, name = key.rsplit(".", 1)
-            backups[f"{module}.{name}_function"] = _set(self.model, f"{module}.{name}_function", list(functions))
-        objects = {k: _set(self.model, k, v) for k, v in self.object_patches.items()}
+            sub = self.model.get_submodule(module)
+            sub.weight_function, sub.bias_function = list(sub.weight_function), list(sub.bias_function)
+            getattr(sub, name + "_function").extend(functions)
+        self.model.current_weight_patches_uuid = self.patches_uuid
+        return self.model
+
+    def model_dtype(self):
+        return self.model.get_dtype()
+
+    def memory_required(self, input_shape):
+        """Asked by the sampler before it loads the model (comfy/sampler_helpers.py ``prepare_sampling``): the
+        shared model is read as the last-loaded clone left it."""
+        return self.model.memory_required(input_shape)
+
+    @contextmanager
+    def patched(self):
+        """The model as this patcher loads it, unloaded (originals back) afterwards: a sampler's run in tests."""
         try:
-            yield self.model
+            yield self.load()
         finally:
-            for k, v in {**backups, **objects}.items():
-                _set(self.model, k, v)
+            self.unpatch_model()
+
+
+# -- the diffusion model -----------------------------------------------------------------------------------------------
+
+
+class UNetModel(nn.Module):
+    """ComfyUI's SD1.x UNet (comfy/ldm/modules/diffusionmodules/openaimodel.py): the original layout's module tree
+    (``input_blocks.N...``: ``names`` maps diffusers' keys to it), a ``dtype`` attribute, ``forward(x, timesteps,
+    context, control, transformer_options, **kwargs)``; computes as the diffusers UNet it was made from, with the
+    tensors the tree holds now (so patched weights act)."""
+
+    def __init__(self, unet, names: dict[str, str]):
+        super().__init__()
+        self.unet, self.names = (unet,), names  # the diffusers UNet outside the tree: a skeleton to compute with
+        for key, value in unet.state_dict().items():
+            *path, leaf = names[key].split(".")
+            module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, nn.Module())
+                module = module._modules[part]
+            module.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
+        self.dtype = next(unet.parameters()).dtype
+
+    def forward(self, x, timesteps=None, context=None, control=None, transformer_options=None, **kwargs):
+        tensors = {key: self.get_parameter(name) for key, name in self.names.items()}
+        return torch.func.functional_call(self.unet[0], tensors, (x, timesteps, context)).sample
+
+
+class BaseModel(nn.Module):
+    """comfy/model_base.py BaseModel, as a sampler reaches it: ``get_dtype`` reads ``diffusion_model.dtype``;
+    ``apply_model`` casts the input and context to it and calls the diffusion model with ComfyUI's keywords, its
+    output made float32 (EPS: the sigma scaling left out); ``memory_required`` reads the dtype too (as with
+    xformers or flash attention, ComfyUI's usual case on a GPU)."""
+
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model, self.manual_cast_dtype, self.memory_usage_factor = diffusion_model, None, 1.0
+
+    def get_dtype(self):
+        return self.diffusion_model.dtype
+
+    def apply_model(self, x, t, c_crossattn=None, control=None, transformer_options=None):
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        context = c_crossattn.to(dtype) if c_crossattn is not None else None
+        return self.diffusion_model(x.to(dtype), t.float(), context=context, control=control,
+                                    transformer_options=transformer_options or {}).float()
+
+    def memory_required(self, input_shape):
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        area = input_shape[0] * input_shape[2] * input_shape[3]
+        return area * torch.finfo(dtype).bits // 8 * 0.01 * self.memory_usage_factor * 1024 * 1024
+
+
+def sample_step(patcher, x, t, context):
+    """One denoiser call of a ComfyUI sampler (KSampler and every sampler ComfyUI ships go through it): memory
+    estimated on the shared model as it is, the clone loaded (``load_models_gpu``), ``apply_model`` on it."""
+    patcher.memory_required(list(x.shape))
+    model = patcher.load()
+    return model.apply_model(x, t, c_crossattn=context)
 
 
 class CLIP:
@@ -447,6 +587,10 @@ class CLIP:
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         return self.patcher.add_patches(patches, strength_patch, strength_model)
 
+    def load_model(self):
+        self.patcher.load()
+        return self.patcher
+
     def clip_layer(self, layer_idx):
         self.layer_idx = layer_idx
 
@@ -457,8 +601,8 @@ class CLIP:
         self.cond_stage_model.reset_clip_options()
         if self.layer_idx is not None:
             self.cond_stage_model.set_clip_options({"layer": self.layer_idx})
-        with self.patcher.patched():
-            cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
+        self.load_model()  # and left loaded: the next clone to load puts the originals back first
+        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
         return [[cond, {"pooled_output": pooled}]]
 
 
@@ -481,11 +625,12 @@ def _special(tokenizer, pad: int) -> dict:
     return {"start": tokenizer.bos_token_id, "end": tokenizer.eos_token_id, "pad": pad}
 
 
-def sd1_clip(text_encoder, tokenizer, embeddings=None, dtype=None) -> CLIP:
-    """ComfyUI's CLIP of an SD1.x checkpoint (no projection in the file), made inside inference mode; ``dtype``: its
-    weights' (ComfyUI's default on CUDA is fp16; activations are float32 whatever it is)."""
+def sd1_clip(text_encoder, tokenizer, embeddings=None, dtype=None, fill=UNINITIALISED) -> CLIP:
+    """ComfyUI's CLIP of an SD1.x checkpoint (no projection in the file: ``fill`` stands for the uninitialised
+    memory left there), made inside inference mode; ``dtype``: its weights' (ComfyUI's default on CUDA is fp16;
+    activations are float32 whatever it is)."""
     with torch.inference_mode():
-        model = SD1Model(_cfg(text_encoder.config)).eval()
+        model = SD1Model(_cfg(text_encoder.config), fill).eval()
         _load(model.clip_l, text_encoder, None)
         model.to(dtype)
         model.clip_l.special_tokens = _special(tokenizer, tokenizer.eos_token_id)
@@ -532,3 +677,23 @@ def encode(clip, text):
     """CLIPTextEncode's work, inside inference mode as every node runs."""
     with torch.inference_mode():
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def run_prompt(prompt: dict):
+    """ComfyUI's executor over a queued prompt (execution.py): only output nodes (``OUTPUT_NODE = True``) and what
+    they need are run; ``prompt`` is {id: (class, inputs)}, an input ``("link", id, index)`` being another node's
+    output. Returns {id: outputs} of the nodes run."""
+    done = {}
+
+    def run(node_id):
+        if node_id not in done:
+            cls, inputs = prompt[node_id]
+            resolved = {k: run(v[1])[v[2]] if isinstance(v, tuple) and v[:1] == ("link",) else v
+                        for k, v in inputs.items()}
+            done[node_id] = run_node(cls, **resolved)
+        return done[node_id]
+
+    for node_id, (cls, _) in prompt.items():
+        if getattr(cls, "OUTPUT_NODE", False):
+            run(node_id)
+    return done

@@ -9,7 +9,9 @@ device whatever the CLIP's dtype; the tuned tensors' float32 differences then go
 ComfyUI encodes the prompt itself, so its prompt weighting, long prompts and embeddings keep working. Key names
 (``clip_l.transformer.text_model.*``), the tokenizer's output (``{"l": [[(token, weight), ...], ...]}``, tokens that
 are tensors for embeddings) and the model options (``layer``, ``layer_idx``, ``special_tokens``) are ComfyUI's
-(``comfy/sd1_clip.py``, ``comfy/clip_model.py``).
+(``comfy/sd1_clip.py``, ``comfy/clip_model.py``). The tensors are read after the CLIP's own patcher is loaded
+(``load_patcher``: ComfyUI's shared module holds whichever clone loaded last), and the style space is never
+ComfyUI's uninitialised CLIP-L projection (``projection.py``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from stylegrad.aesthetic.deltas import weight_deltas
 from stylegrad.aesthetic.encoder import AestheticEncoder
 from stylegrad.aesthetic.options import StyleOptions
 from stylegrad.aesthetic.targets import blend
-from stylegrad.aesthetic.tower import ClipParts, TextTower, clip_parts
+from stylegrad.aesthetic.tower import ClipParts, TextTower
 from stylegrad.aesthetic.towers import PromptTower
 from stylegrad.aesthetic.tuning import TOKEN
 from stylegrad.aesthetic.vectors import slerp
+from stylegrad.apps.comfyui.projection import check_projection, clip_l_projection
 from stylegrad.errors import StylegradError
-from stylegrad.families import Family
 from stylegrad.files.styles import Style
 from stylegrad.prompts.chunks import Chunks
 
@@ -53,8 +55,38 @@ def tower_names(model) -> list[str]:
     return names
 
 
-def _identity(weight: torch.Tensor) -> bool:
-    return weight.shape[0] == weight.shape[1] and bool(torch.equal(weight.float().cpu(), torch.eye(weight.shape[0])))
+def load_patcher(clip) -> None:
+    """Make the shared text model hold what ``clip`` means, as ComfyUI's own encode does first (sd.py
+    ``CLIP.encode_from_tokens`` -> ``load_model``). ComfyUI keeps one module for every clone of a CLIP and leaves the
+    last-loaded clone's patches (another styled prompt, a LoRA'd clone) applied to it (model_management.py
+    ``load_models_gpu`` detaches the previous clone without unpatching its weights); loading this clone's patcher
+    puts back the original weights from the shared backup and applies this clone's patches (model_patcher.py
+    ``partially_load``), so its tensors are the connected CLIP's whatever ran before."""
+    load = getattr(clip, "load_model", None)
+    if load is not None:
+        load()
+        return
+    from comfy import model_management  # a CLIP without load_model: its patcher loaded as load_model does
+
+    model_management.load_models_gpu([clip.patcher])
+
+
+def effective_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s tensors as its layers use them: each weight (and bias) through the functions ComfyUI hangs on
+    the layer while its patcher is loaded (``weight_function``/``bias_function``: weight wrappers, and LoRA
+    patches in low-VRAM mode, comfy/model_patcher.py ``LowVramPatch``), applied in float32 as comfy/ops.py
+    ``cast_bias_weight`` applies them, then held in the stored dtype; the others by reference, detached."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    for name, sub in module.named_modules():
+        for attr in ("weight", "bias"):
+            functions = getattr(sub, attr + "_function", None)
+            key = f"{name}.{attr}" if name else attr
+            if functions and key in state:
+                weight = state[key].to(torch.float32)
+                for f in functions:
+                    weight = f(weight)
+                state[key] = weight.to(state[key].dtype)
+    return state
 
 
 def _hf_encoder(text_model, device: torch.device) -> CLIPTextModel:
@@ -70,7 +102,7 @@ def _hf_encoder(text_model, device: torch.device) -> CLIPTextModel:
     )
     with torch.device("meta"):
         encoder = CLIPTextModel(config).requires_grad_(False)  # kept by assign: ComfyUI's may be inference tensors
-    state = {k: v.detach().to(device) for k, v in text_model.state_dict().items()}
+    state = {k: v.to(device) for k, v in effective_weights(text_model).items()}
     encoder.load_state_dict(state, strict=True, assign=True)
     encoder.embeddings.position_ids = torch.arange(config.max_position_embeddings, device=device)[None]
     return encoder.eval()
@@ -88,9 +120,9 @@ def _clip_skip(module, clip_layer: int | None, sdxl: bool) -> int | None:
 
 
 def comfy_towers(clip, clip_model=None, device: torch.device | None = None) -> dict[str, ComfyTower]:
-    """stylegrad's towers over a ComfyUI CLIP's tensors. CLIP-L's projection: the checkpoint's when it has a real
-    one; ComfyUI keeps an identity there when the file has none (SD1.x checkpoints), and then ``clip_model``'s
-    (default openai's ViT-L/14, as stylegrad uses for SD1.x)."""
+    """stylegrad's towers over a ComfyUI CLIP's tensors, as the CLIP's patcher has them loaded (``load_patcher``
+    first). The style space: CLIP-L's projection read alone (ComfyUI holds none, ``clip_l_projection``), the
+    checkpoint's for bigG and ViT-H (checked: never an uninitialised matrix)."""
     model = clip.cond_stage_model
     names = tower_names(model)
     sdxl = "g" in names
@@ -100,20 +132,12 @@ def comfy_towers(clip, clip_model=None, device: torch.device | None = None) -> d
         transformer = module.transformer
         dev = device or getattr(clip.patcher, "load_device", None) or transformer.text_projection.weight.device
         encoder = _hf_encoder(transformer.text_model, torch.device(dev))
-        projection = transformer.text_projection.weight.detach()
         cfg = encoder.config
-        source = clip_model if name == "l" else None  # the style space of CLIP-L can be another CLIP's
-        if source is None and _identity(projection):
-            if name != "l":
-                raise StylegradError(f"this CLIP's tower '{name}' has no text projection to define its style space")
-            source = Family.SD1.clip_model
-        if source is not None:
-            parts = clip_parts(source, cfg.num_hidden_layers, encoder.device)
-            if parts.hidden_size != cfg.hidden_size:
-                raise StylegradError(f"the CLIP model's text tower is {parts.hidden_size} wide, this CLIP's tower "
-                                     f"'{name}' is {cfg.hidden_size}")
-            parts.layers = {}
+        if name == "l":
+            parts, _ = clip_l_projection(clip_model, cfg.hidden_size, cfg.num_hidden_layers, encoder.device)
         else:  # a normal float32 tensor: ComfyUI makes its weights inside inference mode; autograd saves this one
+            projection = effective_weights(transformer)["text_projection.weight"]
+            check_projection(projection, f"this CLIP's tower '{name}' (clip_{name}.transformer.text_projection)")
             parts = ClipParts(projection.to(encoder.device, torch.float32).clone(), {}, cfg.num_hidden_layers,
                               cfg.hidden_size)
         text_tower = TextTower(encoder, parts, int(module.special_tokens["end"]), sdxl=sdxl)
@@ -165,6 +189,7 @@ def tuned_patches(clip, text: str, style: Style, options: StyleOptions, clip_mod
     on whatever mode the caller is in (ComfyUI's inference mode is lifted here), and keeps nothing once it returns."""
     if style is None or not options.active:  # nothing to tune: no CLIP projection is read (as for plain prompts)
         return {}, {}, []
+    load_patcher(clip)  # in ComfyUI's mode, as its encode loads it
     with torch.inference_mode(False), torch.enable_grad():
         towers = comfy_towers(clip, clip_model)
         encoder = comfy_encoder(towers)

@@ -51,6 +51,17 @@ def _progress(total: int):
     return lambda step, similarity: bar.update(1)
 
 
+def _from_input(load, node_input: str):
+    """``load()``; a model it cannot get is reported in the node's terms (the input to change), not the CLI's."""
+    try:
+        return load()
+    except StylegradError as e:
+        head, _, remedy = str(e).partition(": ")  # the library's remedy names CLI flags and arguments: dropped
+        reason = head if any(w in remedy for w in ("download", "pass ", "give ")) else str(e)
+        raise StylegradError(f"{reason}: give a local folder or file in the node's '{node_input}' input, or let "
+                             "ComfyUI's Python download it once while online") from None
+
+
 def _pictures(images: torch.Tensor) -> list[Image.Image]:
     """ComfyUI's IMAGE (B, H, W, C) floats in [0, 1] as the 8-bit pictures they were read from."""
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
@@ -93,6 +104,7 @@ class StyleFromImages:
     RETURN_NAMES = ("style",)
     OUTPUT_TOOLTIPS = ("The images' style.",)
     FUNCTION = "embed"
+    OUTPUT_NODE = True  # ComfyUI runs it even with its output unwired, so "save" needs no other node
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -119,16 +131,16 @@ class StyleFromImages:
 
         pictures = _pictures(images)
 
-        def mean(model: str) -> Style:
+        def mean(model: str, node_input: str) -> Style:
             if model not in _ENCODERS:
                 _ENCODERS.clear()
-                _ENCODERS[model] = load_image_encoder(model)
+                _ENCODERS[model] = _from_input(lambda: load_image_encoder(model), node_input)
             return embed_pictures(pictures, model, encoder=_ENCODERS[model], name=name or "style")
 
         with torch.inference_mode(False):
-            style = mean(clip_model or Family.SD1.clip_model)
+            style = mean(clip_model or Family.SD1.clip_model, "clip_model")
             if family == "sdxl":
-                g = mean(clip_model_g or BIGG)
+                g = mean(clip_model_g or BIGG, "clip_model_g")
                 style = Style(style.vector, {**style.metadata, "encoder_g": g.metadata["encoder"], "family": "sdxl"},
                               style.name, g.vector)
         if save:
@@ -168,21 +180,25 @@ class AestheticCLIPTextEncode:
                                  "tooltip": "Adam learning rate; higher is stronger and less faithful."}),
                 "weight": ("FLOAT", {"default": defaults.weight, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                                      "Blend of the original (0) and tuned (1) conditioning."}),
-                "towers": (["both", "l", "g"], {"tooltip": "SDXL: tune CLIP-L, bigG or both (SD1.x has one)."}),
             },
             "optional": {
+                "towers": (["both", "l", "g"], {"default": "both", "tooltip": "SDXL only: tune CLIP-L, bigG or "
+                                                "both (SD1.x and SD2.x have one tower; ignored there)."}),
                 "style_text": ("STRING", {"default": "", "tooltip": "Rotate the style target towards this text."}),
                 "text_angle": ("FLOAT", {"default": defaults.text_angle, "min": 0.0, "max": 1.0, "step": 0.01,
                                          "tooltip": "How far towards the style text (slerp fraction)."}),
                 "slerp": ("BOOLEAN", {"default": defaults.slerp, "tooltip": "Blend per token on the sphere."}),
                 "regularization": ("FLOAT", {"default": defaults.regularization, "min": 0.0, "max": 100.0,
                                              "step": 0.01, "tooltip": "Hold the tuned states near the original."}),
-                "clip_model": ("STRING", {"default": "", "tooltip": "CLIP whose projection defines CLIP-L's style "
-                                          "space (default openai/clip-vit-large-patch14, from the HF cache)."}),
+                "clip_model": ("STRING", {"default": "", "tooltip": "CLIP-L's style space: openai's ViT-L/14 text "
+                                          "projection, which ComfyUI's CLIP lacks. Empty: the first .safetensors in "
+                                          "models/clip_vision holding it, else openai/clip-vit-large-patch14 from the "
+                                          "Hugging Face cache. Or a .safetensors file (path or clip_vision name), a "
+                                          "folder or a hub id."}),
             },
         }
 
-    def encode(self, clip, text: str, style: Style, steps: int, lr: float, weight: float, towers: str,
+    def encode(self, clip, text: str, style: Style, steps: int, lr: float, weight: float, towers: str = "both",
                style_text: str = "", text_angle: float = 0.1, slerp: bool = False, regularization: float = 0.0,
                clip_model: str = ""):
         options = StyleOptions(steps=steps, lr=lr, weight=weight, towers=towers, text=style_text or None,
@@ -197,6 +213,8 @@ class AestheticCLIPTextEncode:
             raise StylegradError(f"ComfyUI's CLIP has no weight {missing[0]} ({len(missing)} missing)")
         del patches
         cond = encode(styled, text)
+        if not all(bool(torch.isfinite(c).all()) for c, _ in cond):
+            raise StylegradError("the styled conditioning is not finite (NaN or inf): lower lr or steps")
         if weight != 1.0:
             names = tower_names(clip.cond_stage_model)
             widths = [getattr(clip.cond_stage_model, "clip_" + n).transformer.text_model.embeddings
@@ -229,7 +247,7 @@ class Stylecode:
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "Use this image's style (its code is returned)."}),
-                "checkpoint": (["default"] + _folder_paths().get_filename_list("stylecodes"), {
+                "checkpoint": (["default"] + _folder_paths().get_filename_list("stylecodes"), {"default": "default",
                     "tooltip": "Stylecodes weights from models/stylecodes; default: the published model (HF cache)."}),
                 "siglip": ("STRING", {"default": "", "tooltip": "SigLIP image model for image -> code (hub id or "
                                       "folder; default google/siglip-base-patch16-224)."}),
@@ -238,14 +256,24 @@ class Stylecode:
 
     def patch(self, model, code: str, strength: float, image=None, checkpoint: str = "default", siglip: str = ""):
         from stylegrad.checkpoints.loading import family_config
-        from stylegrad.stylecodes.facade import Stylecodes
-        from stylegrad.stylecodes.model import SIGLIP
+        from stylegrad.stylecodes.facade import Stylecodes, load_siglip
+        from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO, SIGLIP, resolve_checkpoint
 
-        path = None if checkpoint in ("", "default") else _folder_paths().get_full_path_or_raise("stylecodes",
-                                                                                                  checkpoint)
+        if checkpoint in ("", "default"):
+            try:
+                path = str(resolve_checkpoint(None))
+            except StylegradError:
+                raise StylegradError(
+                    f"the published Stylecodes weights ({PUBLISHED_REPO}, {PUBLISHED_FILE}) are not in the Hugging "
+                    "Face cache and cannot be downloaded now: put a Stylecodes file in models/stylecodes and pick it "
+                    "in the node's 'checkpoint' input, or let ComfyUI's Python download it once while online") from None
+        else:
+            path = _folder_paths().get_full_path_or_raise("stylecodes", checkpoint)
         with torch.inference_mode(False):
-            codes = Stylecodes.load(None, path, siglip=(siglip or SIGLIP) if image is not None else None)
+            codes = Stylecodes.load(None, path, siglip=None)
             if image is not None:
+                codes.siglip, codes.processor = _from_input(lambda: load_siglip(siglip or SIGLIP, dtype=torch.float32),
+                                                            "siglip")
                 code = codes.code_for(_pictures(image[:1])[0])
             if not code.strip():
                 raise StylegradError("give a stylecode or connect an image")

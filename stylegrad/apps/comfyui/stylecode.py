@@ -9,6 +9,8 @@ not applied inside this model."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from stylegrad.errors import StylegradError
@@ -35,30 +37,56 @@ def diffusers_view(diffusion_model, config: dict):
 
 
 class StylecodeDiffusionModel(torch.nn.Module):
-    """Called by ComfyUI as its ``diffusion_model`` (``forward(x, timesteps, context, ...)``)."""
+    """Called by ComfyUI as its ``diffusion_model`` (``forward(x, timesteps, context, ...)``), and seen by ComfyUI as
+    the UNet it wraps. ComfyUI reads its diffusion model while this object patch is applied, and even after a failed
+    run, when a later graph (plain ones too) estimates memory before loading its own clone: comfy/model_base.py
+    ``get_dtype`` (``diffusion_model.dtype``, in ``apply_model`` and ``memory_required``), ``state_dict`` and the
+    model patcher's walk over ``named_modules`` to patch LoRA weights by name (``diffusion_model.input_blocks...``).
+    So this module shares the UNet's parameter, buffer and child tables (the same names, the same tensors: ComfyUI's
+    patches land in the UNet), answers any other attribute from the UNet, and keeps its own state (the control
+    stream, the code's decoder) outside the module tree, where ComfyUI neither moves, casts nor patches it."""
 
     def __init__(self, original, checkpoint: str | None, latent: torch.Tensor, strength: float, config: dict):
         super().__init__()
-        self.original = original
-        self.checkpoint, self.latent, self.strength, self.config = checkpoint, latent, float(strength), config
-        self._signature = None
-        self._styled = None
-        self._control = None
-        self._decoder: tuple = ()  # the code's float32 autoencoder, in a tuple: outside the module tree, never cast
+        for table in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            self.__dict__[table] = getattr(original, table)
+        self.__dict__["_hold"] = SimpleNamespace(
+            original=original, checkpoint=checkpoint, latent=latent, strength=float(strength), config=config,
+            signature=None, styled=None, control=None, decoder=None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            hold = self.__dict__.get("_hold")
+            if hold is None:
+                raise
+            return getattr(hold.original, name)
+
+    @property
+    def original(self):
+        return self._hold.original
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """ComfyUI's UNet carries its weights' dtype as ``dtype``; the first weight's otherwise."""
+        dtype = getattr(self._hold.original, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else next(self._hold.original.parameters()).dtype
 
     def _unet(self) -> StylecodeUNet:
-        tensors = list(self.original.state_dict().values())
+        hold = self._hold
+        tensors = list(hold.original.state_dict().values())
         signature = tuple((t.data_ptr(), t.device, t.dtype) for t in tensors)
-        if signature != self._signature:  # first call, or ComfyUI moved or patched the weights
-            view = diffusers_view(self.original, self.config)
-            if self._control is None:
-                self._control = load_stylecodes(self.checkpoint, view)
-                self._decoder = (float32_autoencoder(self._control.sref_autoencoder, separate=True),)
+        if signature != hold.signature:  # first call, or ComfyUI moved or patched the weights
+            view = diffusers_view(hold.original, hold.config)
+            if hold.control is None:
+                control = load_stylecodes(hold.checkpoint, view)
+                hold.decoder = float32_autoencoder(control.sref_autoencoder, separate=True)
+                hold.control = control
             # the control stream follows the UNet at each call (StylecodeUNet); the code is decoded in float32
-            self._styled = StylecodeUNet(view, self._control, self.latent, self.strength,
-                                         autoencoder=self._decoder[0])
-            self._signature = signature
-        return self._styled
+            hold.styled = StylecodeUNet(view, hold.control, hold.latent, hold.strength, autoencoder=hold.decoder)
+            hold.signature = signature
+        return hold.styled
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         unet = self._unet()
