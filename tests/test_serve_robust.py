@@ -134,7 +134,7 @@ def test_a_task_id_in_use_is_409_and_the_connection_stays_open(generator, dirs, 
     c, service = make_client(generator, dirs, world)
     gate = threading.Event()
     with live(c.app) as port:
-        service.queue.submit(lambda job: gate.wait(30), "test", "busy")  # runs, holding the worker
+        service.queue.submit(lambda job: gate.wait(120), "test", "busy")  # runs, holding the worker
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             for path, body, field in [("/v1/generate", {"prompt": "x", "task_id": "busy", **SMALL}, "task_id"),
@@ -245,7 +245,7 @@ def test_interrupt_answers_with_the_image_so_far(generator, dirs, world):  # noq
     c, service = make_client(generator, dirs, world)
     gate, reached, go = threading.Event(), threading.Event(), threading.Event()
     with c:
-        service.queue.submit(lambda job: gate.wait(30), "test")  # holds the worker while the request queues
+        service.queue.submit(lambda job: gate.wait(120), "test")  # holds the worker while the request queues
         results = {}
         body = {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2}
         t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
@@ -258,12 +258,12 @@ def test_interrupt_answers_with_the_image_so_far(generator, dirs, world):  # noq
         def step(stage, done, total):  # the first image's first step waits for the interrupt
             if stage == "denoising" and done == 1:
                 reached.set()
-                go.wait(30)
+                go.wait(120)
             return real(stage, done, total)
 
         job.step = step
         gate.set()
-        assert reached.wait(30)
+        assert reached.wait(120)
         assert c.post("/sdapi/v1/interrupt").status_code == 200
         go.set()
         t.join(120)
@@ -285,7 +285,7 @@ def test_skip_cuts_the_current_image_short_and_goes_on_with_the_next(generator, 
     body = {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2}
     with c:
         whole = c.post("/sdapi/v1/txt2img", json=body).json()["images"]
-        service.queue.submit(lambda job: gate.wait(30), "test")  # holds the worker while the request queues
+        service.queue.submit(lambda job: gate.wait(120), "test")  # holds the worker while the request queues
         results = {}
         t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
         t.start()
@@ -299,12 +299,12 @@ def test_skip_cuts_the_current_image_short_and_goes_on_with_the_next(generator, 
                 steps.append(done)
                 if done == 1:
                     reached.set()
-                    go.wait(30)
+                    go.wait(120)
             return real(stage, done, total)
 
         job.step = step
         gate.set()
-        assert reached.wait(30)
+        assert reached.wait(120)
         assert c.post("/sdapi/v1/skip").status_code == 200
         go.set()
         t.join(120)

@@ -102,7 +102,7 @@ def routes(app, service) -> None:
                 "api_auth": None, "api_log": False}
 
     for path in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "upscalers", "latent-upscale-modes"):
-        app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"], tags=tags,
+        app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"], tags=tags, name=path.replace("-", "_"),
                           response_model=list[dict[str, Any]], summary=f"{path}: none on this server")
 
     @app.get("/sdapi/v1/schedulers", tags=tags, response_model=list[SchedulerItem])
@@ -133,6 +133,7 @@ def routes(app, service) -> None:
 
     for path in ("refresh-loras", "refresh-vae"):
         app.add_api_route(f"/sdapi/v1/{path}", lambda: None, methods=["POST"], tags=tags, responses=NULL_ANSWER,
+                          name=path.replace("-", "_"),
                           summary=f"{path}: the lists are read from the folders on every request")
 
     @app.post("/sdapi/v1/interrogate", tags=tags)

@@ -49,7 +49,7 @@ def create_app(service: Service) -> FastAPI:
         service.close()  # waiting jobs are cancelled; the worker stops after the running one
 
     app = FastAPI(lifespan=lifespan, title="stylegrad", version=_version(), default_response_class=SafeJSONResponse,
-                  responses=ERROR_RESPONSES,
+                  responses=ERROR_RESPONSES, generate_unique_id_function=operation_id,
                   description="Aesthetic-gradient styles, stylecodes and Stable Diffusion: A1111's API subset under "
                   "/sdapi/v1, stylegrad's own under /v1, the web UI at /.")
     app.state.service = service
@@ -99,12 +99,19 @@ def create_app(service: Service) -> FastAPI:
     for prefix in API_PREFIXES:
         app.add_api_route(prefix + "{rest:path}", not_an_api_route, include_in_schema=False,
                           methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    with_limits(app, settings)
+    with_limits(app, settings, lambda path: body_limit(settings, path))
     if settings.ui:
         from .ui import mount_ui
 
         app = mount_ui(app, service)
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """An operation's id in /openapi.json: its route's name ('txt2img', 'task_progress'), which a generated client
+    makes its function's name; FastAPI's default adds the path and method ('txt2img_sdapi_v1_txt2img_post'), and
+    for a lambda '_lambda_...'. The names are unique (a test holds them so)."""
+    return route.name
 
 
 def body_limit(settings, path: str) -> int:

@@ -42,6 +42,8 @@ ERROR_RESPONSES = {status: {"model": ErrorBody, "description": what} for status,
     (409, "cancelled, or a task id in use"), (413, "request body over the limit"),
     (422, "a bad field, named"), (429, "the queue is full: retry after Retry-After seconds"),
     (500, "a bug in stylegrad"), (503, "the server is stopping")]}
+ERROR_RESPONSES[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+ERROR_RESPONSES[405]["headers"] = {"Allow": {"description": "the path's methods", "schema": {"type": "string"}}}
 
 
 class SafeJSONResponse(JSONResponse):

@@ -17,6 +17,7 @@ from stylegrad.pipelines.request import GenerationRequest
 from .errors import error
 from .jobs import wait
 from .responses import CancelAnswer, CodeAnswer, GenerateAnswer, JobProgress, ServerInfo, StyleList, StyleMade
+from .schema import server_limits
 
 # The fields' types are for the OpenAPI page and for parsing JSON; their defaults are read from the schema's
 # dataclasses, and every range, limit and name is checked by the one build (pipelines/request.py).
@@ -159,14 +160,14 @@ def routes(app, service) -> None:
         ((im, text),) = await wait(service.submit_generation(to_request(preview, service)))
         return {"code": body.code, "preview": png_b64(im, text), "infotext": text}
 
-    @app.get("/v1/progress/{task_id}", tags=["stylegrad"], response_model=JobProgress)
+    @app.get("/v1/progress/{task_id}", tags=["stylegrad"], response_model=JobProgress, name="task_progress")
     async def progress(task_id: str):
         job = service.queue.jobs.get(task_id)
         if job is None:
             return error(404, f"no task {task_id!r}", "task_id")
         return job.snapshot()
 
-    @app.post("/v1/cancel/{task_id}", tags=["stylegrad"], response_model=CancelAnswer)
+    @app.post("/v1/cancel/{task_id}", tags=["stylegrad"], response_model=CancelAnswer, name="cancel_task")
     async def cancel(task_id: str):
         job = service.queue.jobs.get(task_id)
         if job is None:
@@ -179,5 +180,4 @@ def routes(app, service) -> None:
         return {"model": service.model_name, "family": service.family, "styles": sorted(service.styles()),
                 "loras": sorted(service.loras()), "embeddings": sorted(service.embeddings()),
                 "samplers": [a for _, a in service.samplers()], "default_sampler": service.default_sampler(),
-                "limits": {**s.limits.as_dict(), **{k: getattr(s, k) for k in ("max_upload_bytes", "max_style_images",
-                                                                                "max_image_pixels", "max_waiting")}}}
+                "limits": server_limits(s)}

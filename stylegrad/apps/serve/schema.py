@@ -5,6 +5,8 @@ has an example body within those limits (what a client or a fuzzer such as schem
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from stylegrad.pipelines.limits import MAX_SEED
 
 from .settings import ServeSettings
@@ -60,9 +62,40 @@ def examples(s: ServeSettings) -> dict[str, dict]:
     }
 
 
-def with_limits(app, settings: ServeSettings) -> None:
-    """``app.openapi`` writes ``settings``' limits into the models' schemas and an example body within them into
-    each generation endpoint (once, as FastAPI caches it)."""
+def server_limits(s: ServeSettings) -> dict[str, int | None]:
+    """Every limit of this server by its flag's name: a request's and the uploads' (as /v1/info gives them)."""
+    return {**s.limits.as_dict(), **{k: getattr(s, k) for k in ("max_upload_bytes", "max_style_images",
+                                                                "max_image_pixels", "max_waiting")}}
+
+
+def _document_limits(schema: dict, s: ServeSettings, body_limit: Callable[[str], int]) -> None:
+    """The limits no field bound states: all of them under ``info.x-limits``, each operation's body limit in its
+    413 answer, the images of one style upload as its ``files``' maxItems."""
+    schema["info"]["x-limits"] = server_limits(s)
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            too_big = operation.get("responses", {}).get("413")
+            if too_big is not None:
+                too_big["description"] = f"request body over this path's limit here: {body_limit(path)} bytes"
+    files = schema.get("components", {}).get("schemas", {}).get("Body_make_style", {}).get("properties", {}).get(
+        "files")
+    if files is not None:
+        files.update(minItems=1, maxItems=s.max_style_images)
+
+
+def _binary_uploads(schema: dict) -> None:
+    """An uploaded file's schema also says ``format: binary``: pydantic writes only OpenAPI 3.1's
+    contentMediaType, which generators (openapi-python-client) read as a plain string and send as text."""
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        for prop in model.get("properties", {}).values():
+            for branch in (prop, prop.get("items", {})):
+                if branch.get("type") == "string" and branch.get("contentMediaType") == "application/octet-stream":
+                    branch["format"] = "binary"
+
+
+def with_limits(app, settings: ServeSettings, body_limit: Callable[[str], int]) -> None:
+    """``app.openapi`` writes ``settings``' limits into the models' schemas and the document, and an example body
+    within them into each generation endpoint (once, as FastAPI caches it)."""
     original = app.openapi
 
     def openapi() -> dict:
@@ -80,6 +113,8 @@ def with_limits(app, settings: ServeSettings) -> None:
                 if media is not None:
                     media["examples"] = {"within_limits": {"summary": "a small request within this server's "
                                                            "limits", "value": body}}
+            _document_limits(schema, settings, body_limit)
+            _binary_uploads(schema)
         return app.openapi_schema
 
     app.openapi = openapi
