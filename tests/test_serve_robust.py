@@ -241,33 +241,42 @@ def test_uploads_are_decoded_off_the_event_loop(generator, dirs, world, monkeypa
 
 
 # -- 6. A1111's interrupt and send_images ------------------------------------------------------------------------
-def test_interrupt_answers_with_the_image_so_far(generator, dirs, world):  # noqa: F811
-    c, service = make_client(generator, dirs, world)
+def _stopped_at_first_step(c, service, body: dict, endpoint: str):
+    """``body`` sent to txt2img while the worker is held; at the first image's first denoising step the request
+    waits until ``endpoint`` (interrupt, skip) has been posted. (the answer, the job, the denoising steps seen)"""
     gate, reached, go = threading.Event(), threading.Event(), threading.Event()
-    with c:
-        service.queue.submit(lambda job: gate.wait(120), "test")  # holds the worker while the request queues
-        results = {}
-        body = {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2}
-        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
-        t.start()
-        while service.queue.waiting == 0:
-            time.sleep(0.01)
-        job = list(service.queue.jobs.values())[-1]
-        real = job.step
+    service.queue.submit(lambda job: gate.wait(120), "test")  # holds the worker while the request queues
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
+    t.start()
+    while not (queued := [j for j in list(service.queue.jobs.values())
+                          if j.kind == "generate" and not j.future.done()]):
+        time.sleep(0.01)  # the request's own job (not the one holding the worker, nor an earlier request's)
+    job = queued[-1]
+    real, steps = job.step, []
 
-        def step(stage, done, total):  # the first image's first step waits for the interrupt
-            if stage == "denoising" and done == 1:
+    def step(stage, done, total):
+        if stage == "denoising":
+            steps.append(done)
+            if done == 1:
                 reached.set()
                 go.wait(120)
-            return real(stage, done, total)
+        return real(stage, done, total)
 
-        job.step = step
-        gate.set()
-        assert reached.wait(120)
-        assert c.post("/sdapi/v1/interrupt").status_code == 200
-        go.set()
-        t.join(120)
-        r = results["r"]
+    job.step = step
+    gate.set()
+    assert reached.wait(120)
+    assert c.post(endpoint).status_code == 200
+    go.set()
+    t.join(120)
+    return results["r"], job, steps
+
+
+def test_interrupt_answers_with_the_image_so_far(generator, dirs, world):  # noqa: F811
+    c, service = make_client(generator, dirs, world)
+    with c:
+        r, job, _ = _stopped_at_first_step(c, service, {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2},
+                                           "/sdapi/v1/interrupt")
         assert r.status_code == 200, r.text  # webuiapi reads it as any answer
         info = json.loads(r.json()["info"])
         assert len(r.json()["images"]) == 1 and info["all_seeds"] == [7]  # the second image never started
@@ -281,34 +290,10 @@ def test_skip_cuts_the_current_image_short_and_goes_on_with_the_next(generator, 
     """A1111's skip: the image being denoised ends at the next step (kept as it is); the request then makes its
     next image in full and answers with both. The skipped image is the interrupted one's, the next is whole."""
     c, service = make_client(generator, dirs, world)
-    gate, reached, go = threading.Event(), threading.Event(), threading.Event()
     body = {**WEBUIAPI_BODY, "steps": 20, "batch_size": 2}
     with c:
         whole = c.post("/sdapi/v1/txt2img", json=body).json()["images"]
-        service.queue.submit(lambda job: gate.wait(120), "test")  # holds the worker while the request queues
-        results = {}
-        t = threading.Thread(target=lambda: results.setdefault("r", c.post("/sdapi/v1/txt2img", json=body)))
-        t.start()
-        while service.queue.waiting == 0:
-            time.sleep(0.01)
-        job = list(service.queue.jobs.values())[-1]
-        real, steps = job.step, []
-
-        def step(stage, done, total):  # the first image's first step waits for the skip
-            if stage == "denoising":
-                steps.append(done)
-                if done == 1:
-                    reached.set()
-                    go.wait(120)
-            return real(stage, done, total)
-
-        job.step = step
-        gate.set()
-        assert reached.wait(120)
-        assert c.post("/sdapi/v1/skip").status_code == 200
-        go.set()
-        t.join(120)
-        r = results["r"]
+        r, _, steps = _stopped_at_first_step(c, service, body, "/sdapi/v1/skip")
         assert r.status_code == 200, r.text
         assert json.loads(r.json()["info"])["all_seeds"] == [7, 8]  # both images, unlike an interrupt
         images = r.json()["images"]
