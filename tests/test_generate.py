@@ -194,6 +194,18 @@ def test_generate_from_png_gives_the_same_pixels(world, tmp_path, capsys, shared
     assert "is not the one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_plms_runs_the_steps_asked_for(pipe, steps):
+    """A1111's and the paper's PLMS (LDM's sampler): no Runge-Kutta warm-up (with it, diffusers' PNDM fails below 4
+    steps and runs 13 UNet passes for 4); at most one pass more than the steps, for the first step's pseudo improved
+    Euler as in LDM."""
+    passes = []
+    image, _ = Generator(pipe).images(GenerationRequest("a cat", steps=steps, width=32, height=32, sampler="PLMS"),
+                                      progress=lambda stage, done, total: passes.append(total))[0]
+    assert len(set(passes)) == 1 and steps <= passes[0] <= steps + 1
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+
+
 def test_samplers_by_short_and_a1111_names(pipe):
     import importlib.util
 

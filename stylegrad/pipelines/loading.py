@@ -17,7 +17,7 @@ SDE = {"algorithm_type": "sde-dpmsolver++"}
 # short name -> (diffusers scheduler class, A1111's name, config changes): A1111's samplers that diffusers has
 SAMPLERS = {
     "ddim": ("DDIMScheduler", "DDIM", {}),
-    "pndm": ("PNDMScheduler", "PLMS", {}),
+    "pndm": ("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),  # LDM's PLMS: no Runge-Kutta warm-up steps
     "euler": ("EulerDiscreteScheduler", "Euler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a", {}),
     "euler_karras": ("EulerDiscreteScheduler", "Euler Karras", KARRAS),
