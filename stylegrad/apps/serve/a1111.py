@@ -198,6 +198,15 @@ def model_item(service) -> dict:
 
 
 def routes(app, service) -> None:
+    """A1111's /sdapi/v1 routes of this module: generation and png-info, the lists of what is loaded, and the
+    running job's progress, interrupt and skip (a1111_lists.py has the rest)."""
+    _generation_routes(app, service)
+    _list_routes(app, service)
+    _control_routes(app, service)
+
+
+def _generation_routes(app, service) -> None:
+    """txt2img, img2img (one job each through the one request schema) and png-info."""
     from starlette.concurrency import run_in_threadpool
 
     from stylegrad.pipelines.outputs import save_images
@@ -252,6 +261,18 @@ def routes(app, service) -> None:
     async def img2img(body: Img2Img):
         return await run(body, True)
 
+    @app.post("/sdapi/v1/png-info", tags=["A1111"], response_model=PNGInfoAnswer)
+    async def png_info(body: PNGInfoRequest):
+        """An image's infotext and its fields, as A1111 answers them."""
+        raw = await run_in_threadpool(decode_b64, body.image, s.max_upload_bytes, "image")
+        image = await read_image(raw, s.max_upload_bytes, "image", s.max_image_pixels)  # an image, or one error
+        info, items, fields = await run_in_threadpool(service.png_info, raw)
+        infotext = info if fields.get("tool") in ("automatic1111", "stylegrad") else ""  # not ComfyUI's graph
+        return png_info_answer(infotext, items, image.size)
+
+
+def _list_routes(app, service) -> None:
+    """sd-models, samplers, loras, embeddings: what this server has loaded or can load."""
     # the lists read files (hashes, folders, embeddings): plain functions, which FastAPI runs off the event loop
     @app.get("/sdapi/v1/sd-models", tags=["A1111"], response_model=list[ModelItem])
     def sd_models():
@@ -286,6 +307,9 @@ def routes(app, service) -> None:
             (loaded if fits else skipped)[name] = item
         return {"loaded": loaded, "skipped": skipped}
 
+
+def _control_routes(app, service) -> None:
+    """progress, interrupt and skip of the job that is running."""
     @app.get("/sdapi/v1/progress", tags=["A1111"], response_model=ProgressAnswer)
     async def progress(skip_current_image: bool = False):
         job = service.queue.current
@@ -321,12 +345,3 @@ def routes(app, service) -> None:
         if job is not None:
             job.skip()
         return {}
-
-    @app.post("/sdapi/v1/png-info", tags=["A1111"], response_model=PNGInfoAnswer)
-    async def png_info(body: PNGInfoRequest):
-        """An image's infotext and its fields, as A1111 answers them."""
-        raw = await run_in_threadpool(decode_b64, body.image, s.max_upload_bytes, "image")
-        image = await read_image(raw, s.max_upload_bytes, "image", s.max_image_pixels)  # an image, or one error
-        info, items, fields = await run_in_threadpool(service.png_info, raw)
-        infotext = info if fields.get("tool") in ("automatic1111", "stylegrad") else ""  # not ComfyUI's graph
-        return png_info_answer(infotext, items, image.size)
