@@ -19,6 +19,9 @@ Public API::
     gen.generate(GenerationRequest("a cat <lora:ink:0.7>", loras=("more.safetensors:0.5",)), "outputs")
     run_batch("jobs.jsonl", "out", WorkerSpec("sd15.safetensors"), ray=True)   # JSONL requests, local or on Ray
     train_textual_inversion(["pics/"], "tok.pt", "tok", model=m); train_lora(["pics/"], "ink.safetensors", model=m)
+    train_dreamartist(["pics/"], "da.pt", model=m)      # da.pt + da-neg.pt; "da" in a prompt adds da-neg to the negative
+    train_negative(["pics/"], "not-mine.pt", model=m); train_finetune(["pics/"], "models/mine", model=m)  # a folder
+    train_hypernetwork(["pics/"], "ink.pt", model=m)   # A1111's file (+ ink.pt.optim); "<hypernet:ink:0.8>" in prompts
     # ComfyUI: stylegrad/apps/comfyui is a custom-node folder (docs/comfyui.md)
 """
 
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports each name when first used
     from stylegrad.addons.embeddings import load_embedding
+    from stylegrad.addons.hypernetworks.formats import read_hypernetwork
     from stylegrad.addons.lora.network import LoraNetwork
     from stylegrad.aesthetic.embedding import embed_images
     from stylegrad.aesthetic.encoder import AestheticEncoder, EncodedPrompt
@@ -51,7 +55,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from stylegrad.pipelines.loading import load_pipeline
     from stylegrad.pipelines.request import GenerationRequest
     from stylegrad.stylecodes.facade import Stylecodes
-    from stylegrad.training.recipes import train_lora, train_textual_inversion
+    from stylegrad.training.hypernetwork import train_hypernetwork
+    from stylegrad.training.recipes import (
+        train_dreamartist,
+        train_finetune,
+        train_lora,
+        train_negative,
+        train_textual_inversion,
+    )
 
 _EXPORTS = {  # public name -> the module that defines it
     "AestheticEncoder": "stylegrad.aesthetic.encoder",
@@ -78,10 +89,15 @@ _EXPORTS = {  # public name -> the module that defines it
     "merge_checkpoints": "stylegrad.checkpoints.merge",
     "mix_styles": "stylegrad.files.styles",
     "read_generation_info": "stylegrad.files.pnginfo",
+    "read_hypernetwork": "stylegrad.addons.hypernetworks.formats",
     "run_batch": "stylegrad.jobs.batch",
     "save_style": "stylegrad.files.styles",
     "style_similarity": "stylegrad.evaluation.metrics",
+    "train_dreamartist": "stylegrad.training.recipes",
+    "train_finetune": "stylegrad.training.recipes",
+    "train_hypernetwork": "stylegrad.training.hypernetwork",
     "train_lora": "stylegrad.training.recipes",
+    "train_negative": "stylegrad.training.recipes",
     "train_textual_inversion": "stylegrad.training.recipes",
 }
 
@@ -110,10 +126,15 @@ __all__ = [  # the keys of _EXPORTS, written out for linters
     "merge_checkpoints",
     "mix_styles",
     "read_generation_info",
+    "read_hypernetwork",
     "run_batch",
     "save_style",
     "style_similarity",
+    "train_dreamartist",
+    "train_finetune",
+    "train_hypernetwork",
     "train_lora",
+    "train_negative",
     "train_textual_inversion",
 ]
 

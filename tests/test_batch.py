@@ -195,3 +195,31 @@ def test_output_to_an_fsspec_url(batch, local_run, tmp_path):
     summary, _ = run_batch(jobs, f"file://{tmp_path}/remote", spec, progress=False, threads=1)
     assert summary.done == 7 and _images(tmp_path / "remote") == _images(local_run[0])
     assert not list((tmp_path / "remote").rglob("*.tmp"))
+
+
+# The digest and the evaluation manifest's keys of this request as stylegrad 6dee632 (before IP-Adapter,
+# hypernetworks and target_gain) computed them, recorded by running that commit: folders it wrote must resume.
+_BEFORE_REQUEST = dict(prompt="a red circle", seed=3, style="s.safetensors", loras=("a.safetensors:0.5",))
+_BEFORE_DIGEST = "19713d13c9ed503b"
+_BEFORE_SETTINGS = {"cfg", "clip_model", "clip_skip", "embeddings", "height", "init_image", "loras", "model",
+                    "negative", "sampler", "steps", "strength", "stylecode", "stylecode_guidance", "stylecode_image",
+                    "stylecode_strength", "stylecodes_model", "weighting", "width"}
+_BEFORE_OPTIONS = {"betas", "eps", "lr", "personalize_negative", "regularization", "slerp", "target_similarity",
+                   "text", "text_angle", "text_negative", "towers", "weight"}
+
+
+def test_folders_made_before_later_fields_still_resume_and_set_fields_are_recorded():
+    from stylegrad.aesthetic.options import StyleOptions
+    from stylegrad.evaluation.experiment import manifest
+    from stylegrad.jobs.work import WorkItem
+    from stylegrad.pipelines.request import GenerationRequest
+
+    request = GenerationRequest(**_BEFORE_REQUEST, style_options=StyleOptions(steps=7))
+    assert WorkItem(request, "x.png", "line 1").digest == _BEFORE_DIGEST
+    m = manifest(request, ["a red circle"], {}, [0, 5], [0])
+    assert set(m["settings"]) == _BEFORE_SETTINGS and set(m["style_options"]) == _BEFORE_OPTIONS
+    # a later field that is set changes what is recorded, so an older folder is not taken for this run
+    hyper = GenerationRequest(**_BEFORE_REQUEST, hypernetworks=("h.pt:0.5",), style_options=StyleOptions(steps=7))
+    assert WorkItem(hyper, "x.png", "line 1").digest != _BEFORE_DIGEST
+    gain = GenerationRequest(**_BEFORE_REQUEST, style_options=StyleOptions(steps=7, target_gain=0.3))
+    assert "target_gain" in manifest(gain, ["a red circle"], {}, [0, 5], [0])["style_options"]

@@ -9,6 +9,7 @@ key, SDXL ``clip_l`` + ``clip_g``. The trigger word is the file stem, A1111's ru
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,33 @@ def load_embedding(path: str | os.PathLike, name: str | None = None) -> Embeddin
     if any(not torch.isfinite(v).all() for v in parts.values()):
         raise StylegradError(f"{path} holds NaN or infinite values")
     return Embedding(name or Path(path).stem, parts, str(path))
+
+
+# DreamArtist's pairs (training/dreamartist.py): NAME.pt for the prompt and NAME-neg.pt for the negative prompt
+NEGATIVE_TWIN = "-neg"
+
+
+def twin_file(path: str | os.PathLike) -> Path | None:
+    """The negative twin beside an embedding file (``NAME-neg`` with any embedding extension), or None."""
+    path = Path(path)
+    for ext in dict.fromkeys((path.suffix.lower(), *EXTENSIONS)):
+        twin = path.with_name(path.stem + NEGATIVE_TWIN + ext)
+        if ext in EXTENSIONS and twin.is_file():
+            return twin
+    return None
+
+
+def _written(name: str, text: str) -> bool:
+    """Whether ``name`` stands as a word in ``text`` (not part of a longer word such as ``name-neg``; any case,
+    as CLIP's tokenizer reads it)."""
+    return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.IGNORECASE) is not None
+
+
+def missing_twins(prompt: str, negative: str, names: set[str]) -> list[str]:
+    """The ``NAME-neg`` of every NAME among ``names`` the prompt writes, whose twin is among ``names`` and that the
+    negative prompt lacks: what completes DreamArtist's pairs."""
+    return [n + NEGATIVE_TWIN for n in sorted(names) if n + NEGATIVE_TWIN in names and _written(n, prompt)
+            and not _written(n + NEGATIVE_TWIN, negative)]
 
 
 def parse_embedding_arg(text: str) -> tuple[str, str | None]:

@@ -86,6 +86,7 @@ class AestheticEncoder:
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._noted: set[str] = set()
         self.similarities: dict[str, list[list[float]]] = {}  # tower -> cosines per step, of the last prompts tuned
+        self.steps_taken: dict[str, list[int]] = {}  # tower -> Adam steps each of them took (a goal stops early)
         self.last_embeddings: list[str] = []  # the textual-inversion words the last prompts used
 
     @classmethod
@@ -115,6 +116,14 @@ class AestheticEncoder:
         if len(self.towers) == 1:
             return self.similarities.get(next(iter(self.towers)), [])
         return self.similarities
+
+    @property
+    def last_steps(self):
+        """The Adam steps each prompt tuned by the last ``encode`` took (fewer than asked where the consistent
+        mode's goal stopped it): a list for a one-tower encoder, else a dict by tower."""
+        if len(self.towers) == 1:
+            return self.steps_taken.get(next(iter(self.towers)), [])
+        return self.steps_taken
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """CLIP text embedding (P,) of ``text`` with the original weights (the one tower's)."""
@@ -190,7 +199,7 @@ class AestheticEncoder:
                   loras.key() if loras else (), weighting)
         # where and in what precision the towers run: a pipeline moved or cast since gives other results
         placement = tuple((str(t.device), str(t.dtype)) for t in self.towers.values())
-        self.similarities = {}
+        self.similarities, self.steps_taken = {}, {}
         self.last_embeddings = []
         entries = []
         try:
@@ -306,7 +315,9 @@ class AestheticEncoder:
             base = {**tower.text_tower.base, **merged} if merged else None
         result = personalize(tower.text_tower, chunks.ids.to(tower.device), target, steps=options.steps,
                              adam=options.adam(tower.device), regularization=options.regularization,
-                             target_similarity=options.target_similarity, clip_skip=clip_skip, callback=callback,
+                             target_similarity=options.target_similarity, target_gain=options.target_gain,
+                             clip_skip=clip_skip, callback=callback,
                              extra_rows=chunks.extra, base=base, keep_weights=keep_weights, engine=self.engine)
         self.similarities.setdefault(name, []).append(result.similarities)
+        self.steps_taken.setdefault(name, []).append(result.steps)
         return result

@@ -18,6 +18,13 @@ def _opt(default, help: str, infotext: str | None = None):
     return field(default=default, metadata={"help": help, "infotext": infotext})
 
 
+# The consistent mode as measured on the small world (bench/consistency.py; bench/methods.py's row): every prompt
+# tuned until its text embedding's cosine to the style reaches 0.5, at most 50 steps, at the world's rate (DEMO_LR):
+# StyleOptions(lr=DEMO_LR, **CONSISTENT_DEFAULTS). The goal is a cosine in the style's CLIP space, so another model
+# or style wants its own (target_gain, relative to each prompt's start, carries over without one).
+CONSISTENT_DEFAULTS = {"steps": 50, "target_similarity": 0.5}
+
+
 @dataclass(frozen=True)
 class StyleOptions:
     """How strongly and in which way a style personalizes a prompt (defaults: the paper's)."""
@@ -37,8 +44,11 @@ class StyleOptions:
                                "Aesthetic text negative")
     regularization: float = _opt(0.0, "penalty on the mean squared distance of the 77 tuned conditioning states "
                                  "from the original ones", "Aesthetic regularization")
-    target_similarity: float | None = _opt(None, "stop early once the prompt's cosine to the style reaches this",
-                                           "Aesthetic target similarity")
+    target_similarity: float | None = _opt(None, "consistent strength: stop each prompt once its cosine to the "
+                                           "style reaches this (steps becomes a cap)", "Aesthetic target similarity")
+    target_gain: float | None = _opt(None, "consistent strength: stop each prompt once its cosine to the style has "
+                                     "closed this fraction of its starting distance to 1 (steps becomes a cap)",
+                                     "Aesthetic target gain")
     personalize_negative: bool = _opt(False, "also tune the negative prompt (as the AUTOMATIC1111 extension)",
                                       "Aesthetic personalize negative")
     towers: str = _opt("both", "SDXL: the text towers to tune, l (CLIP-L), g (OpenCLIP bigG) or both; SD1.x/SD2.x "
@@ -61,6 +71,10 @@ class StyleOptions:
             checks.append(
                 ("target_similarity", self.target_similarity, -1.0 < self.target_similarity <= 1.0, "in (-1, 1]")
             )
+        if self.target_gain is not None:
+            checks.append(("target_gain", self.target_gain, 0.0 < self.target_gain <= 1.0, "in (0, 1]"))
+            checks.append(("target_similarity", self.target_similarity, self.target_similarity is None,
+                           "unset with target_gain (one goal at a time)"))
         for name, value, ok, want in checks:
             if not ok:
                 raise StylegradError(f"style option {name}={value!r} must be {want}")

@@ -26,6 +26,7 @@ from stylegrad.aesthetic.adam import AdamSettings
 from stylegrad.aesthetic.engine import EngineSettings, resolve
 from stylegrad.aesthetic.eos_forward import TunedWeights, is_matrix
 from stylegrad.aesthetic.memory import fall_back, free_bytes, out_of_memory, rebuilt_bytes
+from stylegrad.aesthetic.method import goal
 from stylegrad.aesthetic.tower import TextTower
 from stylegrad.errors import StylegradError
 from stylegrad.prompts.chunks import gather_rows
@@ -40,6 +41,7 @@ class Personalized:
     text_embedding: torch.Tensor | None = None  # (1, P): the tuned CLIP text embedding (SDXL's pooled embeds)
     weights: dict[str, torch.Tensor] | None = None  # with keep_weights: the tuned tensors (token table: ``rows``)
     rows: torch.Tensor | None = None  # (U,) the token-table rows ``weights``' token table holds, in order
+    steps: int = 0  # the Adam steps taken (fewer than asked where a goal stopped the prompt)
 
 
 def first_eos(ids: torch.Tensor, eos_token_id: int) -> int:
@@ -58,6 +60,7 @@ def personalize(
     adam: AdamSettings,
     regularization: float = 0.0,
     target_similarity: float | None = None,
+    target_gain: float | None = None,
     clip_skip: int | None = None,
     callback: Callable[[int, float], None] | None = None,
     extra_rows: torch.Tensor | None = None,
@@ -67,6 +70,10 @@ def personalize(
 ) -> Personalized:
     """Adam on the text transformer (embeddings, layers, final norm; not the projection) to maximize
     cos(proj(h_EOS), target), then the tuned encoder's hidden states for the full prompt.
+
+    ``target_similarity`` (absolute) or ``target_gain`` (relative: the starting cosine plus this fraction of its
+    distance to 1): the consistent mode, ``steps`` a cap; the prompt stops before the first step whose cosine is at
+    or past the goal (``method.goal``), as the method does.
 
     ``regularization`` (lambda) adds lambda * mean((z - z0)^2) over the 77 x H conditioning states the UNet reads
     (z tuned, z0 original): every row the UNet sees is held, padding included, since it reads all of them; and as a
@@ -91,8 +98,8 @@ def personalize(
     rows, local_all = rows.to(device), local_all.to(device)
     eos_path = regularization == 0
     attempt = partial(_attempt, tower, base, chunks, local_all, rows, eos, target, steps=steps, adam=adam,
-                      regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
-                      extra_rows=extra_rows, keep_weights=keep_weights)
+                      regularization=regularization, target_similarity=target_similarity, target_gain=target_gain,
+                      clip_skip=clip_skip, extra_rows=extra_rows, keep_weights=keep_weights)
     settings = resolve(engine)
     reported = _Reported(callback)
     try:
@@ -154,8 +161,8 @@ def _no_memory(base: dict[str, torch.Tensor], matrices: dict[str, torch.Tensor],
 def _attempt(tower: TextTower, base: dict[str, torch.Tensor], chunks: torch.Tensor, local_all: torch.Tensor,
              rows: torch.Tensor, eos: int, target: torch.Tensor, callback: Callable[[int, float], None],
              engine: EngineSettings, *, steps: int, adam: AdamSettings, regularization: float,
-             target_similarity: float | None, clip_skip: int | None, extra_rows: torch.Tensor | None,
-             keep_weights: bool) -> Personalized:
+             target_similarity: float | None, target_gain: float | None, clip_skip: int | None,
+             extra_rows: torch.Tensor | None, keep_weights: bool) -> Personalized:
     """One try at the tuning, from the original tensors (never written) with ``engine``'s settings."""
     params = {name: gather_rows(t, extra_rows, rows) if name == TOKEN else t for name, t in base.items()}
     eos_path = regularization == 0
@@ -166,16 +173,16 @@ def _attempt(tower: TextTower, base: dict[str, torch.Tensor], chunks: torch.Tens
         tuned = TunedWeights(tower, params, adam if eos_path else None, keep_copies=keep_weights, engine=engine)
         try:
             return _tune(tower, tuned, chunks, local_all, eos, target, steps=steps, adam=adam,
-                         regularization=regularization, target_similarity=target_similarity, clip_skip=clip_skip,
-                         callback=callback, rows=rows, keep_weights=keep_weights)
+                         regularization=regularization, target_similarity=target_similarity, target_gain=target_gain,
+                         clip_skip=clip_skip, callback=callback, rows=rows, keep_weights=keep_weights)
         finally:
             tuned.release()  # its memory goes to the next prompt (workspace.py)
 
 
 def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all: torch.Tensor, eos: int,
           target: torch.Tensor, *, steps: int, adam: AdamSettings, regularization: float,
-          target_similarity: float | None, clip_skip: int | None, callback: Callable[[int, float], None] | None,
-          rows: torch.Tensor, keep_weights: bool) -> Personalized:
+          target_similarity: float | None, target_gain: float | None, clip_skip: int | None,
+          callback: Callable[[int, float], None] | None, rows: torch.Tensor, keep_weights: bool) -> Personalized:
     local, eos_path = local_all[0], regularization == 0
     if eos_path:
         objective = _eos_objective(tower, tuned, local[: eos + 1], target)  # the EOS state sees only these tokens
@@ -184,17 +191,21 @@ def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all
     optimizer = adam.optimizer(tuned.small_parameters())
 
     similarities: list[float] = []
-    sim = loss = None
+    sim = loss = stop = None
+    taken = 0
     for step in range(steps):
         sim, loss = objective()
         similarities.append(_number(sim.detach()))
         if callback is not None:
             callback(step, similarities[-1])
-        if target_similarity is not None and similarities[-1] >= target_similarity:
+        if step == 0:
+            stop = goal(similarities[0], target_similarity, target_gain)  # the consistent mode's, or None
+        if stop is not None and similarities[-1] >= stop:
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # on the EOS path the large weights take their Adam step in here (or at their next product)
         optimizer.step()
+        taken += 1
     del objective, optimizer, sim, loss  # the last graph and the small parameters' moments
 
     keep, norm = tower.cond_layer(clip_skip), not tower.sdxl
@@ -205,7 +216,7 @@ def _tune(tower: TextTower, tuned: TunedWeights, chunks: torch.Tensor, local_all
     similarities.append(_number(final))
     more = [tuned.encode(c, keep, norm) for c in local_all[1:]]  # the other chunks, on the tuned tensors
     kept = (tuned.params, rows) if keep_weights else (None, None)
-    return Personalized(torch.stack([hidden, *more]), similarities, embedding, *kept)
+    return Personalized(torch.stack([hidden, *more]), similarities, embedding, *kept, steps=taken)
 
 
 def _number(t: torch.Tensor) -> float:

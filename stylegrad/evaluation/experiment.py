@@ -32,7 +32,7 @@ from stylegrad.jobs.manifest import check_manifest
 from stylegrad.jobs.plan import Job, plan, safe_name
 from stylegrad.pipelines.generation import Generator
 from stylegrad.pipelines.grids import label_grid
-from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.pipelines.request import LATER_STYLE_FIELDS, GenerationRequest, without_later_defaults
 
 
 def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -171,8 +171,10 @@ def grid(jobs: list[Job], style: str, steps: list[int], out: Path, thumb: int = 
 def manifest(base: GenerationRequest, prompts: list[str], styles: dict[str, tuple[str, Style]], steps: list[int],
              seeds: list[int]) -> dict:
     """Everything the images of an evaluation depend on."""
-    settings = {k: v for k, v in base.__dict__.items() if k not in ("prompt", "seed", "style", "style_options")}
-    options = {k: v for k, v in base.style_options.__dict__.items() if k != "steps"}
+    settings = without_later_defaults(
+        {k: v for k, v in base.__dict__.items() if k not in ("prompt", "seed", "style", "style_options")})
+    options = without_later_defaults({k: v for k, v in base.style_options.__dict__.items() if k != "steps"},
+                                     LATER_STYLE_FIELDS)
     return {"settings": settings, "style_options": options, "prompts": prompts,
             "styles": {n: s.digest for n, (_, s) in styles.items()}, "style_steps": sorted(set(steps)), "seeds": seeds}
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch is imported only for torch pickles and by the loaders
 
 STYLE_KEY = "aesthetic_embedding"  # stylegrad's own style files
 STYLE_FORMAT = "stylegrad.style"
-KINDS = ("style", "textual-inversion", "lora", "checkpoint", "image", "other")
+KINDS = ("style", "textual-inversion", "lora", "ip-adapter", "hypernetwork", "checkpoint", "image", "other")
 
 WIDTHS = {
     768: "CLIP ViT-L/14, Stable Diffusion 1.x",
@@ -82,6 +82,7 @@ class _Content:
     obj: Any = None
     metadata: dict[str, str] = field(default_factory=dict)
     header: Header | None = None  # safetensors: the header, for reading a small vector without torch
+    name: str = ""  # the file's name (an IP-Adapter's variant light or plus-face is told by it alone)
 
 
 def _dtype_name(dtype) -> str:
@@ -292,6 +293,46 @@ def _list_lora(c: _Content) -> dict:
                 "cannot be mapped to the model's layers")
 
 
+def _ip_adapter(c: _Content) -> dict:
+    from stylegrad.addons.ipadapter.shapes import adapter_shape
+
+    try:
+        shape = adapter_shape(c.shapes, c.name)
+    except StylegradError as e:
+        return dict(kind="ip-adapter", format=c.container, detail=str(e))
+    return dict(kind="ip-adapter", format=shape.variant, family=shape.family, width=shape.image_width,
+                dtype=next(iter(c.dtypes.values()), None), detail=shape.describe() + ": a reference-picture adapter "
+                "(generate --ip-adapter), not a style")
+
+
+def _is_ip_adapter(c: _Content) -> bool:
+    from stylegrad.addons.ipadapter.shapes import is_ip_adapter
+
+    return is_ip_adapter(c.shapes)
+
+
+def _is_hypernetwork(c: _Content) -> bool:
+    """A1111's hypernetwork: a dict whose integer keys (context widths) hold pairs of module state dicts."""
+    if not isinstance(c.obj, dict):
+        return False
+    widths = [v for k, v in c.obj.items() if isinstance(k, int) and not isinstance(k, bool)]
+    return bool(widths) and all(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(m, dict) for m in v)
+                                for v in widths)
+
+
+def _hypernetwork(c: _Content) -> dict:
+    from stylegrad.addons.hypernetworks.formats import from_payload
+
+    try:
+        f = from_payload(c.obj, Path(c.name))
+    except StylegradError as e:
+        return dict(kind="hypernetwork", format="a1111", detail=f"an A1111 hypernetwork that cannot be used: {e}")
+    return dict(kind="hypernetwork", format="novelai" if f.novelai else "a1111",
+                name=f.settings.name, step=f.settings.step or None, dtype=next(iter(c.dtypes.values()), None),
+                detail=f"an A1111 hypernetwork ({f.describe()}): generate --hypernetwork FILE:MULT or "
+                "<hypernet:NAME:MULT> in a prompt, not a style")
+
+
 # (test, describe): the first rule whose test matches describes the file
 RULES: list[tuple[Callable[[_Content], bool], Callable[[_Content], dict]]] = [
     (lambda c: STYLE_KEY in c.shapes and _is_vector_shape(c.shapes[STYLE_KEY]),
@@ -302,6 +343,8 @@ RULES: list[tuple[Callable[[_Content], bool], Callable[[_Content], dict]]] = [
      lambda c: _textual_inversion("a1111", next(k for k in c.shapes if k.startswith("string_to_param.")))(c)),
     (lambda c: "emb_params" in c.shapes, _textual_inversion("kohya", "emb_params")),
     (lambda c: "clip_l" in c.shapes and "clip_g" in c.shapes, _ti_sdxl),
+    (_is_ip_adapter, _ip_adapter),
+    (_is_hypernetwork, _hypernetwork),
     (_has(r"^(unet|text_encoder):\d+:(up|down)$"), _lora("lora-diffusion", "a cloneofsimo lora_diffusion LoRA")),
     (_has(r"\.hada_w1_a$", r"\.hada_t1$"), _lora("lycoris-loha", "a LyCORIS LoHa")),
     (_has(r"\.lokr_w1(_a)?$"), _lora("lycoris-lokr", "a LyCORIS LoKr")),
@@ -381,6 +424,7 @@ def _recognize(path: Path) -> tuple[FileInfo, _Content | None, str | None]:
             return other(sniffed, f"a {what} that is not a readable torch file ({e}); truncated or corrupt?")
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             return other("safetensors", f"not a readable safetensors file ({type(e).__name__}); truncated or corrupt?")
+    content.name = path.name
     for test, describe in RULES:
         if test(content):
             fields = describe(content)

@@ -15,7 +15,7 @@ from stylegrad.jobs.work import WorkItem
 from stylegrad.pipelines.request import GenerationRequest, build
 
 STYLE_FIELDS = {f.name for f in fields(StyleOptions)}
-PATH_FIELDS = ("style", "init_image", "stylecode_image", "clip_model", "stylecodes_model")
+PATH_FIELDS = ("style", "init_image", "stylecode_image", "clip_model", "stylecodes_model", "ip_adapter", "ip_image_encoder")
 EXAMPLE = ('{"prompt": "a lighthouse at dusk", "seed": 1, "n": 4, "style": "styles/mine.safetensors", '
            '"style_options": {"steps": 10}}')
 
@@ -50,7 +50,7 @@ def request_from_fields(data: dict, model: str, base: Path) -> tuple[GenerationR
     for key in PATH_FIELDS:
         if key in data:
             data[key] = _resolve(data[key], base)
-    for key in ("loras", "embeddings"):
+    for key in ("loras", "embeddings", "ip_images"):
         if isinstance(data.get(key), str):
             data[key] = [data[key]]
         if isinstance(data.get(key), list):

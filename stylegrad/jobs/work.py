@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from stylegrad.errors import describe as one_line  # noqa: F401 - the runners' name for the one description
-from stylegrad.pipelines.request import GenerationRequest
+from stylegrad.pipelines.request import GenerationRequest, recorded
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class WorkItem:
     @property
     def digest(self) -> str:
         """The request, hashed: a rerun that asks another image for the same file is refused."""
-        data = json.dumps(asdict(self.request), sort_keys=True, default=str)
+        data = json.dumps(recorded(self.request), sort_keys=True, default=str)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 

@@ -34,11 +34,13 @@ class Generator:
     of stylegrad's own sharing its components (run.py)."""
 
     def __init__(self, pipe, model: str | None = None, clip_model=None, siglip_model: str | None = None,
-                 embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None):
-        """``embeddings_dirs`` / ``loras_dirs``: folders of textual-inversion embeddings and LoRAs, like A1111's
-        ``embeddings/`` and ``models/Lora`` (default: $STYLEGRAD_EMBEDDINGS_DIR, $STYLEGRAD_LORAS_DIR)."""
+                 embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None,
+                 hypernetworks_dirs: list[str] | None = None):
+        """``embeddings_dirs`` / ``loras_dirs`` / ``hypernetworks_dirs``: folders of textual-inversion embeddings,
+        LoRAs and hypernetworks, like A1111's ``embeddings/``, ``models/Lora`` and ``models/hypernetworks``
+        (default: $STYLEGRAD_EMBEDDINGS_DIR, $STYLEGRAD_LORAS_DIR, $STYLEGRAD_HYPERNETWORKS_DIR)."""
         self.pipe = pipe
-        self.addons = Addons(pipe, embeddings_dirs, loras_dirs)
+        self.addons = Addons(pipe, embeddings_dirs, loras_dirs, hypernetworks_dirs)
         self.model = model
         # clip_model, siglip_model (the image encoder codes are made with; default the published one): the runner's
         self.runner = Runner(pipe, self.addons, clip_model, siglip_model)
@@ -56,14 +58,14 @@ class Generator:
     def load(cls, model: str, device: str | torch.device | None = None, clip_model=None,
              siglip_model: str | None = None, vae: str | None = None, models_dir: str | None = None,
              embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None,
-             dtype: str | torch.dtype | None = None) -> Generator:
+             dtype: str | torch.dtype | None = None, hypernetworks_dirs: list[str] | None = None) -> Generator:
         """``model``: a hub id, a diffusers folder, a .safetensors/.ckpt file, or a file's name in the models
         folder (``models_dir`` or $STYLEGRAD_MODELS_DIR). ``device``, ``dtype``: stylegrad.devices' policy."""
         from stylegrad.checkpoints.library import resolve_model
 
         path = resolve_model(model, models_dir)
         return cls(load_pipeline(path, device, vae=vae, dtype=dtype), path, clip_model, siglip_model, embeddings_dirs,
-                   loras_dirs)
+                   loras_dirs, hypernetworks_dirs)
 
     def encoder(self, clip_model=None) -> AestheticEncoder:
         """The aesthetic encoder for this pipeline (SD1.x/SD2.x: one tower; SDXL: both), one per CLIP model."""
@@ -86,6 +88,7 @@ class Generator:
         loaded); ``pooled`` holds SDXL's pooled embeddings (empty for SD1/SD2). ``addons``: the request's LoRAs
         and embeddings (resolved here when not given); the embeddings it used are in ``self.last_embeddings``.
         (``encoder(...).encode`` gives the same tensors as one ``EncodedPrompt``.)"""
+        request = self.addons.paired(request)  # DreamArtist's NAME-neg in the negative prompt
         e, self.last_embeddings = self.runner.conditioning(request, style, addons or self.request_addons(request),
                                                            desc, progress)
         return e.prompt_embeds, e.negative_prompt_embeds, pooled_kwargs(e)
@@ -100,6 +103,7 @@ class Generator:
         rather than as ``request.init_image``'s path (resized as that would be)."""
         if n < 1:
             raise StylegradError(f"n must be >= 1, got {n}")
+        request = self.addons.paired(request)  # DreamArtist's NAME-neg in the negative prompt, and in the PNG
         run = self.runner.condition(self.runner.prepare(request, init_image), progress)
         self.last_embeddings = run.embeddings_used
         fields = run.addons.infotext_fields(run.embeddings_used)
@@ -123,6 +127,7 @@ class Generator:
         send requests that differ only in prompt, style and seed. They must share what the pipeline call takes
         (sampler, steps, guidance, size) and have no LoRA, stylecode or init image. Each image equals its request
         run alone up to float rounding (a batch takes other kernels), so pixels may differ by one level."""
+        requests = [self.addons.paired(r) for r in requests]
         first = requests[0]
         shared = lambda r: (r.sampler, r.steps, r.cfg, r.width, r.height, r.model, r.clip_model)  # noqa: E731
         if any(shared(r) != shared(first) or r.loras or r.init_image or r.uses_stylecode for r in requests):
@@ -136,6 +141,10 @@ class Generator:
             addons = self.request_addons(r)
             if addons.loras:
                 raise StylegradError("a request with LoRAs (a <lora:...> tag) cannot join a batch")
+            if addons.hypernetworks:
+                raise StylegradError("a request with hypernetworks (a <hypernet:...> tag) cannot join a batch")
+            if r.ip_adapter is not None:
+                raise StylegradError("a request with an IP-Adapter cannot join a batch")
             e, used = self.runner.conditioning(r, style, addons, progress=progress)
             self.last_embeddings = used
             parts.append((r, style, e, addons.infotext_fields(used)))
@@ -162,6 +171,7 @@ class Generator:
         """The paper's figure: the same seeds without the style and with it at each number of steps, one grid."""
         if request.style is None:
             raise StylegradError("a comparison needs a style")
+        request = self.addons.paired(request)
         run = self.runner.prepare(request)
         columns = [0] + [k for k in dict.fromkeys(sweep) if k > 0]
         requests = [replace(request, style_options=replace(request.style_options, steps=k)) for k in columns]

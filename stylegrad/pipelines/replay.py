@@ -15,6 +15,7 @@ from stylegrad.pipelines.request import GenerationRequest, expected_style_digest
 
 
 def request_from_png(path: str | Path, embeddings_dirs: list[str] | None = None, loras_dirs: list[str] | None = None,
+                     *, ipadapter_dirs: list[str] | None = None, hypernetworks_dirs: list[str] | None = None,
                      **overrides) -> GenerationRequest:
     """The request a stylegrad PNG records (an A1111 PNG gives its settings), with ``overrides`` (e.g. ``model=``,
     ``style=``) that are not None. What the image asks for and cannot be had here (a sampler with no equivalent,
@@ -23,12 +24,19 @@ def request_from_png(path: str | Path, embeddings_dirs: list[str] | None = None,
     if info is None or info.tool not in ("stylegrad", "automatic1111"):
         raise StylegradError(f"{path} has no generation parameters stylegrad can regenerate from")
     request = request_from_infotext(info.raw)
-    for line in foreign_notes(info.raw) + _addon_notes(info.raw, embeddings_dirs, loras_dirs):
+    for line in foreign_notes(info.raw) + _addon_notes(info.raw, embeddings_dirs, loras_dirs) + \
+            _hypernetwork_notes(request.prompt, info.raw, hypernetworks_dirs):
         note(f"{Path(path).name}: {line}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "style" in changes and request.style is None:
         raise StylegradError(f"{path} was made without a style, so a style cannot replace its own")
     request = replace(request, **changes)
+    if request.ip_adapter is not None:  # its file by path or name, its pictures and their hashes
+        from stylegrad.addons.ipadapter.replay import replay_ip_adapter
+
+        request, ip_notes = replay_ip_adapter(request, parse_infotext(info.raw)[2], ipadapter_dirs)
+        for line in ip_notes:
+            note(f"{Path(path).name}: {line}")
     if request.style is not None:
         digest = expected_style_digest(info.raw)
         style = load_style(request.style)
@@ -62,6 +70,24 @@ def _addon_notes(text: str, embeddings_dirs, loras_dirs) -> list[str]:
         if found is not None and lora_hash(found) != digest:
             notes.append(f"LoRA '{name}' differs from the one the image was made with ({lora_hash(found)}, the "
                          f"image records {digest})")
+    return notes
+
+
+def _hypernetwork_notes(prompt: str, text: str, dirs) -> list[str]:
+    """The prompt's hypernetworks (old A1111 'Hypernet' lines are tags by now) missing from the folders, or not the
+    files the image records ('Hypernet hashes': A1111's short hash)."""
+    from stylegrad.addons.hypernetworks.library import HypernetworkLibrary, hypernetwork_hash
+    from stylegrad.prompts.syntax import hypernet_tags
+
+    library, recorded = HypernetworkLibrary(dirs), _recorded(parse_infotext(text)[2].get("Hypernet hashes"))
+    notes = []
+    for tag in hypernet_tags(prompt):
+        found = library.find(tag.name)
+        if found is None:
+            notes.append(f"hypernetwork '{tag.name}' is not in the hypernetwork folders: generated without it")
+        elif recorded.get(tag.name, hypernetwork_hash(found)) != hypernetwork_hash(found):
+            notes.append(f"hypernetwork '{tag.name}' differs from the one the image was made with "
+                         f"({hypernetwork_hash(found)}, the image records {recorded[tag.name]})")
     return notes
 
 

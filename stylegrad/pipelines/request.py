@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +28,7 @@ MAX_CLIP_SKIP = 11  # A1111's 'Clip skip' 12
 MAX_STYLECODE_STRENGTH = 10.0
 MAX_STYLE_WEIGHT = 10.0  # beyond [0, 1] (without slerp) the blend extrapolates; further than this is noise
 MAX_REGULARIZATION = 1e6
+MAX_IP_SCALE = 10.0  # IP-Adapter's image attention beyond 10x the text's only makes noise
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,25 @@ class GenerationRequest:
     stylecodes_model: str | None = None
     loras: tuple[str, ...] = ()  # 'FILE_OR_NAME[:TE[:UNET]]', besides the prompt's <lora:...> tags
     embeddings: tuple[str, ...] = ()  # textual-inversion files 'FILE[:TOKEN]', besides the embeddings folders
+    hypernetworks: tuple[str, ...] = ()  # 'FILE_OR_NAME[:MULT]', before the prompt's <hypernet:...> tags
+    hypernetwork_reading: str = "a1111"  # a file without activate_output: 'a1111' reads it on, 'comfyui' off
     weighting: bool = True  # read A1111's emphasis syntax; False: brackets are plain text
+    ip_adapter: str | None = None  # IP-Adapter file, or a name in the ipadapter folders (STYLEGRAD_IPADAPTER_DIR)
+    ip_images: tuple[str, ...] = ()  # its reference pictures, their embeddings averaged (none: the style's, if sound)
+    ip_scale: float = 1.0  # how strongly the pictures act (diffusers' set_ip_adapter_scale)
+    ip_style: bool = False  # InstantStyle: the pictures act only on the family's style blocks
+    ip_blocks: str | None = None  # more blocks ('layout', 'up.block_0', 'down.block_2:0,1'; see ipadapter/blocks.py)
+    ip_image_encoder: str | None = None  # the CLIP vision encoder (folder, file or hub id); default: found
 
     def __post_init__(self):
-        for name in ("loras", "embeddings"):
+        for name in ("loras", "embeddings", "ip_images"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise RequestError(name, f"must be a list of texts, got {value!r}"[:200])
             object.__setattr__(self, name, tuple(value))
+        if isinstance(self.hypernetworks, str) or not isinstance(self.hypernetworks, (list, tuple)):
+            raise RequestError("hypernetworks", f"must be a list of texts, got {self.hypernetworks!r}"[:200])
+        object.__setattr__(self, "hypernetworks", tuple(self.hypernetworks))
         if self.sampler is not None:
             _text(self.sampler, "sampler", optional=True)
             try:
@@ -163,6 +175,7 @@ def _style_values(values: dict, prefix: str = "style_options.") -> None:
         "text_negative": _flag,
         "regularization": lambda v, n: _real(v, n, 0.0, MAX_REGULARIZATION),
         "target_similarity": lambda v, n: v is None or _real(v, n, -1.0, 1.0, above=True),
+        "target_gain": lambda v, n: v is None or _real(v, n, 0.0, 1.0, above=True),
         "personalize_negative": _flag,
         "towers": lambda v, n: None if v in ("l", "g", "both") else _fail(n, f"must be l, g or both, got {_shown(v)}"),
         "eps": lambda v, n: _real(v, n, 0.0, 1.0, above=True),
@@ -215,8 +228,10 @@ def _validate(r: GenerationRequest) -> None:
         _lora_arg(spec, f"loras[{i}]")
     for i, spec in enumerate(r.embeddings):
         _text(spec, f"embeddings[{i}]")
+    _hypernetwork_fields(r)
     if r.stylecode and r.stylecode_image:
         raise RequestError("stylecode_image", "give stylecode or {field}, not both")
+    _ip_adapter_fields(r)
     if r.stylecode:
         from stylegrad.stylecodes.codec import parse_weighted
 
@@ -224,6 +239,81 @@ def _validate(r: GenerationRequest) -> None:
             parse_weighted(r.stylecode)  # a bad code fails before any model loads
         except StylegradError as e:
             raise RequestError("stylecode", "{field}: " + str(e)) from None
+
+
+def _ip_adapter_fields(r: GenerationRequest) -> None:
+    """IP-Adapter's fields: the pictures (or ``style``) only with an adapter, the block spec parsed now."""
+    for name in ("ip_adapter", "ip_blocks", "ip_image_encoder"):
+        _text(getattr(r, name), name, optional=True)
+    for i, image in enumerate(r.ip_images):
+        _text(image, f"ip_images[{i}]")
+    _real(r.ip_scale, "ip_scale", 0.0, MAX_IP_SCALE)
+    _flag(r.ip_style, "ip_style")
+    if r.ip_adapter is None:
+        for name in ("ip_images", "ip_style", "ip_blocks", "ip_image_encoder"):
+            if getattr(r, name):
+                raise RequestError(name, "{field} needs ip_adapter (an IP-Adapter file or name)")
+        return
+    if not r.ip_images and r.style is None:
+        raise RequestError("ip_images", "ip_adapter needs reference pictures ({field}) or a style to act as them")
+    if r.ip_blocks is not None:
+        from stylegrad.addons.ipadapter.blocks import parse_blocks
+
+        try:
+            parse_blocks(r.ip_blocks)
+        except StylegradError as e:
+            raise RequestError("ip_blocks", "{field}: " + str(e)) from None
+
+
+def _hypernetwork_fields(r: GenerationRequest) -> None:
+    """'FILE_OR_NAME[:MULT]' with a finite multiplier in range (as a tag's), and how files are read."""
+    from stylegrad.addons.hypernetworks.formats import READINGS
+    from stylegrad.addons.hypernetworks.library import check_multiplier, parse_hypernetwork_arg
+
+    for i, spec in enumerate(r.hypernetworks):
+        _text(spec, f"hypernetworks[{i}]")
+        try:
+            check_multiplier(parse_hypernetwork_arg(spec)[1], repr(spec))
+        except StylegradError as e:
+            raise RequestError(f"hypernetworks[{i}]", "{field}: " + str(e)) from None
+    if r.hypernetwork_reading not in READINGS:
+        raise RequestError("hypernetwork_reading", f"must be one of {', '.join(READINGS)}, "
+                           f"got {_shown(r.hypernetwork_reading)}")
+
+
+# -- what folders record -------------------------------------------------------------------------------------
+# Fields added after batch manifests and evaluation manifests began recording requests. While a field holds its
+# default it is left out of those records, so a folder made by an earlier stylegrad still resumes (its request
+# means the same image); a value other than the default is recorded and so refuses an older run's folder.
+LATER_FIELDS = frozenset({"hypernetworks", "hypernetwork_reading", "ip_adapter", "ip_images", "ip_scale", "ip_style",
+                          "ip_blocks", "ip_image_encoder"})
+LATER_STYLE_FIELDS = frozenset({"target_gain"})
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in fields(cls):
+        out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    return out
+
+
+def without_later_defaults(values: dict, later: frozenset = LATER_FIELDS, cls=None) -> dict:
+    """``values`` (a request's or its style options' fields by name) less the ``later`` fields at their default."""
+    defaults = _defaults(cls or (GenerationRequest if later is LATER_FIELDS else StyleOptions))
+    return {k: v for k, v in values.items()
+            if not (k in later and _same(v, defaults.get(k)))}
+
+
+def _same(a, b) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) == norm(b)
+
+
+def recorded(request: GenerationRequest) -> dict:
+    """The request as batch folders record it (its digest): every field, the later ones only when set."""
+    data = without_later_defaults(asdict(request))
+    data["style_options"] = without_later_defaults(data["style_options"], LATER_STYLE_FIELDS)
+    return data
 
 
 # -- a front door's request ------------------------------------------------------------------------------------
@@ -276,6 +366,8 @@ class Names(Protocol):
 
     def embedding(self, name: str) -> str: ...
 
+    def hypernetwork(self, spec: str) -> str: ...  # 'NAME[:MULT]' -> 'FILE[:MULT]'
+
 
 REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest))
 
@@ -314,9 +406,11 @@ def build(values: dict, limits: Limits = NO_LIMITS, *, n: int = 1, init_size: tu
         values["seed"] = random_seed()
     elif random_seed_allowed and isinstance(values.get("seed"), int) and values["seed"] < 0:
         raise RequestError("seed", f"must be -1 (a random seed) or 0..{MAX_SEED}, got {values['seed']}")
-    for key in ("loras", "embeddings"):
+    for key in ("loras", "embeddings", "ip_images"):
         if isinstance(values.get(key), str):
             values[key] = (values[key],)
+    if isinstance(values.get("hypernetworks"), str):
+        values["hypernetworks"] = (values["hypernetworks"],)
     if names is not None:
         values = _resolved(values, names)
     return check(GenerationRequest(**values), limits, n=n, init_size=init_size)
@@ -341,6 +435,14 @@ def _resolved(values: dict, names: Names) -> dict:
         if not isinstance(items, (list, tuple)):
             raise RequestError(key, f"must be a list of texts, got {_shown(items)}")
         out[key] = tuple(one(resolve, v, f"{key}[{i}]") for i, v in enumerate(items))
+    if out.get("hypernetworks"):
+        resolve = getattr(names, "hypernetwork", None)
+        if resolve is None:
+            raise RequestError("hypernetworks", "{field}: this door takes no hypernetworks")
+        items = out["hypernetworks"]
+        if not isinstance(items, (list, tuple)):
+            raise RequestError("hypernetworks", f"must be a list of texts, got {_shown(items)}")
+        out["hypernetworks"] = tuple(one(resolve, v, f"hypernetworks[{i}]") for i, v in enumerate(items))
     return out
 
 
@@ -370,6 +472,8 @@ def infotext(request: GenerationRequest, *, size: tuple[int, int], sampler_name:
                        "Stylecodes model": r.stylecodes_model})
     fields.update(addons or {})
     fields.update(extra or {})
+    fields.update({"Hypernet files": "|".join(r.hypernetworks) or None,
+                   "Hypernet reading": None if r.hypernetwork_reading == "a1111" else r.hypernetwork_reading})
     fields.update({"Lora files": "|".join(r.loras) or None, "Embedding files": "|".join(r.embeddings) or None,
                    "Prompt weighting": None if r.weighting else "off", "Init image": r.init_image, "Model id": r.model,
                    "CLIP model": r.clip_model,
@@ -402,6 +506,7 @@ def request_from_infotext(text: str) -> GenerationRequest:
     if sampler is None and f.get("Sampler"):
         sampler = a1111_sampler(f["Sampler"], f.get("Schedule type"))  # None: no equivalent, the model's own
     clip_skip = _number(f, "Clip skip", int)
+    prompt = _with_legacy_hypernet(prompt, f)
     try:
         return _from_fields(f, prompt, negative, width, height, sampler, clip_skip)
     except RequestError as e:
@@ -426,7 +531,29 @@ def _from_fields(f: dict, prompt: str, negative: str, width, height, sampler, cl
         stylecodes_model=f.get("Stylecodes model") or None,
         loras=_list(f.get("Lora files")), embeddings=_list(f.get("Embedding files")),
         weighting=f.get("Prompt weighting") != "off",
+        hypernetworks=_list(f.get("Hypernet files")), hypernetwork_reading=f.get("Hypernet reading") or "a1111",
+        **_ip_adapter_from(f),
     )
+
+
+def _ip_adapter_from(f: dict) -> dict:
+    """The IP-Adapter fields a stylegrad PNG records ('IP-Adapter file', its pictures, scale, blocks, encoder)."""
+    if not f.get("IP-Adapter file"):
+        return {}
+    return dict(ip_adapter=f["IP-Adapter file"], ip_images=_list(f.get("IP-Adapter images")),
+                ip_scale=_number(f, "IP-Adapter scale", float, 1.0),
+                ip_style=str(f.get("IP-Adapter style", "False")).lower() == "true",
+                ip_blocks=f.get("IP-Adapter blocks") or None, ip_image_encoder=f.get("IP-Adapter encoder") or None)
+
+
+def _with_legacy_hypernet(prompt: str, f: dict) -> str:
+    """A1111 before extra networks (2022) wrote the one hypernetwork as 'Hypernet: NAME' with 'Hypernet strength:
+    X' (written when below 1): the same as a ``<hypernet:NAME:X>`` tag, so the prompt gets one."""
+    name = str(f.get("Hypernet") or "").strip()
+    if not name or name == "None" or "<hypernet:" in prompt:
+        return prompt
+    strength = _number(f, "Hypernet strength", float, 1.0)
+    return f"{prompt}<hypernet:{name}:{strength:g}>"
 
 
 # A1111 fields that change an image and that a diffusers pipeline does not reproduce

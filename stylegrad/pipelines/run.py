@@ -149,6 +149,7 @@ class Runner:
         self._styles: dict[str, Style] = {}
         self._stylecodes: dict = {}
         self._samplers: dict = {}  # sampler -> stylegrad's pipeline sharing self.pipe's components
+        self._ip = None  # IP-Adapter files and encoders (addons/ipadapter/run.py), made at the first request using one
 
     def encoder(self, clip_model=None) -> AestheticEncoder:
         """The aesthetic encoder for this pipeline (every family: one or two towers), one per CLIP model."""
@@ -209,7 +210,19 @@ class Runner:
         pipe, code = self.pipeline(request)
         init = load_init_image(request.init_image, request.width, request.height) if init_image is None else \
             fit_init_image(init_image, request.width, request.height)
-        return Prepared(request, pipe, style, init, code, self.request_addons(request))
+        addons = self.request_addons(request)
+        addons.ip = self.ip_adapter(request, style)
+        return Prepared(request, pipe, style, init, code, addons)
+
+    def ip_adapter(self, request: GenerationRequest, style: Style | None = None):
+        """The request's IP-Adapter on this pipeline's UNet, ready for the call (None without one)."""
+        if request.ip_adapter is None:
+            return None
+        from stylegrad.addons.ipadapter.run import IPAdapters
+
+        if self._ip is None:
+            self._ip = IPAdapters()
+        return self._ip.for_request(request, self.pipe.unet, pipeline_family(self.pipe), style)
 
     def conditioning(self, request: GenerationRequest, style: Style | None, addons: RequestAddons,
                      desc: str = "style", progress: Progress | None = None) -> tuple[EncodedPrompt, list[str]]:
@@ -234,12 +247,16 @@ class Runner:
 
     def denoise(self, prepared: Prepared, request: GenerationRequest, on_step: StepEnd | None = None,
                 conditioning: EncodedPrompt | None = None) -> Image.Image:
-        """One image of a prepared request (``request``: its seed), the request's UNet LoRAs hooked for the call."""
+        """One image of a prepared request (``request``: its seed), the request's UNet LoRAs and hypernetworks
+        hooked for the call."""
         e = conditioning or prepared.conditioning
-        loras = prepared.addons.loras
-        with loras.applied(("unet",)) if loras else nullcontext():
+        loras, hypernets = prepared.addons.loras, prepared.addons.hypernetworks
+        ip = prepared.addons.ip  # IP-Adapter: installed on the UNet for the call, its image embeddings passed in
+        with loras.applied(("unet",)) if loras else nullcontext(), \
+                hypernets.applied() if hypernets else nullcontext(), \
+                ip.applied(self.pipe.unet) if ip else nullcontext():
             return run_pipeline(prepared.pipe, e.prompt_embeds, e.negative_prompt_embeds, request, prepared.init,
-                                on_step, **pooled_kwargs(e))
+                                on_step, **pooled_kwargs(e), **ip_kwargs(ip, self.pipe.unet, request))
 
     def denoise_batch(self, pipe, requests: list[GenerationRequest], conditionings: list[EncodedPrompt],
                       on_step: StepEnd | None = None) -> list[Image.Image]:
@@ -260,6 +277,13 @@ class Runner:
                         width=first.width, callback_on_step_end=step_end, **pooled).images
         finally:
             offload_models(pipe)
+
+
+def ip_kwargs(ip, unet, request: GenerationRequest) -> dict:
+    """The IP-Adapter's image embeddings as the pipeline call takes them (guided as diffusers decides it)."""
+    if ip is None:
+        return {}
+    return ip.pipeline_kwargs(unet, request.cfg > 1 and unet.config.time_cond_proj_dim is None)
 
 
 def pooled_kwargs(e: EncodedPrompt) -> dict[str, torch.Tensor]:

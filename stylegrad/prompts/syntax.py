@@ -3,7 +3,8 @@
 Emphasis, as A1111's ``parse_prompt_attention`` defines it: ``(a)`` multiplies by 1.1, ``[a]`` divides by 1.1,
 ``(a:1.3)`` multiplies by 1.3; brackets nest (weights multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are
 literal; an unclosed bracket applies to the end of the prompt; ``BREAK`` (upper case, a word of its own) ends the
-current 75-token chunk. ``<lora:NAME:TE[:UNET]>`` (also ``te=``/``unet=``) names a LoRA and is removed from the text.
+current 75-token chunk. ``<lora:NAME:TE[:UNET]>`` (also ``te=``/``unet=``) names a LoRA and
+``<hypernet:NAME[:MULT]>`` a hypernetwork; both are removed from the text the tokenizer reads.
 """
 
 from __future__ import annotations
@@ -115,12 +116,44 @@ def _parse_tag(body: str) -> NetworkTag:
     return NetworkTag(name.strip(), te, unet)
 
 
+@dataclass(frozen=True)
+class HypernetTag:
+    """One ``<hypernet:NAME[:MULT]>`` tag (A1111's extra network 'hypernet'; the multiplier defaults to 1)."""
+
+    name: str
+    multiplier: float = 1.0
+
+    def text(self) -> str:
+        return f"<hypernet:{self.name}:{_num(self.multiplier)}>"
+
+
+def _parse_hypernet(body: str) -> HypernetTag:
+    name, *args = body.split(":")
+    try:
+        mult = float(args[0]) if args else 1.0
+    except ValueError as e:
+        raise StylegradError(f"bad hypernetwork tag <hypernet:{body}>: the multiplier must be a number") from e
+    if not math.isfinite(mult) or abs(mult) > MAX_MULTIPLIER:
+        raise StylegradError(f"bad hypernetwork tag <hypernet:{body}>: the multiplier must be a number in "
+                             f"-{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
+    return HypernetTag(name.strip(), mult)
+
+
+def hypernet_tags(prompt: str) -> list[HypernetTag]:
+    """The prompt's ``<hypernet:...>`` tags, in order (A1111 chains them in that order)."""
+    return [_parse_hypernet(m.group(2)) for m in _TAG.finditer(prompt) if m.group(1) == "hypernet"]
+
+
 def extract_tags(prompt: str) -> tuple[str, list[NetworkTag]]:
-    """(prompt without its ``<lora:...>``/``<lyco:...>`` tags, the tags). Other ``<kind:...>`` tags (hypernetworks)
-    are left in the text, as A1111 does for networks it does not have."""
+    """(prompt without its ``<lora:...>``/``<lyco:...>`` and ``<hypernet:...>`` tags, the LoRA tags; the
+    hypernetwork tags are read by ``hypernet_tags``). Other ``<kind:...>`` tags are left in the text, as A1111 does
+    for networks it does not have."""
     tags: list[NetworkTag] = []
 
     def take(m: re.Match) -> str:
+        if m.group(1) == "hypernet":
+            _parse_hypernet(m.group(2))  # a bad one is refused like a bad LoRA tag
+            return ""
         if m.group(1) not in ("lora", "lyco"):
             return m.group(0)
         tags.append(_parse_tag(m.group(2)))

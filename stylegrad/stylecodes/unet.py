@@ -34,14 +34,20 @@ def _time_embedding(unet, sample: torch.Tensor, timestep, timestep_cond=None) ->
 
 def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, timestep, encoder_hidden_states,
                        style_map: torch.Tensor, strength: torch.Tensor, timestep_cond=None,
-                       cross_attention_kwargs=None, checkpoint: bool = False) -> torch.Tensor:
+                       cross_attention_kwargs=None, checkpoint: bool = False,
+                       added_cond_kwargs=None) -> torch.Tensor:
     """The base UNet's computation, sub-block by sub-block, with the control stream beside it (SD1.x layout:
     no class or added embeddings). ``style_map`` is the decoded code at the mid-block size, or a function of that
-    size giving it. ``checkpoint`` recomputes sub-blocks in the backward pass (training memory)."""
+    size giving it. ``checkpoint`` recomputes sub-blocks in the backward pass (training memory).
+    ``added_cond_kwargs``: an IP-Adapter's ``image_embeds`` for the base UNet's blocks (its projection installed
+    on the UNet); the control stream reads the text alone."""
     if unet.config.class_embed_type is not None or unet.config.addition_embed_type is not None:
         raise StylegradError("Stylecodes works with SD1.x UNets; this UNet has class or added embeddings (SDXL?)")
     temb = _time_embedding(unet, sample, timestep, timestep_cond)
     ctx, kw = encoder_hidden_states, cross_attention_kwargs
+    base_ctx = ctx  # the base blocks' context: with an IP-Adapter, (text, image tokens) as the UNet makes it
+    if added_cond_kwargs and getattr(unet, "encoder_hid_proj", None) is not None:
+        base_ctx = unet.process_encoder_hidden_states(ctx, added_cond_kwargs)
 
     def run(fn, *args):
         if checkpoint and torch.is_grad_enabled():
@@ -50,18 +56,18 @@ def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, tim
             return ck(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def attend(block):
-        return lambda x: block(x, encoder_hidden_states=ctx, cross_attention_kwargs=kw, return_dict=False)[0]
+    def attend(block, context=ctx):
+        return lambda x: block(x, encoder_hidden_states=context, cross_attention_kwargs=kw, return_dict=False)[0]
 
     h = unet.conv_in(sample)
     skips = [h]
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
-            h, res = block(hidden_states=h, temb=temb, encoder_hidden_states=ctx, cross_attention_kwargs=kw)
+            h, res = block(hidden_states=h, temb=temb, encoder_hidden_states=base_ctx, cross_attention_kwargs=kw)
         else:
             h, res = block(hidden_states=h, temb=temb)
         skips += res
-    h = run(lambda x: unet.mid_block(x, temb, encoder_hidden_states=ctx, cross_attention_kwargs=kw), h)
+    h = run(lambda x: unet.mid_block(x, temb, encoder_hidden_states=base_ctx, cross_attention_kwargs=kw), h)
     if callable(style_map):
         style_map = style_map(*h.shape[-2:])
     c = run(lambda x: control.control_model.mid_block(x, temb, encoder_hidden_states=ctx, cross_attention_kwargs=kw),
@@ -79,7 +85,7 @@ def controlled_forward(unet, control: StylecodesModel, sample: torch.Tensor, tim
             h = run(rb, torch.cat([h, skip], 1), temb)
             c = run(rc, torch.cat([c, torch.zeros_like(skip)], 1), temb)
             if ab is not None:
-                h = run(attend(ab), h)
+                h = run(attend(ab, base_ctx), h)
             if ac is not None:
                 c = run(attend(ac), c)
             if i == last and base_block.upsamplers:
@@ -181,7 +187,7 @@ class StylecodeUNet(nn.Module):
         out = controlled_forward(self.base, self.control, sample, timestep, encoder_hidden_states,
                                  lambda h, w: self.maps(h, w, sample.device),
                                  self._strengths(sample.shape[0], sample.device, sample.dtype), timestep_cond,
-                                 cross_attention_kwargs)
+                                 cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 

@@ -62,6 +62,17 @@ class Method:
     def words(self) -> list[dict[str, torch.Tensor]] | None:
         return None
 
+    def loss(self, models: Models, captions: list[str], mean: torch.Tensor, std: torch.Tensor,
+             generator: torch.Generator, resolution: int | None = None) -> torch.Tensor:
+        """The step's loss on a batch (latent moments and captions): the shared diffusion loss on the captions'
+        conditioning. Methods that train a negative prompt (DreamArtist, the learned negative) guide it."""
+        cond = condition(models, captions, self.words(), resolution)
+        return diffusion_loss(models.unet, models.scheduler, mean, std, cond, generator)
+
+    def negative_prompt(self) -> str:
+        """The sample pictures' negative prompt."""
+        return ""
+
     def extra_loss(self, models: Models, generator: torch.Generator) -> torch.Tensor | None:
         return None
 
@@ -115,8 +126,7 @@ def train(method: Method, models: Models, data: TrainingSet, settings: TrainSett
                 idx = torch.randint(len(data), (settings.batch_size,), generator=generator)
                 captions = [data.caption(int(i), method.word, method.templates, generator) for i in idx]
                 with precision.context():
-                    cond = condition(models, captions, method.words(), settings.resolution)
-                    loss = diffusion_loss(models.unet, models.scheduler, mean[idx], std[idx], cond, generator)
+                    loss = method.loss(models, captions, mean[idx], std[idx], generator, settings.resolution)
                     extra = method.extra_loss(models, generator)
                     if extra is not None:
                         loss = loss + extra
@@ -151,21 +161,23 @@ def sample(method: Method, models: Models, settings: TrainSettings, path: Path) 
 
     prompt = settings.sample_prompt or method.templates[0].format(method.word or "").strip()
     words = method.words()
-    pos, neg = condition(models, [prompt], words), condition(models, [""], words)
+    negative = method.negative_prompt()
+    pos, neg = condition(models, [prompt], words), condition(models, [negative], words)
     kw = {}
     if models.sdxl:
         kw = {"pooled_prompt_embeds": pos["added_cond_kwargs"]["text_embeds"],
               "negative_pooled_prompt_embeds": neg["added_cond_kwargs"]["text_embeds"]}
     models.unet.eval()
     side = settings.resolution
-    request = GenerationRequest(prompt=prompt, steps=settings.sample_steps, width=side, height=side)
+    request = GenerationRequest(prompt=prompt, negative=negative, steps=settings.sample_steps, width=side, height=side)
     with precision_of(models).context():
         image = run_pipeline(models.pipe, pos["encoder_hidden_states"], neg["encoder_hidden_states"], request, **kw)
     if settings.gradient_checkpointing:
         models.unet.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     where = f"Device: {models.device.type}, Dtype: {dtype_name(models.dtype)}"  # as generated pictures record them
-    return save_png(image, path, f"{prompt}\nSteps: {settings.sample_steps}, Seed: 0, Sample of: {method.name}, {where}")
+    text = f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "")
+    return save_png(image, path, f"{text}Steps: {settings.sample_steps}, Seed: 0, Sample of: {method.name}, {where}")
 
 
 @torch.no_grad()
@@ -179,6 +191,5 @@ def evaluation_loss(method: Method, models: Models, data: TrainingSet, resolutio
     for _ in range(draws):
         captions = [data.caption(i, method.word, method.templates, generator) for i in range(len(data))]
         with precision_of(models).context():
-            cond = condition(models, captions, method.words(), resolution)
-            total += float(diffusion_loss(models.unet, models.scheduler, mean, std, cond, generator))
+            total += float(method.loss(models, captions, mean, std, generator, resolution))
     return total / draws

@@ -58,3 +58,67 @@ def train_lora(images: list[str], out: str | Path, *, model: str, rank: int = 4,
     method = lora_method.LoRA(models, rank, alpha, text_encoder, word, s.seed)
     result = train(method, models, data, s, resume, progress, stop_after)
     return method.export(out, result["step"])
+
+
+# -- DreamArtist, the learned negative embedding, full fine-tuning (dreamartist.py, negative.py, finetune.py) ----
+def _trigger(out: Path, word: str | None) -> str:
+    """The word to train with: ``word``, else ``out``'s name. Prompts use a file by its name (A1111's rule, and
+    stylegrad's), whatever word it was trained with: a note says so when the two differ."""
+    if word is not None and word != out.stem:
+        from stylegrad.notes import note
+
+        note(f"trained as {word!r}, the files are used by their name: write {out.stem} in prompts")
+    return word or out.stem
+
+
+def train_dreamartist(images: list[str], out: str | Path, word: str | None = None, *, model: str,
+                      init: str | None = None, vectors: int = 3, negative_vectors: int = 6, guidance: float = 3.0,
+                      kind: str = "style", device=None, dtype=None, vae: str | None = None,
+                      models_dir: str | None = None, resume: bool = True, progress: bool = True,
+                      stop_after: int | None = None, **settings) -> list[Path]:
+    """DreamArtist's pair of embeddings from the pictures: ``NAME.pt`` and ``NAME-neg.pt`` (NAME: ``out``'s stem,
+    the word prompts use; each with a ``.safetensors`` twin). ``guidance``: the CFG scale of the training loss
+    (the extension's 3). ``dtype`` and ``mixed_precision`` as for ``train_textual_inversion``."""
+    from stylegrad.training import dreamartist
+
+    out = Path(out)
+    token = _trigger(out, word)
+    s = _settings(dreamartist.DEFAULTS, out, settings)
+    data, models = _load(images, s, model, device, dtype, vae, models_dir)
+    method = dreamartist.DreamArtist(models, token, init, vectors, negative_vectors, guidance, kind, s.seed)
+    result = train(method, models, data, s, resume, progress, stop_after)
+    return method.export(out, result["step"])
+
+
+def train_negative(images: list[str], out: str | Path, *, model: str, init: str | None = None, vectors: int = 4,
+                   guidance: float = 7.5, device=None, dtype=None, vae: str | None = None,
+                   models_dir: str | None = None, resume: bool = True, progress: bool = True,
+                   stop_after: int | None = None, **settings) -> list[Path]:
+    """A negative-prompt embedding learned over the pictures (their .txt captions as the prompt, guidance
+    ``guidance`` in the loss): ``out`` as A1111's .pt and a .safetensors; its file name is the word to put in the
+    negative prompt. ``dtype`` and ``mixed_precision`` as for ``train_textual_inversion``."""
+    from stylegrad.training import negative
+
+    out = Path(out)
+    s = _settings(negative.DEFAULTS, out, settings)
+    data, models = _load(images, s, model, device, dtype, vae, models_dir)
+    method = negative.LearnedNegative(models, out.stem, init, vectors, guidance)
+    result = train(method, models, data, s, resume, progress, stop_after)
+    return method.export(out, result["step"])
+
+
+def train_finetune(images: list[str], out: str | Path, *, model: str, text_encoder: bool = False,
+                   word: str | None = None, device=None, dtype=None, vae: str | None = None,
+                   models_dir: str | None = None, resume: bool = True, progress: bool = True,
+                   stop_after: int | None = None, **settings) -> list[Path]:
+    """The whole UNet (and the text encoders with ``text_encoder``) fine-tuned on the pictures, written as the
+    diffusers folder ``out`` that ``--model`` loads. Captions from .txt files beside the pictures, else style
+    templates with ``word``. ``dtype`` and ``mixed_precision`` as for ``train_textual_inversion``."""
+    from stylegrad.training import finetune
+
+    out = finetune.check_out(out)
+    s = _settings(finetune.DEFAULTS, out, settings)
+    data, models = _load(images, s, model, device, dtype, vae, models_dir)
+    method = finetune.FineTune(models, word, text_encoder)
+    result = train(method, models, data, s, resume, progress, stop_after)
+    return method.export(out, result["step"])

@@ -33,9 +33,11 @@ def latent_moments(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
 
 
 def diffusion_loss(unet, scheduler, mean: torch.Tensor, std: torch.Tensor, cond: dict, generator: torch.Generator,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", uncond: dict | None = None, guidance: float = 1.0) -> torch.Tensor:
     """MSE between the UNet's prediction and its target for latents drawn from (mean, std), noised at uniform random
-    timesteps. Every random number comes from ``generator`` (CPU), so a resumed run draws the same ones."""
+    timesteps. Every random number comes from ``generator`` (CPU), so a resumed run draws the same ones.
+    ``uncond``: the prediction is classifier-free guidance's ``e_u + guidance * (e_c - e_u)`` with ``e_u`` the
+    UNet on this conditioning (a negative prompt being trained), as the sampler will combine them."""
     shape, device = mean.shape, mean.device
     latents = mean + std * torch.randn(shape, generator=generator).to(device)
     noise = torch.randn(shape, generator=generator).to(device)
@@ -46,5 +48,8 @@ def diffusion_loss(unet, scheduler, mean: torch.Tensor, std: torch.Tensor, cond:
     else:
         target = noise
     pred = unet(noisy, t, **cond).sample
+    if uncond is not None:
+        pred_u = unet(noisy, t, **uncond).sample.float()  # combined in float32 where the UNet runs in half
+        pred = pred_u + guidance * (pred.float() - pred_u)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return loss.mean() if reduction == "mean" else loss

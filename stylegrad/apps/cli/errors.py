@@ -8,7 +8,8 @@ from stylegrad.errors import RequestError, describe, is_out_of_memory
 
 MEMORY = "out of memory: try a smaller --width/--height or --n, fewer --style-steps, or another --device"
 # request fields whose flag is not simply '--' + the field with dashes
-FLAGS = {"prompt": "PROMPT", "loras": "--lora", "embeddings": "--embedding"}
+FLAGS = {"prompt": "PROMPT", "loras": "--lora", "embeddings": "--embedding", "ip_images": "--ip-image",
+         "hypernetworks": "--hypernetwork"}
 
 
 def flag(field: str) -> str:

@@ -30,7 +30,8 @@ def _request(a) -> GenerationRequest:
     if a.from_png:
         request = request_from_png(a.from_png, a.embeddings, a.loras, model=a.model, style=a.style,
                                    init_image=a.init_image, clip_model=a.clip_model,
-                                   stylecodes_model=a.stylecodes_model)
+                                   stylecodes_model=a.stylecodes_model, ipadapter_dirs=a.ip_adapters or None,
+                                   hypernetworks_dirs=a.hypernetworks or None)
         return check(request, n=a.n)
     return build(dict(
         prompt=a.prompt, negative=a.negative, seed=a.seed, steps=a.steps, cfg=a.cfg, width=a.width, height=a.height,
@@ -38,8 +39,31 @@ def _request(a) -> GenerationRequest:
         strength=a.strength, style=a.style, style_options=style_options(a), clip_model=a.clip_model,
         stylecode=a.stylecode, stylecode_image=a.stylecode_image, stylecode_strength=a.stylecode_strength,
         stylecode_guidance=a.stylecode_guidance, stylecodes_model=a.stylecodes_model,
-        loras=tuple(a.lora), embeddings=tuple(a.embedding), weighting=a.weighting,
+        loras=tuple(a.lora), embeddings=tuple(a.embedding), weighting=a.weighting, **_ip_adapter_values(a),
+        **_hypernetwork_values(a),
     ), n=a.n, random_seed_allowed=True)
+
+
+def _hypernetwork_values(a) -> dict:
+    """--hypernetwork NAME[:MULT] as files (a name resolved in --hypernetworks or $STYLEGRAD_HYPERNETWORKS_DIR)."""
+    from stylegrad.addons.hypernetworks.library import HypernetworkLibrary
+
+    specs = HypernetworkLibrary(a.hypernetworks or None).specs(a.hypernetwork)
+    return dict(hypernetworks=tuple(f"{path}:{mult:g}" for path, mult in specs),
+                hypernetwork_reading=a.hypernetwork_reading)
+
+
+def _ip_adapter_values(a) -> dict:
+    """The IP-Adapter flags as request fields; a name is resolved in --ip-adapters (or $STYLEGRAD_IPADAPTER_DIR)."""
+    if a.ip_adapter is None:
+        values = dict(ip_images=tuple(a.ip_image), ip_style=a.ip_style, ip_blocks=a.ip_blocks,
+                      ip_image_encoder=a.ip_image_encoder)
+        return {k: v for k, v in values.items() if v}  # given without --ip-adapter: the request refuses them
+    from stylegrad.addons.ipadapter.library import AdapterLibrary
+
+    return dict(ip_adapter=str(AdapterLibrary(a.ip_adapters or None).resolve(a.ip_adapter)),
+                ip_images=tuple(a.ip_image), ip_scale=a.ip_scale, ip_style=a.ip_style, ip_blocks=a.ip_blocks,
+                ip_image_encoder=a.ip_image_encoder)
 
 
 def _check_addon_files(request: GenerationRequest, a) -> None:
@@ -52,6 +76,16 @@ def _check_addon_files(request: GenerationRequest, a) -> None:
         read_lora(path)
     for arg in request.embeddings:
         load_embedding(*parse_embedding_arg(arg))
+    if request.hypernetworks:
+        from stylegrad.addons.hypernetworks.formats import read_hypernetwork
+        from stylegrad.addons.hypernetworks.library import parse_hypernetwork_arg
+
+        for spec in request.hypernetworks:
+            read_hypernetwork(parse_hypernetwork_arg(spec)[0], request.hypernetwork_reading)
+    if request.ip_adapter is not None:  # not an adapter, or a FaceID one: one line before the model loads
+        from stylegrad.addons.ipadapter.files import read_adapter
+
+        read_adapter(request.ip_adapter)
 
 
 def _device_and_dtype(a):
@@ -95,7 +129,8 @@ def cmd_generate(a) -> None:
         models_dir(a.models_dir)
     device, dtype = _device_and_dtype(a)
     generator = Generator.load(request.model, device, request.clip_model, a.siglip_model, vae=a.vae,
-                               models_dir=a.models_dir, embeddings_dirs=a.embeddings, loras_dirs=a.loras, dtype=dtype)
+                               models_dir=a.models_dir, embeddings_dirs=a.embeddings, loras_dirs=a.loras, dtype=dtype,
+                               hypernetworks_dirs=a.hypernetworks or None)
     if a.compare:
         print(generator.compare(request, a.compare_steps, a.out, a.n))
         return
@@ -112,6 +147,19 @@ def register(sub) -> None:
                    "PNG records all its settings; --from IMAGE.png makes the same image again.")
 
 
+def _hypernetwork_arguments(p) -> None:
+    g = p.add_argument_group("hypernetworks (A1111's)")
+    g.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:MULT]",
+                   help="apply an A1111 hypernetwork file (or a name in --hypernetworks) at multiplier MULT (default "
+                   "1); repeat for several, chained in order before the prompt's <hypernet:NAME:MULT> tags")
+    g.add_argument("--hypernetworks", action="append", default=[], metavar="DIR",
+                   help="folder of hypernetworks that --hypernetwork NAME and the prompt's <hypernet:NAME:MULT> tags "
+                   "pick from by file name, like A1111's models/hypernetworks (default: $STYLEGRAD_HYPERNETWORKS_DIR)")
+    g.add_argument("--hypernetwork-reading", choices=["a1111", "comfyui"], default="a1111",
+                   help="a file that does not say whether its activation follows the last layer (early A1111 "
+                   "files): a1111 reads it as yes (default), comfyui as no")
+
+
 def _arguments(p) -> None:
     from stylegrad.pipelines.loading import DEFAULT_MODEL, SAMPLERS
     from stylegrad.stylecodes.model import PUBLISHED_FILE, PUBLISHED_REPO, SIGLIP
@@ -124,6 +172,8 @@ def _arguments(p) -> None:
                    "--loras/--embeddings; what cannot be reproduced is listed")
     add_style_options(p)
     add_addon_options(p)
+    _hypernetwork_arguments(p)
+    _ip_adapter_arguments(p)
     g = p.add_argument_group("stylecode (Stylecodes, SD1.x)")
     g.add_argument("--stylecode", metavar="CODE", help="a style code, or several with weights: 'CODE1::2 CODE2::1'")
     g.add_argument("--stylecode-image", metavar="IMG", help="make the code from this image, then use it")
@@ -162,3 +212,28 @@ def _arguments(p) -> None:
     g.add_argument("--compare-steps", type=number_list(int, minimum=0), default=[5, 10, 20], metavar="LIST",
                    help="steps sweep (default 5,10,20)")
     p.set_defaults(func=cmd_generate, parser=p)
+
+
+def _ip_adapter_arguments(p) -> None:
+    g = p.add_argument_group("IP-Adapter (reference pictures; InstantStyle)")
+    g.add_argument("--ip-adapter", metavar="FILE_OR_NAME",
+                   help="an IP-Adapter file (.safetensors or .bin: base, light, plus, full; SD1.x or SDXL), or its "
+                   "name in --ip-adapters")
+    g.add_argument("--ip-image", action="extend", nargs="+", default=[], metavar="IMG",
+                   help="reference picture(s); several are averaged. Without it, --style serves as the picture "
+                   "where its CLIP space is the adapter's (an SDXL style's bigG part for ip-adapter_sdxl)")
+    g.add_argument("--ip-scale", type=float, default=1.0, metavar="S",
+                   help="how strongly the pictures act, 0..10 (default 1)")
+    g.add_argument("--ip-style", action="store_true",
+                   help="InstantStyle: the pictures act on the style blocks only (SDXL: up block 0's second "
+                   "transformer; SD1.x: up block 1)")
+    g.add_argument("--ip-blocks", metavar="SPEC",
+                   help="more blocks (with --ip-style) or the only ones: 'layout' (SDXL: down block 2's second "
+                   "transformer; SD1.x: down block 2 and mid), 'mid', 'up.block_0', 'up.block_0.1' or "
+                   "'up.block_0:0,1,0', several separated by spaces")
+    g.add_argument("--ip-image-encoder", metavar="PATH_OR_ID",
+                   help="the CLIP vision encoder: a folder, a .safetensors (ComfyUI's clip_vision) or a hub id "
+                   "(default: image_encoder or clip_vision beside the adapter, else h94/IP-Adapter's)")
+    g.add_argument("--ip-adapters", action="append", default=[], metavar="DIR",
+                   help="folder of IP-Adapter files that --ip-adapter NAME picks from, like ComfyUI's "
+                   "models/ipadapter (default: $STYLEGRAD_IPADAPTER_DIR)")

@@ -18,6 +18,9 @@ def cmd_serve(a) -> None:
         styles_dirs=tuple(a.styles or default_dirs("STYLEGRAD_STYLES_DIR")),
         loras_dirs=tuple(a.loras or default_dirs("STYLEGRAD_LORAS_DIR")),
         embeddings_dirs=tuple(a.embeddings or default_dirs("STYLEGRAD_EMBEDDINGS_DIR")),
+        hypernetworks_dirs=tuple(a.hypernetworks or default_dirs("STYLEGRAD_HYPERNETWORKS_DIR")),
+        ipadapter_dirs=tuple(a.ipadapter_dir or default_dirs("STYLEGRAD_IPADAPTER_DIR")),
+        clip_vision_dirs=tuple(a.clip_vision_dir or default_dirs("STYLEGRAD_CLIP_VISION_DIR")),
         models_dir=str(folder) if (folder := models_dir(a.models_dir)) else None,  # a missing folder: an error now
         max_waiting=a.queue, max_batch=a.batch, max_side=a.max_side, max_steps=a.max_steps, max_images=a.max_images,
         max_upload_bytes=a.max_upload_mb << 20, log_prompts=a.log_prompts, ui=not a.no_ui, predictor=a.predictor,
@@ -44,7 +47,7 @@ def cmd_serve(a) -> None:
         """The startup model, and each one a client switches to: the same --device/--dtype policy and folders."""
         return Generator.load(model, a.device, a.clip_model, a.siglip_model, vae=vae, models_dir=settings.models_dir,
                               embeddings_dirs=list(settings.embeddings_dirs), loras_dirs=list(settings.loras_dirs),
-                              dtype=a.dtype)
+                              dtype=a.dtype, hypernetworks_dirs=list(settings.hypernetworks_dirs))
 
     first = load(a.model or DEFAULT_MODEL, a.vae)
     loaded = str(first.model)
@@ -64,7 +67,8 @@ def register(sub) -> None:
                    description="Serve one loaded model: a web UI at / (make a style from pictures, generate with "
                    "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
                    "img2img, png-info, progress, interrupt, options, sd-models, samplers, loras, embeddings; the "
-                   "aesthetic fields under alwayson_scripts['Aesthetic embeddings']; options' sd_model_checkpoint "
+                   "aesthetic fields under alwayson_scripts['Aesthetic embeddings'], IP-Adapter as the ControlNet "
+                   "extension's units from --ipadapter-dir; options' sd_model_checkpoint "
                    "switches among --models-dir's checkpoints) and stylegrad's own API at /v1 (its "
                    "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
                    epilog="Example: stylegrad serve --models-dir models/Stable-diffusion --model dreamshaper_8 --styles "
@@ -101,6 +105,15 @@ def _arguments(p) -> None:
                    "their PNGs, in txt2img-images/ and img2img-images/ as A1111 does (default: outputs)")
     g.add_argument("--embeddings", action="append", default=[], metavar="DIR",
                    help="textual-inversion embeddings (default: $STYLEGRAD_EMBEDDINGS_DIR)")
+    g.add_argument("--hypernetworks", action="append", default=[], metavar="DIR",
+                   help="A1111 hypernetworks for prompts' <hypernet:NAME:MULT> tags and /sdapi/v1/hypernetworks "
+                   "(default: $STYLEGRAD_HYPERNETWORKS_DIR)")
+    g.add_argument("--ipadapter-dir", action="append", default=[], metavar="DIR",
+                   help="IP-Adapter files that requests name (ip_adapter, A1111's ControlNet units; default: "
+                   "$STYLEGRAD_IPADAPTER_DIR)")
+    g.add_argument("--clip-vision-dir", action="append", default=[], metavar="DIR",
+                   help="their image encoders (ComfyUI's models/clip_vision; default: $STYLEGRAD_CLIP_VISION_DIR; "
+                   "also looked for beside each adapter, then in the Hugging Face cache)")
     g = p.add_argument_group("limits")
     g.add_argument("--queue", type=int, default=16, metavar="N", help="requests waiting behind the running one before "
                    "429 (default 16)")

@@ -68,6 +68,8 @@ class Predictor(BaseRunner):
                                                 description="Penalty on how far the tuned prompt moves"),
         aesthetic_target_similarity: float | None = Input(default=None, ge=-1, le=1,
                                                           description="Stop early at this cosine to the style"),
+        aesthetic_target_gain: float | None = Input(default=None, ge=0, le=1,
+                                                    description="Stop each prompt this share of its way to the style"),
         aesthetic_personalize_negative: bool = Input(default=False, description="Tune the negative prompt too"),
         aesthetic_towers: str = Input(default="both", choices=TOWERS, description="SDXL: the text towers to tune"),
         aesthetic_beta1: float = Input(default=0.9, ge=0, le=0.999999, description="Adam's beta1"),

@@ -190,6 +190,12 @@ class AestheticCLIPTextEncode:
                 "slerp": ("BOOLEAN", {"default": defaults.slerp, "tooltip": "Blend per token on the sphere."}),
                 "regularization": ("FLOAT", {"default": defaults.regularization, "min": 0.0, "max": 100.0,
                                              "step": 0.01, "tooltip": "Hold the tuned states near the original."}),
+                "target_similarity": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                                "Consistent strength: stop each prompt once its cosine to the style "
+                                                "reaches this, steps becoming a cap (0: off)."}),
+                "target_gain": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                          "Consistent strength: stop each prompt once its cosine to the style has "
+                                          "closed this share of its distance to 1, steps becoming a cap (0: off)."}),
                 "clip_model": ("STRING", {"default": "", "tooltip": "CLIP-L's style space: openai's ViT-L/14 text "
                                           "projection, which ComfyUI's CLIP lacks. Empty: the first .safetensors in "
                                           "models/clip_vision holding it, else openai/clip-vit-large-patch14 from the "
@@ -200,9 +206,10 @@ class AestheticCLIPTextEncode:
 
     def encode(self, clip, text: str, style: Style, steps: int, lr: float, weight: float, towers: str = "both",
                style_text: str = "", text_angle: float = 0.1, slerp: bool = False, regularization: float = 0.0,
-               clip_model: str = ""):
+               clip_model: str = "", target_similarity: float = 0.0, target_gain: float = 0.0):
         options = StyleOptions(steps=steps, lr=lr, weight=weight, towers=towers, text=style_text or None,
-                               text_angle=text_angle, slerp=slerp, regularization=regularization)
+                               text_angle=text_angle, slerp=slerp, regularization=regularization,
+                               target_similarity=target_similarity or None, target_gain=target_gain or None)
         patches, _, tuned = tuned_patches(clip, text, style, options, clip_model or None, _progress(steps))
         if not tuned:
             return (encode(clip, text), clip)

@@ -17,6 +17,7 @@ from stylegrad.files.infotext import parse_infotext
 from stylegrad.pipelines.loading import SAMPLERS
 from stylegrad.pipelines.request import GenerationRequest
 
+from .controlnet import IPUnits, placeholders
 from .jobs import TaskIdInUse, wait
 from .responses import EmbeddingsAnswer, ImageAnswer, LoraItem, ModelItem, PNGInfoAnswer, ProgressAnswer, SamplerItem
 
@@ -108,9 +109,11 @@ def _value(args: dict, key: str, kind):
         raise RequestError(key, f"must be a number, got {args[key]!r}") from e
 
 
-def to_request(body: Txt2Img, service, init_size: tuple[int, int] | None = None) -> GenerationRequest:
+def to_request(body: Txt2Img, service, init_size: tuple[int, int] | None = None, ip: IPUnits | None = None,
+               ip_adapter: str | None = None) -> GenerationRequest:
     """Our request for an A1111 one, through the one build (names inside the server's folders, its limits, seed
-    -1 random); a bad field is named as A1111 names it."""
+    -1 random); a bad field is named as A1111 names it. ``ip``: the ControlNet extension's IP-Adapter units
+    (controlnet.py), ``ip_adapter`` the file their model names."""
     name = body.sampler_name or body.sampler_index
     if body.scheduler and body.scheduler.lower() == "karras" and "karras" not in name.lower():
         name = f"{name} Karras"
@@ -134,11 +137,14 @@ def to_request(body: Txt2Img, service, init_size: tuple[int, int] | None = None)
         # the extension tunes only when steps, learning rate and weight are all non-zero: a zero turns it off
         if options["steps"] != 0 and options["lr"] != 0 and options["weight"] != 0:
             values["style"], values["style_options"] = str(args["aesthetic_imgs"]), options
+    if ip is not None:
+        values.update(ip_adapter=ip_adapter, ip_images=placeholders(len(ip.pictures)), ip_scale=ip.scale)
+    names = {**NAMES, **(ip.fields if ip is not None else {})}
     try:
         return service.request(values, n=body.batch_size * body.n_iter, init_size=init_size,
                                random_seed_allowed=True)
     except RequestError as e:
-        raise e.renamed(NAMES.get(e.field, e.field)) from None
+        raise e.renamed(names.get(e.field.split("[")[0], e.field)) from None
 
 
 def info_json(body: Txt2Img, request: GenerationRequest, seeds: list[int], infotexts: list[str], service) -> str:
@@ -211,6 +217,7 @@ def _generation_routes(app, service) -> None:
 
     from stylegrad.pipelines.outputs import save_images
 
+    from . import controlnet
     from .images import decode_b64, png_b64, read_image
 
     s = service.settings
@@ -226,7 +233,13 @@ def _generation_routes(app, service) -> None:
                 raise RequestError("init_images", "{field}: one base64 image is needed")
             init_image = await read_image(body.init_images[0], s.max_upload_bytes, "init_images[0]",
                                           s.max_image_pixels)
-        request = to_request(body, service, init_image.size if init_image is not None else None)
+        ip = controlnet.parse_units(body.alwayson_scripts, body.init_images[0] if init else None)
+        ip_images = ip_adapter = None
+        if ip is not None:  # the folder read (and the hash checked) off the loop, then the pictures decoded
+            ip_adapter = str(await run_in_threadpool(
+                lambda: controlnet.find_adapter(ip.model, service.ip_adapters(), ip.fields["ip_adapter"])))
+            ip_images = await controlnet.read_pictures(ip, s)
+        request = to_request(body, service, init_image.size if init_image is not None else None, ip, ip_adapter)
         model = None
         if "sd_model_checkpoint" in body.override_settings:  # this request on another model (found off the loop)
             model = await run_in_threadpool(service.find_model, body.override_settings["sd_model_checkpoint"],
@@ -234,7 +247,7 @@ def _generation_routes(app, service) -> None:
         try:
             job = service.submit_generation(request, n, init_image=init_image, job_id=body.force_task_id,
                                             model=model, restore=body.override_settings_restore_afterwards,
-                                            field=OVERRIDE_MODEL)
+                                            field=OVERRIDE_MODEL, ip_images=ip_images)
         except RequestError as e:
             raise e.renamed(NAMES.get(e.field, e.field)) from None
         except TaskIdInUse as e:

@@ -1,6 +1,6 @@
 """The A1111 endpoints clients read when they connect (Open WebUI's connection check reads ``sd_model_checkpoint``
 from ``/sdapi/v1/options``, ``webuiapi`` its current model), answered in A1111's shapes with what this server has:
-its model (or the models folder's), no VAEs, upscalers, hypernetworks or face restorers to choose, the
+its model (or the models folder's), its hypernetworks, no VAEs, upscalers or face restorers to choose, the
 aesthetic-gradients extension as the one script. Of the options, CLIP_stop_at_last_layers can be set, and
 sd_model_checkpoint switches among the models folder's checkpoints."""
 
@@ -101,7 +101,14 @@ def routes(app, service) -> None:
         return {"api": True, "nowebui": not s.ui, "listen": not is_loopback(s.host), "port": s.port,
                 "api_auth": None, "api_log": False}
 
-    for path in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "upscalers", "latent-upscale-modes"):
+    @app.get("/sdapi/v1/hypernetworks", tags=tags, response_model=list[dict[str, Any]])
+    def hypernetworks():
+        """The hypernetwork folders' files as A1111 lists them: name (the file's stem, what <hypernet:NAME:MULT>
+        names) and path."""
+        return [{"name": name, "path": str(path)}
+                for name, path in sorted(service.hypernetworks().items(), key=lambda kv: kv[0].lower())]
+
+    for path in ("sd-vae", "face-restorers", "prompt-styles", "upscalers", "latent-upscale-modes"):
         app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"], tags=tags, name=path.replace("-", "_"),
                           response_model=list[dict[str, Any]], summary=f"{path}: none on this server")
 
@@ -114,7 +121,10 @@ def routes(app, service) -> None:
 
     @app.get("/sdapi/v1/scripts", tags=tags, response_model=ScriptNames)
     def scripts():
-        return {"txt2img": [SCRIPT], "img2img": [SCRIPT]}
+        """The aesthetic-gradients extension; and ControlNet's IP-Adapter units where there is an IP-Adapter
+        folder."""
+        names = [SCRIPT, *(["controlnet"] if s.ipadapter_dirs else [])]
+        return {"txt2img": names, "img2img": names}
 
     @app.get("/sdapi/v1/script-info", tags=tags, response_model=list[ScriptInfo])
     def script_info():

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from . import a1111, a1111_lists, native
+from . import a1111, a1111_lists, controlnet, native
 from .bodies import BodyLimit
 from .errors import ERROR_RESPONSES, PathHider, SafeJSONResponse, error, install, unexpected
 from .schema import with_limits
@@ -21,7 +21,7 @@ from .service import Service
 
 log = logging.getLogger("stylegrad.serve")
 
-API_PREFIXES = ("/sdapi/", "/v1/")
+API_PREFIXES = ("/sdapi/", "/v1/", "/controlnet/")
 OPEN_PATHS = ("/healthz",)
 
 
@@ -53,7 +53,8 @@ def create_app(service: Service) -> FastAPI:
                   description="Aesthetic-gradient styles, stylecodes and Stable Diffusion: A1111's API subset under "
                   "/sdapi/v1, stylegrad's own under /v1, the web UI at /.")
     app.state.service = service
-    hide = PathHider(settings.styles_dirs + settings.loras_dirs + settings.embeddings_dirs
+    hide = PathHider(settings.styles_dirs + settings.loras_dirs + settings.embeddings_dirs + settings.ipadapter_dirs
+                     + settings.clip_vision_dirs
                      + ((settings.models_dir,) if settings.models_dir else ()))
     app.add_middleware(BodyLimit, limit=lambda path: body_limit(settings, path))  # inside the guard: after auth
 
@@ -85,6 +86,7 @@ def create_app(service: Service) -> FastAPI:
     a1111.routes(app, service)
     a1111_lists.routes(app, service)
     native.routes(app, service)
+    controlnet.routes(app, service)
 
     async def not_an_api_route(request: Request):
         """Under the API prefixes, a path no route has is a 404 and a method its route lacks a 405 (with Allow),
@@ -118,6 +120,8 @@ def body_limit(settings, path: str) -> int:
     """Upload limits by route: a style takes many images, everything else at most a couple."""
     if path.startswith("/v1/styles"):
         return min(settings.max_upload_bytes * settings.max_style_images, 512 << 20)
+    if settings.ipadapter_dirs and path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/generate"):
+        return min(settings.max_upload_bytes * (2 + settings.max_ip_images), 512 << 20)  # IP-Adapter pictures too
     return settings.max_upload_bytes * 2 + (1 << 20)
 
 

@@ -12,6 +12,7 @@ from stylegrad.errors import StylegradError
 
 STYLE_SUFFIXES = (".safetensors", ".pt", ".bin", ".npy")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+IPADAPTER_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")  # as ComfyUI's and the ControlNet extension's folders
 
 
 def listing(dirs, suffixes) -> dict[str, Path]:
@@ -54,8 +55,10 @@ def refusal(name: str, dirs, what: str) -> StylegradError:
 class FolderNames:
     """The server's ``Names`` (``pipelines.request.Names``): styles, LoRAs and embeddings only from its folders."""
 
-    def __init__(self, styles_dirs, loras_dirs, embeddings_dirs):
+    def __init__(self, styles_dirs, loras_dirs, embeddings_dirs, ipadapter_dirs=(), hypernetworks_dirs=()):
         self.styles_dirs, self.loras_dirs, self.embeddings_dirs = styles_dirs, loras_dirs, embeddings_dirs
+        self.ipadapter_dirs = ipadapter_dirs
+        self.hypernetworks_dirs = hypernetworks_dirs
 
     def style(self, name: str) -> str:
         return str(resolve(name, self.styles_dirs, STYLE_SUFFIXES, "style"))
@@ -68,3 +71,14 @@ class FolderNames:
 
     def embedding(self, name: str) -> str:
         return str(resolve(name, self.embeddings_dirs, ADDON_SUFFIXES, "embedding"))
+
+    def hypernetwork(self, spec: str) -> str:
+        """'NAME[:MULT]' with NAME resolved inside the hypernetwork folders."""
+        from stylegrad.addons.hypernetworks.library import EXTENSIONS, parse_hypernetwork_arg
+
+        name, mult = parse_hypernetwork_arg(spec)
+        path = resolve(name, self.hypernetworks_dirs, EXTENSIONS, "hypernetwork")
+        return f"{path}:{mult:g}"
+
+    def ip_adapter(self, name: str) -> str:
+        return str(resolve(name, self.ipadapter_dirs, IPADAPTER_SUFFIXES, "IP-Adapter"))

@@ -14,6 +14,7 @@ from stylegrad.errors import RequestError, StylegradError
 from stylegrad.files.styles import save_style
 from stylegrad.pipelines.request import GenerationRequest
 
+from .controlnet import placeholders
 from .errors import error
 from .jobs import wait
 from .responses import CancelAnswer, CodeAnswer, GenerateAnswer, JobProgress, ServerInfo, StyleList, StyleMade
@@ -23,7 +24,8 @@ from .schema import server_limits
 # dataclasses, and every range, limit and name is checked by the one build (pipelines/request.py).
 _REQUEST = {f.name: f.default for f in fields(GenerationRequest) if f.default is not MISSING}
 _STYLE = {f.name: f.default for f in fields(StyleOptions)}
-SERVER_SET = ("model", "clip_model", "stylecodes_model", "init_image", "stylecode_image")  # not the client's to name
+SERVER_SET = ("model", "clip_model", "stylecodes_model", "init_image", "stylecode_image",  # not the client's to name
+              "ip_image_encoder")
 
 
 class StyleFields(BaseModel):
@@ -40,6 +42,7 @@ class StyleFields(BaseModel):
     text_negative: bool = _STYLE["text_negative"]
     regularization: float = _STYLE["regularization"]
     target_similarity: float | None = _STYLE["target_similarity"]
+    target_gain: float | None = _STYLE["target_gain"]
     personalize_negative: bool = _STYLE["personalize_negative"]
     towers: str = _STYLE["towers"]
 
@@ -63,6 +66,10 @@ class Generate(BaseModel):
     style_options: StyleFields = Field(default_factory=StyleFields)
     loras: list[str] = Field(default_factory=list, description="'NAME[:TE[:UNET]]', names in the LoRA folders")
     embeddings: list[str] = Field(default_factory=list, description="names in the embeddings folders")
+    hypernetworks: list[str] = Field(default_factory=list, description="'NAME[:MULT]', names in the hypernetwork "
+                                     "folders, chained before the prompt's <hypernet:NAME:MULT> tags")
+    hypernetwork_reading: str = Field(_REQUEST["hypernetwork_reading"], description="a file that does not say "
+                                      "whether its output is activated: 'a1111' (yes) or 'comfyui' (no)")
     stylecode: str | None = _REQUEST["stylecode"]
     stylecode_image: str | None = Field(None, description="base64 image to take the stylecode from")
     stylecode_strength: float = _REQUEST["stylecode_strength"]
@@ -70,6 +77,15 @@ class Generate(BaseModel):
     init_image: str | None = Field(None, description="base64 image: img2img")
     strength: float = _REQUEST["strength"]
     weighting: bool = _REQUEST["weighting"]
+    ip_adapter: str | None = Field(None, description="an IP-Adapter's name in the server's ipadapter folders "
+                                   "(/v1/info lists them): the reference pictures act through it")
+    ip_images: list[str] = Field(default_factory=list, description="base64 reference pictures for ip_adapter; "
+                                 "several are averaged into one image embedding")
+    ip_scale: float = Field(_REQUEST["ip_scale"], description="how strongly the pictures act (0: not at all)")
+    ip_style: bool = Field(_REQUEST["ip_style"], description="InstantStyle: the pictures act only on the model "
+                           "family's style blocks (their colours and strokes, not their layout)")
+    ip_blocks: str | None = Field(_REQUEST["ip_blocks"], description="more blocks for the pictures: 'layout', "
+                                  "'mid', 'up.block_0', 'down.block_2:0,1' (words separated by spaces)")
     task_id: str | None = Field(None, max_length=128, description="your id for this request's progress and cancel")
 
 
@@ -88,8 +104,11 @@ class CodeRequest(BaseModel):
 
 
 def to_request(body: Generate, service, init_size: tuple[int, int] | None = None) -> GenerationRequest:
-    """The request of what the client sent (what it left out: the schema's defaults), through the one build."""
+    """The request of what the client sent (what it left out: the schema's defaults), through the one build; the
+    IP-Adapter pictures are the job's files (``controlnet.placeholders``)."""
     values = body.model_dump(exclude_unset=True, exclude={"n", "task_id", *SERVER_SET})
+    if "ip_images" in values:
+        values["ip_images"] = placeholders(len(values["ip_images"]))
     return service.request(values, n=body.n, init_size=init_size)
 
 
@@ -108,11 +127,14 @@ def routes(app, service) -> None:
         """Images as base64 PNGs (each with its infotext), the same pixels as ``stylegrad generate`` gives."""
         init = await image(body.init_image, "init_image") if body.init_image else None
         request = to_request(body, service, init.size if init is not None else None)
+        if len(body.ip_images) > s.max_ip_images:  # before any is decoded
+            raise RequestError("ip_images", f"at most {s.max_ip_images} pictures, got {len(body.ip_images)}")
+        pictures = [await image(data, f"ip_images[{i}]") for i, data in enumerate(body.ip_images)]
         code_image = await image(body.stylecode_image, "stylecode_image") if body.stylecode_image else None
         if code_image is not None and body.stylecode:
             raise RequestError("stylecode_image", "give stylecode or {field}, not both")
         job = service.submit_generation(request, body.n, init_image=init, stylecode_image=code_image,
-                                        job_id=body.task_id)
+                                        job_id=body.task_id, ip_images=pictures)
         results = await wait(job)
         images = await run_in_threadpool(lambda: [png_b64(im, text) for im, text in results])
         return {"task_id": job.id, "images": images, "infotexts": [text for _, text in results],
@@ -179,5 +201,6 @@ def routes(app, service) -> None:
     def info():
         return {"model": service.model_name, "family": service.family, "styles": sorted(service.styles()),
                 "loras": sorted(service.loras()), "embeddings": sorted(service.embeddings()),
+                "ip_adapters": sorted(service.ip_adapters()),
                 "samplers": [a for _, a in service.samplers()], "default_sampler": service.default_sampler(),
                 "limits": server_limits(s)}

@@ -181,6 +181,7 @@ class ServerInfo(BaseModel):
     styles: list[str]
     loras: list[str]
     embeddings: list[str]
+    ip_adapters: list[str] = Field(default_factory=list, description="IP-Adapters a request's ip_adapter may name")
     samplers: list[str]
     default_sampler: str
     limits: dict[str, int | None] = Field(description="this server's limits on a request and on uploads")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stylegrad.pipelines.limits import MAX_SEED
+from stylegrad.pipelines.request import MAX_IP_SCALE
 
 from .settings import ServeSettings
 
@@ -15,7 +16,7 @@ from .settings import ServeSettings
 def _bound(prop: dict, **bounds) -> None:
     """Bounds on a property, or on the non-null branch of an optional one (pydantic's anyOf)."""
     for branch in prop.get("anyOf", [prop]):
-        if branch.get("type") in ("integer", "number", "string"):
+        if branch.get("type") in ("integer", "number", "string", "array"):
             branch.update(bounds)
 
 
@@ -30,7 +31,8 @@ def limits_by_model(s: ServeSettings) -> dict[str, dict[str, dict]]:
              "negative_prompt": text}
     return {
         "Generate": {"seed": seed, "steps": {"minimum": 1, "maximum": s.max_steps}, "width": side, "height": side,
-                     "n": {"minimum": 1, "maximum": s.max_images}, "prompt": text, "negative": text},
+                     "n": {"minimum": 1, "maximum": s.max_images}, "prompt": text, "negative": text,
+                     "ip_images": {"maxItems": s.max_ip_images}, "ip_scale": {"minimum": 0, "maximum": MAX_IP_SCALE}},
         "StyleFields": {"steps": {"minimum": 0, "maximum": s.max_style_steps}},
         "CodeRequest": {"seed": seed, "steps": {"minimum": 1, "maximum": s.max_steps}, "width": side, "height": side},
         "Txt2Img": a1111, "Img2Img": {**a1111, "denoising_strength": {"exclusiveMinimum": 0, "maximum": 1}},
@@ -62,10 +64,26 @@ def examples(s: ServeSettings) -> dict[str, dict]:
     }
 
 
+def ip_examples(s: ServeSettings) -> dict[str, dict]:
+    """path -> a request body with a reference picture through the first IP-Adapter of this server's folder, as
+    stylegrad's clients and A1111's (a ControlNet unit) send it; none where the folder holds no adapter."""
+    from .folders import IPADAPTER_SUFFIXES, listing
+
+    adapters = listing(s.ipadapter_dirs, IPADAPTER_SUFFIXES)
+    if not adapters:
+        return {}
+    name = sorted(adapters)[0]
+    bodies = examples(s)
+    picture = bodies["/sdapi/v1/img2img"]["init_images"][0]
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": name, "weight": 0.6, "image": picture}
+    return {"/sdapi/v1/txt2img": {**bodies["/sdapi/v1/txt2img"], "alwayson_scripts": {"controlnet": {"args": [unit]}}},
+            "/v1/generate": {**bodies["/v1/generate"], "ip_adapter": name, "ip_images": [picture], "ip_scale": 0.6}}
+
+
 def server_limits(s: ServeSettings) -> dict[str, int | None]:
     """Every limit of this server by its flag's name: a request's and the uploads' (as /v1/info gives them)."""
     return {**s.limits.as_dict(), **{k: getattr(s, k) for k in ("max_upload_bytes", "max_style_images",
-                                                                "max_image_pixels", "max_waiting")}}
+                                                                "max_image_pixels", "max_waiting", "max_ip_images")}}
 
 
 def _document_limits(schema: dict, s: ServeSettings, body_limit: Callable[[str], int]) -> None:
@@ -113,6 +131,10 @@ def with_limits(app, settings: ServeSettings, body_limit: Callable[[str], int]) 
                 if media is not None:
                     media["examples"] = {"within_limits": {"summary": "a small request within this server's "
                                                            "limits", "value": body}}
+            for path, body in ip_examples(settings).items():
+                media = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+                media["examples"]["ip_adapter"] = {"summary": "a reference picture through this server's "
+                                                   "IP-Adapter", "value": body}
             _document_limits(schema, settings, body_limit)
             _binary_uploads(schema)
         return app.openapi_schema

@@ -51,7 +51,8 @@ class Service:
     @property
     def names(self) -> folders.FolderNames:
         s = self.settings
-        return folders.FolderNames(s.styles_dirs, s.loras_dirs, s.embeddings_dirs)
+        return folders.FolderNames(s.styles_dirs, s.loras_dirs, s.embeddings_dirs, s.ipadapter_dirs,
+                                   s.hypernetworks_dirs)
 
     def style_path(self, name: str) -> str:
         return self.names.style(name)
@@ -62,10 +63,30 @@ class Service:
         CLIP and Stylecodes model, its folders and its limits."""
         values = {"model": str(self.generator.model or ""), "clip_model": self.clip_model,
                   "stylecodes_model": self.stylecodes_model, **values}
+        if values.get("ip_adapter") is not None:
+            values = {**values, **self._ip_adapter_values(values["ip_adapter"])}
         request = build(values, self.settings.limits, n=n, init_size=init_size, names=self.names,
                         random_seed_allowed=random_seed_allowed)
         self._check_lora_tags(request)
+        self._check_hypernet_tags(request)
         return request
+
+    def _check_hypernet_tags(self, request: GenerationRequest) -> None:
+        """The prompt's <hypernet:NAME:MULT> tags name hypernetworks in the folders, as LoRA tags must."""
+        from stylegrad.prompts.syntax import hypernet_tags
+
+        tags = hypernet_tags(request.prompt)
+        found = self.hypernetworks() if tags else {}
+        for tag in tags:
+            if tag.name not in found:
+                error = folders.refusal(tag.name, self.settings.hypernetworks_dirs, "hypernetwork")
+                raise RequestError("prompt", "{field}: " + str(error))
+
+    def hypernetworks(self) -> dict[str, Path]:
+        """A1111's list: stem -> file in the hypernetwork folders (A1111 skips a None.pt)."""
+        from stylegrad.addons.hypernetworks.library import EXTENSIONS
+
+        return {k: v for k, v in folders.listing(self.settings.hypernetworks_dirs, EXTENSIONS).items() if k != "None"}
 
     def _check_lora_tags(self, request: GenerationRequest) -> None:
         """The prompt's <lora:NAME:W> tags name LoRAs in the folders, as the ``loras`` field must: anything else
@@ -79,6 +100,34 @@ class Service:
                 error = folders.refusal(tag.name, self.settings.loras_dirs, "LoRA")
                 raise RequestError("prompt", "{field}: " + str(error))
 
+    def _ip_adapter_values(self, name) -> dict:
+        """The IP-Adapter a client names, as a file inside the ipadapter folders (a 422 naming ip_adapter for
+        anything else)."""
+        if not isinstance(name, str):
+            raise RequestError("ip_adapter", f"must be text, got {name!r}"[:120])
+        try:
+            path = self.names.ip_adapter(name)
+        except StylegradError as e:
+            raise RequestError("ip_adapter", "{field}: " + str(e)) from None
+        return {"ip_adapter": path}
+
+    def _with_image_encoder(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the image encoder of the server's clip_vision folders that fits its adapter (the first,
+        in their order; then the library's own places: beside the adapter, the hub). Run in the job: reading a
+        pickled adapter's shapes loads it."""
+        folders = [Path(d) for d in self.settings.clip_vision_dirs if Path(d).is_dir()]
+        if request.ip_adapter is None or request.ip_image_encoder is not None or not folders:
+            return request
+        from stylegrad.addons.ipadapter.encoder import find_encoder
+        from stylegrad.addons.ipadapter.library import AdapterLibrary
+        from stylegrad.addons.ipadapter.shapes import adapter_shape
+        from stylegrad.files.recognize import open_file
+
+        adapter = Path(request.ip_adapter)
+        shape = adapter_shape(open_file(adapter)[1].shapes, adapter.name)
+        beside = AdapterLibrary([str(adapter.parent)]).clip_vision_folders(adapter)
+        return replace(request, ip_image_encoder=find_encoder(shape, None, folders + beside))
+
     # -- the lists A1111 clients read ---------------------------------------------------------------------
     def styles(self) -> dict[str, Path]:
         return folders.listing(self.settings.styles_dirs, folders.STYLE_SUFFIXES)
@@ -88,6 +137,9 @@ class Service:
 
     def embeddings(self) -> dict[str, Path]:
         return folders.listing(self.settings.embeddings_dirs, folders.ADDON_SUFFIXES)
+
+    def ip_adapters(self) -> dict[str, Path]:
+        return folders.listing(self.settings.ipadapter_dirs, folders.IPADAPTER_SUFFIXES)
 
     @property
     def model_name(self) -> str:
@@ -135,10 +187,15 @@ class Service:
     def submit_generation(self, request: GenerationRequest, n: int = 1, init_image: Image.Image | None = None,
                           stylecode_image: Image.Image | None = None, job_id: str | None = None,
                           model: Checkpoint | None = None, restore: bool = True,
-                          field: str = "sd_model_checkpoint") -> Job:
+                          field: str = "sd_model_checkpoint", ip_images: list[Image.Image] | None = None) -> Job:
         """``model``: run on this checkpoint of the models folder (``find_model``; A1111's override of
-        sd_model_checkpoint): a switch queued just before the job, and with ``restore`` one back just after."""
+        sd_model_checkpoint): a switch queued just before the job, and with ``restore`` one back just after.
+        ``ip_images``: the uploaded IP-Adapter pictures, written for the job into a folder of its own (removed
+        after it) under the names the request holds for them (``controlnet.placeholders``)."""
         check(request, self.settings.limits, n=n, init_size=init_image.size if init_image is not None else None)
+        if len(ip_images or ()) != len(request.ip_images):  # a client's picture is an upload, never a server path
+            raise RequestError("ip_images", f"{{field}}: {len(request.ip_images)} named, {len(ip_images or ())} "
+                               "uploaded")
         if self.settings.log_prompts:
             log.info("generate %r seed=%s steps=%s style=%s", request.prompt, request.seed, request.steps,
                      request.style)
@@ -148,7 +205,9 @@ class Service:
         key = None
         if (model is None and self.settings.max_batch > 1 and n == 1 and init_image is None and stylecode_image is None
                 and not request.uses_stylecode and not request.loras and not request.init_image
-                and "<lora:" not in request.prompt + request.negative):
+                and request.ip_adapter is None
+                and "<lora:" not in request.prompt + request.negative
+                and not request.hypernetworks and "<hypernet:" not in request.prompt):
             key = ("generate", request.sampler, request.steps, request.cfg, request.width, request.height,
                    request.model, request.clip_model, self._switches)  # never batched across a model switch
 
@@ -172,6 +231,12 @@ class Service:
                     path = Path(tmp) / "stylecode.png"
                     stylecode_image.save(path)
                     r = replace(r, stylecode_image=str(path))
+                if ip_images:
+                    paths = [Path(tmp) / Path(name).name for name in request.ip_images]
+                    for image, path in zip(ip_images, paths, strict=True):
+                        image.save(path)
+                    r = replace(r, ip_images=tuple(map(str, paths)))
+                r = self._with_image_encoder(r)
                 return self.generator.images(r, n, progress=job.step, init_image=init_image)
 
         switch, job, remember = None, None, {}
@@ -259,7 +324,7 @@ class Service:
         g, s = self.generator, self.settings
         return Generator.load(path, execution_device(g.pipe.unet), g.clip_model, g.siglip_model,
                               embeddings_dirs=list(s.embeddings_dirs), loras_dirs=list(s.loras_dirs),
-                              dtype=g.pipe.unet.dtype)
+                              dtype=g.pipe.unet.dtype, hypernetworks_dirs=list(s.hypernetworks_dirs))
 
     def submit_style(self, images: list[bytes], name: str, save: bool = True) -> Job:
         """A style from uploaded images (already checked by content), saved into the first styles folder."""

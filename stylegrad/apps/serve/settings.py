@@ -21,7 +21,10 @@ class ServeSettings:
     styles_dirs: tuple[str, ...] = ()  # where request styles are looked up by name, and new styles are saved
     loras_dirs: tuple[str, ...] = ()
     embeddings_dirs: tuple[str, ...] = ()
+    hypernetworks_dirs: tuple[str, ...] = ()  # A1111's models/hypernetworks: <hypernet:NAME:MULT> tags, the list
     models_dir: str | None = None  # checkpoints a client may switch to (A1111's sd_model_checkpoint)
+    ipadapter_dirs: tuple[str, ...] = ()  # IP-Adapter files a request may name (ComfyUI's models/ipadapter)
+    clip_vision_dirs: tuple[str, ...] = ()  # their image encoders (models/clip_vision), found by the library
     outputs_dir: str = "outputs"  # where A1111 requests with save_images write their PNGs (txt2img-images/, ...)
     max_waiting: int = 16  # requests queued behind the running one; more get 429
     max_batch: int = 1  # >1: waiting requests with the same settings run as one batch (equal up to rounding)
@@ -33,6 +36,7 @@ class ServeSettings:
     max_prompt_chars: int = SERVER.max_prompt_chars
     max_upload_bytes: int = 20 << 20  # one uploaded image
     max_style_images: int = 200  # images in one style upload
+    max_ip_images: int = 16  # IP-Adapter reference pictures in one request (their embeddings are averaged)
     max_image_pixels: int = MAX_PIXELS  # an uploaded image's width x height, read from its header before decoding
     log_prompts: bool = False  # request logs name prompts only when asked
     ui: bool = True  # the Gradio web UI at /
@@ -44,7 +48,8 @@ class ServeSettings:
                                  "(or $STYLEGRAD_API_KEY); clients then send 'Authorization: Bearer KEY'")
         if self.api_key is not None and len(self.api_key) < 8:
             raise StylegradError("--api-key must be at least 8 characters")
-        for name in ("max_waiting", "max_batch", "max_upload_bytes", "max_style_images", "max_image_pixels"):
+        for name in ("max_waiting", "max_batch", "max_upload_bytes", "max_style_images", "max_image_pixels",
+                     "max_ip_images"):
             if getattr(self, name) < 1:
                 raise StylegradError(f"{name} must be >= 1")
         self.limits  # noqa: B018 - refuses a limit below 1 now, not at the first request

@@ -17,7 +17,8 @@ NO_STYLE = "(none)"
 LABELS = {"prompt": "Prompt", "negative": "Negative prompt", "style": "Style", "style_options.steps": "Style steps",
           "style_options.lr": "Style learning rate", "style_options.weight": "Style weight", "stylecode": "Stylecode",
           "loras": "LoRAs", "seed": "Seed", "steps": "Steps", "cfg": "CFG scale", "width": "Width", "height": "Height",
-          "sampler": "Sampler"}
+          "sampler": "Sampler", "ip_adapter": "IP-Adapter", "ip_images": "Reference pictures",
+          "ip_scale": "IP-Adapter scale", "ip_style": "Style only (InstantStyle)"}
 
 
 def _wait(job, progress):
@@ -66,6 +67,18 @@ def _actions(service) -> SimpleNamespace:
     def style_choices():
         return [NO_STYLE] + sorted(service.styles())
 
+    def ip_adapter_choices():
+        return [NO_STYLE] + sorted(service.ip_adapters())
+
+    def pictures(files) -> list:
+        """The reference pictures dropped on the page, each checked as an API upload is."""
+        from .images import open_image
+
+        if len(files or []) > s.max_ip_images:
+            raise RequestError("ip_images", f"at most {s.max_ip_images} pictures, got {len(files)}")
+        return [open_image(Path(f if isinstance(f, str) else f.name).read_bytes(), s.max_upload_bytes,
+                           Path(str(f)).name, s.max_image_pixels) for f in files or []]
+
     def make_style(files, name, progress=gr.Progress()):
         try:
             if not files:
@@ -91,28 +104,41 @@ def _actions(service) -> SimpleNamespace:
         return str(saved), summary, gr.update(choices=style_choices(), value=saved.stem)
 
     def generate(prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
-                 lora_weight, seed, width, height, steps, cfg, sampler, compare, progress=gr.Progress()):
+                 lora_weight, seed, width, height, steps, cfg, sampler, compare, ip_adapter=NO_STYLE, ip_files=None,
+                 ip_scale=1.0, ip_style=False, progress=gr.Progress()):
+        from dataclasses import replace
+
+        from .controlnet import placeholders
+
         try:
+            chosen = ip_adapter if ip_adapter and ip_adapter != NO_STYLE else None
+            ip_images = pictures(ip_files)
+            ip = dict(ip_adapter=chosen, ip_images=placeholders(len(ip_images)), ip_scale=ip_scale,
+                      ip_style=bool(ip_style)) if chosen or ip_images else {}
             request = service.request(dict(
                 prompt=prompt or "", negative=negative or "", seed=_number(seed), steps=_number(steps),
                 cfg=cfg, width=_number(width), height=_number(height), sampler=sampler or None,
                 style=style if style and style != NO_STYLE else None,
                 style_options={"steps": _number(style_steps), "lr": style_lr, "weight": style_weight},
-                loras=[f"{x}:{lora_weight}" for x in (loras or [])], stylecode=(stylecode or "").strip() or None),
-                random_seed_allowed=True)
+                loras=[f"{x}:{lora_weight}" for x in (loras or [])], stylecode=(stylecode or "").strip() or None,
+                **ip), random_seed_allowed=True)
             code_img = code_image if code_image is not None and not request.stylecode else None
-            styled = _wait(service.submit_generation(request, 1, stylecode_image=code_img), progress)
+            styled = _wait(service.submit_generation(request, 1, stylecode_image=code_img, ip_images=ip_images),
+                           progress)
             image, text = styled[0]
-            shown = [(_png_file(image, text), "with style" if request.styled else "result")]
+            with_style = request.styled or request.ip_adapter is not None
+            shown = [(_png_file(image, text), "with style" if with_style else "result")]
             grid = None
-            if compare and request.styled:
-                from dataclasses import replace
-
-                plain, plain_text = _wait(service.submit_generation(replace(request, style=None), 1,
-                                                                    stylecode_image=code_img), progress)[0]
+            if compare and with_style:  # the same seed without the style and the reference pictures
+                plain_request = replace(request, style=None, ip_adapter=None, ip_images=(), ip_style=False,
+                                        ip_blocks=None, ip_scale=1.0)
+                plain, plain_text = _wait(service.submit_generation(plain_request, 1, stylecode_image=code_img),
+                                          progress)[0]
                 shown.insert(0, (_png_file(plain, plain_text), "without style"))
-                grid = label_grid([[plain, image]], ["without style", f"with style ({request.style_options.steps} "
-                                                     "steps)"], [f"seed {request.seed}"])
+                label = (f"with style ({request.style_options.steps} steps)" if request.styled else "with style")
+                if request.ip_adapter is not None:
+                    label += f" + IP-Adapter {request.ip_scale:g}"
+                grid = label_grid([[plain, image]], ["without style", label], [f"seed {request.seed}"])
         except Exception as e:  # noqa: BLE001 - shown in the page
             _fail(e)
         return shown, grid, text
@@ -185,7 +211,8 @@ def _actions(service) -> SimpleNamespace:
                             f"{m['style_similarity']['mean']:.3f} |")
         return "\n".join(rows), str(out / "report.html")
 
-    return SimpleNamespace(style_choices=style_choices, make_style=make_style, generate=generate, code_of=code_of,
+    return SimpleNamespace(style_choices=style_choices, ip_adapter_choices=ip_adapter_choices,
+                           make_style=make_style, generate=generate, code_of=code_of,
                            code_preview=code_preview, png_info=png_info, send_to_generate=send_to_generate,
                            evaluate=evaluate)
 
@@ -222,6 +249,17 @@ def build_ui(service):
                             style_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Style weight")
                         compare = gr.Checkbox(value=True, label="Also without the style (comparison)",
                                               elem_id="compare")
+                        with gr.Accordion("Reference pictures (IP-Adapter)", open=bool(service.ip_adapters()),
+                                          elem_id="ip-adapter-box"):
+                            ip_files = gr.File(label="Reference pictures (several: averaged)", file_count="multiple",
+                                               file_types=["image"], elem_id="ip-images")
+                            with gr.Row():
+                                ip_adapter = gr.Dropdown(act.ip_adapter_choices(), value=NO_STYLE, label="IP-Adapter",
+                                                         elem_id="ip-adapter")
+                                ip_scale = gr.Slider(0, 2, value=0.6, step=0.05, label="IP-Adapter scale",
+                                                     elem_id="ip-scale")
+                            ip_style = gr.Checkbox(value=False, label="Style only (InstantStyle: the pictures act on "
+                                                   "the style blocks, not the layout)", elem_id="ip-style")
                         with gr.Accordion("Stylecode, LoRAs", open=False):
                             stylecode = gr.Textbox(label="Stylecode")
                             code_image = gr.Image(label="...or the style of this image", type="pil")
@@ -270,7 +308,8 @@ def build_ui(service):
                 eval_report = gr.File(label="Report (HTML)")
         make.click(act.make_style, [files, name], [style_file, style_summary, style])
         go.click(act.generate, [prompt, negative, style, style_steps, style_lr, style_weight, stylecode, code_image, loras,
-                            lora_weight, seed, width, height, steps, cfg, sampler, compare], [gallery, grid, info])
+                            lora_weight, seed, width, height, steps, cfg, sampler, compare, ip_adapter, ip_files,
+                            ip_scale, ip_style], [gallery, grid, info])
         code_btn.click(act.code_of, [code_in], [code_out])
         preview_btn.click(act.code_preview, [code_out, preview_prompt, preview_seed], [preview])
         png.change(act.png_info, [png], [png_text, png_fields])
