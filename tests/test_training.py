@@ -173,3 +173,16 @@ def test_samples_every_n_steps_show_the_trained_word(pictures, tmp_path):
     assert [p.name for p in samples] == ["step-000001.png", "step-000002.png"]
     assert "zq" in read_generation_info(samples[0]).prompt
 
+
+
+def test_training_into_the_embeddings_folder_leaves_only_the_embedding_there(world, pictures, tmp_path):
+    """``--out embeddings/zq.pt``: the run's checkpoints (zq-training/checkpoint-N) sit in the embeddings folder
+    but are not embeddings; the folder offers the trained word alone, with nothing skipped."""
+    from stylegrad.addons.embeddings import EmbeddingLibrary
+
+    folder = tmp_path / "embeddings"
+    train_textual_inversion([str(pictures)], folder / "zq.pt", "zq", init="red", model=str(world[1]), device="cpu",
+                            progress=False, steps=2, lr=1e-2, **FAST)
+    assert list((folder / "zq-training").glob("checkpoint-*"))
+    library = EmbeddingLibrary([str(folder)])
+    assert library.names() == ["zq"] and library.get("zq") is not None and not library.skipped

@@ -107,6 +107,15 @@ def parse_embedding_arg(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+def _in_training_checkpoint(path: Path, folder: Path) -> bool:
+    """A training run's checkpoint (``NAME-training/checkpoint-N/``, its optimizer state beside the tensors) is
+    not an embedding: ``train ... --out embeddings/NAME.pt`` keeps its work folder beside the file it writes."""
+    return any(_CHECKPOINT.fullmatch(part) for part in path.relative_to(folder).parts[:-1])
+
+
+_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp)?")
+
+
 class EmbeddingLibrary:
     """The embeddings a generation may use: files named one by one, and folders scanned by stem (subfolders
     too). Files of another width than the model's are listed in ``skipped``, not errors."""
@@ -132,7 +141,7 @@ class EmbeddingLibrary:
                 if not folder.is_dir():
                     raise StylegradError(f"embeddings folder not found: {folder}")
                 for p in sorted(folder.rglob("*")):
-                    if p.suffix.lower() in EXTENSIONS and p.is_file():
+                    if p.suffix.lower() in EXTENSIONS and p.is_file() and not _in_training_checkpoint(p, folder):
                         self._found.setdefault(p.stem, p)
         return self._found
 

@@ -19,7 +19,7 @@ def cmd_serve(a) -> None:
         loras_dirs=tuple(a.loras or default_dirs("STYLEGRAD_LORAS_DIR")),
         embeddings_dirs=tuple(a.embeddings or default_dirs("STYLEGRAD_EMBEDDINGS_DIR")),
         hypernetworks_dirs=tuple(a.hypernetworks or default_dirs("STYLEGRAD_HYPERNETWORKS_DIR")),
-        ipadapter_dirs=tuple(a.ipadapter_dir or default_dirs("STYLEGRAD_IPADAPTER_DIR")),
+        ipadapter_dirs=tuple(a.ip_adapters or default_dirs("STYLEGRAD_IPADAPTER_DIR")),
         clip_vision_dirs=tuple(a.clip_vision_dir or default_dirs("STYLEGRAD_CLIP_VISION_DIR")),
         models_dir=str(folder) if (folder := models_dir(a.models_dir)) else None,  # a missing folder: an error now
         max_waiting=a.queue, max_batch=a.batch, max_side=a.max_side, max_steps=a.max_steps, max_images=a.max_images,
@@ -68,7 +68,7 @@ def register(sub) -> None:
                    "and without it, stylecodes, PNG info), AUTOMATIC1111's API subset at /sdapi/v1 (txt2img, "
                    "img2img, png-info, progress, interrupt, options, sd-models, samplers, loras, embeddings; the "
                    "aesthetic fields under alwayson_scripts['Aesthetic embeddings'], IP-Adapter as the ControlNet "
-                   "extension's units from --ipadapter-dir; options' sd_model_checkpoint "
+                   "extension's units from --ip-adapters; options' sd_model_checkpoint "
                    "switches among --models-dir's checkpoints) and stylegrad's own API at /v1 (its "
                    "OpenAPI page at /docs). Requests queue for the model; a full queue answers 429.",
                    epilog="Example: stylegrad serve --models-dir models/Stable-diffusion --model dreamshaper_8 --styles "
@@ -108,7 +108,7 @@ def _arguments(p) -> None:
     g.add_argument("--hypernetworks", action="append", default=[], metavar="DIR",
                    help="A1111 hypernetworks for prompts' <hypernet:NAME:MULT> tags and /sdapi/v1/hypernetworks "
                    "(default: $STYLEGRAD_HYPERNETWORKS_DIR)")
-    g.add_argument("--ipadapter-dir", action="append", default=[], metavar="DIR",
+    g.add_argument("--ip-adapters", action="append", default=[], metavar="DIR",
                    help="IP-Adapter files that requests name (ip_adapter, A1111's ControlNet units; default: "
                    "$STYLEGRAD_IPADAPTER_DIR)")
     g.add_argument("--clip-vision-dir", action="append", default=[], metavar="DIR",

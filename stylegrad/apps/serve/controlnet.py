@@ -91,7 +91,7 @@ def find_adapter(model: str, adapters: dict[str, Path], where: str) -> Path:
                                "units only (GET /controlnet/model_list lists them)")
         if not adapters:
             raise RequestError(where, f"{{field}}: {model!r}: this server has no IP-Adapter folder configured "
-                               "(serve --ipadapter-dir)")
+                               "(serve --ip-adapters)")
         raise RequestError(where, f"{{field}}: no IP-Adapter {name!r} in this server's folder (GET "
                            "/controlnet/model_list lists them)")
     if digest is not None:
