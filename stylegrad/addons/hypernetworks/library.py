@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from stylegrad.errors import StylegradError
+from stylegrad.files.folders import NamedFiles, given_or_env
 
 EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")  # A1111 lists *.pt; ComfyUI's folder takes the other pickles too
 ENV = "STYLEGRAD_HYPERNETWORKS_DIR"
@@ -33,41 +34,22 @@ def check_multiplier(value: float, what: str) -> float:
     return value
 
 
-class HypernetworkLibrary:
-    def __init__(self, folders: list[str] | None = None):
-        self.folders = [Path(f).expanduser() for f in (folders or [])]
-        env = os.environ.get(ENV)
-        if env and not folders:
-            self.folders.append(Path(env).expanduser())
-        for f in self.folders:
-            if not f.is_dir():
-                raise StylegradError(f"hypernetwork folder not found: {f}")
-        self._found: dict[str, Path] | None = None
+class HypernetworkLibrary(NamedFiles):
+    what = "hypernetwork"
+    extensions = EXTENSIONS
+    order = staticmethod(lambda p: str(p).lower())
 
-    def _scan(self) -> dict[str, Path]:
-        if self._found is None:
-            self._found = {}
-            for folder in self.folders:
-                for p in sorted(folder.rglob("*"), key=lambda p: str(p).lower()):
-                    if p.suffix.lower() in EXTENSIONS and p.is_file() and p.stem != "None":  # A1111 skips None.pt
-                        self._found.setdefault(p.stem, p)
-        return self._found
+    def __init__(self, folders: list[str] | None = None):
+        super().__init__(given_or_env(folders, ENV))
+
+    def keeps(self, path: Path, folder: Path) -> bool:
+        return path.stem != "None"  # A1111 skips None.pt
 
     def names(self) -> list[str]:
         return sorted(self._scan(), key=str.lower)
 
     def listing(self) -> dict[str, Path]:
         return dict(sorted(self._scan().items(), key=lambda kv: kv[0].lower()))
-
-    def find(self, name: str) -> Path | None:
-        """A tag's name -> its file in the folders (a name is never a path: no traversal out of them)."""
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            return None
-        return self._scan().get(name)
-
-    def resolve(self, arg: str) -> Path | None:
-        p = Path(arg).expanduser()
-        return p if p.is_file() else self.find(arg)
 
     def specs(self, args) -> list[tuple[str, float]]:
         """``--hypernetwork`` arguments -> (file, multiplier); a missing one is an error."""

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from stylegrad.errors import StylegradError
+from stylegrad.files.folders import NamedFiles
 
 ENV = "STYLEGRAD_IPADAPTER_DIR"
 EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth")
@@ -29,39 +30,22 @@ def default_folders() -> list[Path]:
     return [parent / name for name in _BESIDE_MODELS if (parent / name).is_dir()]
 
 
-class AdapterLibrary:
+class AdapterLibrary(NamedFiles):
+    what = "IP-Adapter"
+    extensions = EXTENSIONS
+
     def __init__(self, folders: list[str] | None = None):
-        self.folders = [Path(f).expanduser() for f in folders] if folders else default_folders()
-        for f in self.folders:
-            if not f.is_dir():
-                raise StylegradError(f"IP-Adapter folder not found: {f}")
-        self._found: dict[str, Path] | None = None
+        super().__init__([Path(f).expanduser() for f in folders] if folders else default_folders())
 
-    def _scan(self) -> dict[str, Path]:
-        if self._found is None:
-            self._found = {}
-            for folder in self.folders:
-                for p in sorted(folder.rglob("*")):
-                    other_models = folder.name.lower() == "controlnet" and "ip" not in p.name.lower()
-                    if p.suffix.lower() in EXTENSIONS and p.is_file() and not other_models:
-                        self._found.setdefault(p.stem, p)
-        return self._found
-
-    def names(self) -> list[str]:
-        return sorted(self._scan())
+    def keeps(self, path: Path, folder: Path) -> bool:
+        return folder.name.lower() != "controlnet" or "ip" in path.name.lower()  # A1111's folder holds others
 
     def find(self, name: str) -> Path | None:
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            return None
-        found = self._scan()
-        return found.get(name) or found.get(Path(name).stem)
+        return super().find(name) or (super().find(Path(name).stem) if Path(name).stem != name else None)
 
     def resolve(self, arg: str) -> Path:
         """``--ip-adapter``'s FILE_OR_NAME: an existing file, else a name in the folders; else one line."""
-        p = Path(arg).expanduser()
-        if p.is_file():
-            return p
-        found = self.find(arg)
+        found = super().resolve(arg)
         if found is None:
             where = ", ".join(map(str, self.folders)) or f"none set: --ip-adapters or ${ENV}"
             raise StylegradError(f"IP-Adapter not found: {arg} (not a file, nor a name in the ipadapter folders: "

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from stylegrad.errors import StylegradError
+from stylegrad.files.folders import NamedFiles, given_or_env
 from stylegrad.files.hashes import sha256_file
 
 EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -28,39 +29,12 @@ def parse_lora_arg(text: str) -> tuple[str, float, float]:
     return ":".join(parts), te, unet
 
 
-class LoraLibrary:
+class LoraLibrary(NamedFiles):
+    what = "LoRA"
+    extensions = EXTENSIONS
+
     def __init__(self, folders: list[str] | None = None):
-        self.folders = [Path(f).expanduser() for f in (folders or [])]
-        env = os.environ.get(ENV)
-        if env and not folders:
-            self.folders.append(Path(env).expanduser())
-        for f in self.folders:
-            if not f.is_dir():
-                raise StylegradError(f"LoRA folder not found: {f}")
-        self._found: dict[str, Path] | None = None
-
-    def _scan(self) -> dict[str, Path]:
-        if self._found is None:
-            self._found = {}
-            for folder in self.folders:
-                for p in sorted(folder.rglob("*")):
-                    if p.suffix.lower() in EXTENSIONS and p.is_file():
-                        self._found.setdefault(p.stem, p)
-        return self._found
-
-    def names(self) -> list[str]:
-        return sorted(self._scan())
-
-    def find(self, name: str) -> Path | None:
-        """A tag's name -> its file in the folders (a name is never a path: no traversal out of them)."""
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            return None
-        return self._scan().get(name)
-
-    def resolve(self, arg: str) -> Path | None:
-        """``--lora``'s FILE_OR_NAME: an existing file, else a name in the folders."""
-        p = Path(arg).expanduser()
-        return p if p.is_file() else self.find(arg)
+        super().__init__(given_or_env(folders, ENV))
 
     def specs(self, args) -> list[tuple[str, float, float]]:
         """``--lora`` arguments -> (file, text-encoder multiplier, UNet multiplier); a missing one is an error."""
