@@ -30,9 +30,10 @@ from stylegrad.files.styles import Style, load_style
 from stylegrad.jobs.local import run_local
 from stylegrad.jobs.manifest import check_manifest
 from stylegrad.jobs.plan import Job, plan, safe_name
+from stylegrad.jobs.records import LATER_STYLE_FIELDS, without_later_defaults
 from stylegrad.pipelines.generation import Generator
 from stylegrad.pipelines.grids import label_grid
-from stylegrad.pipelines.request import LATER_STYLE_FIELDS, GenerationRequest, without_later_defaults
+from stylegrad.pipelines.request import GenerationRequest
 
 
 def read_prompts(path: str | os.PathLike | None = None) -> list[str]:

@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass, field
 
 from stylegrad.errors import describe as one_line  # noqa: F401 - the runners' name for the one description
-from stylegrad.pipelines.request import GenerationRequest, recorded
+from stylegrad.jobs.records import recorded
+from stylegrad.pipelines.request import GenerationRequest
 
 
 @dataclass(frozen=True)

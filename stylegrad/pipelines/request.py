@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -279,41 +279,6 @@ def _hypernetwork_fields(r: GenerationRequest) -> None:
     if r.hypernetwork_reading not in READINGS:
         raise RequestError("hypernetwork_reading", f"must be one of {', '.join(READINGS)}, "
                            f"got {_shown(r.hypernetwork_reading)}")
-
-
-# -- what folders record -------------------------------------------------------------------------------------
-# Fields added after batch manifests and evaluation manifests began recording requests. While a field holds its
-# default it is left out of those records, so a folder made by an earlier stylegrad still resumes (its request
-# means the same image); a value other than the default is recorded and so refuses an older run's folder.
-LATER_FIELDS = frozenset({"hypernetworks", "hypernetwork_reading", "ip_adapter", "ip_images", "ip_scale", "ip_style",
-                          "ip_blocks", "ip_image_encoder"})
-LATER_STYLE_FIELDS = frozenset({"target_gain"})
-
-
-def _defaults(cls) -> dict:
-    out = {}
-    for f in fields(cls):
-        out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
-    return out
-
-
-def without_later_defaults(values: dict, later: frozenset = LATER_FIELDS, cls=None) -> dict:
-    """``values`` (a request's or its style options' fields by name) less the ``later`` fields at their default."""
-    defaults = _defaults(cls or (GenerationRequest if later is LATER_FIELDS else StyleOptions))
-    return {k: v for k, v in values.items()
-            if not (k in later and _same(v, defaults.get(k)))}
-
-
-def _same(a, b) -> bool:
-    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
-    return norm(a) == norm(b)
-
-
-def recorded(request: GenerationRequest) -> dict:
-    """The request as batch folders record it (its digest): every field, the later ones only when set."""
-    data = without_later_defaults(asdict(request))
-    data["style_options"] = without_later_defaults(data["style_options"], LATER_STYLE_FIELDS)
-    return data
 
 
 # -- a front door's request ------------------------------------------------------------------------------------
